@@ -1,0 +1,29 @@
+"""nox runs exactly what CI runs.
+
+`tests` uses the project's own environment (python=False): torch is several GB and is
+installed once by `.ci/run` / the README, never a second time into a nox virtualenv.
+Only `lint` is isolated, because ruff is small and self-contained.
+"""
+
+import nox
+
+nox.options.sessions = ["tests", "lint"]
+nox.options.error_on_external_run = False
+
+
+@nox.session(python=False)
+def tests(session: nox.Session) -> None:
+    """The whole suite (unit, property and marked end-to-end tests)."""
+    session.run("python", "-m", "pytest", *(session.posargs or ["-q"]))
+
+
+@nox.session(python=False, name="fast")
+def fast(session: nox.Session) -> None:
+    """Everything except end-to-end tests marked slow, for quick local loops."""
+    session.run("python", "-m", "pytest", "-q", "-m", "not slow", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("ruff>=0.5")
+    session.run("ruff", "check", "trades_repro", "tests", "noxfile.py", "benchmarks")

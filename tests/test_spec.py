@@ -1,0 +1,121 @@
+"""Experiment specs: paper defaults, exact fractions, a stable digest, errors naming fields."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import given
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from trades_repro.spec import ExperimentSpec, SpecError, load_spec, parse_spec
+
+SPEC_DIR = Path(__file__).resolve().parents[1] / "spec"
+
+
+def test_defaults_are_the_papers_protocol():
+    spec = ExperimentSpec()
+    assert spec.data.dataset == "cifar100" and spec.model.arch == "resnet18"
+    attack = spec.method.attack
+    assert (attack.eps, attack.step_size, attack.steps) == (8 / 255, 2 / 255, 10)
+    assert spec.method.beta == 3.0
+    optim = spec.optim
+    assert (optim.lr, optim.batch_size, optim.epochs) == (0.1, 256, 200)
+    assert (optim.momentum, optim.nesterov, optim.weight_decay) == (0.9, True, 5e-4)
+    assert (spec.validation.steps, spec.validation.step_size) == (10, 2 / 255)
+
+
+def test_fractions_parse_exactly():
+    spec = parse_spec({"method": {"attack": {"eps": "8/255", "step_size": " 2/255 "}}})
+    assert spec.method.attack.eps == 8 / 255
+    assert spec.method.attack.step_size == 2 / 255
+
+
+def test_spec_is_frozen():
+    with pytest.raises(ValidationError):
+        ExperimentSpec().seed = 3  # type: ignore[misc]
+
+
+def test_digest_ignores_field_order_and_yaml_layout(tmp_path):
+    block = tmp_path / "block.yaml"
+    block.write_text("seed: 3\nmethod:\n  beta: 6\n  attack:\n    eps: 8/255\n")
+    flow = tmp_path / "flow.yaml"
+    flow.write_text(
+        "# same spec, other layout\n"
+        "method: {attack: {eps: 0.03137254901960784}, beta: 6.0}\nseed: 3\n"
+    )
+    assert load_spec(block).digest() == load_spec(flow).digest()
+
+
+def test_digest_changes_with_any_value():
+    base = ExperimentSpec()
+    assert base.digest() != parse_spec({"seed": 1}).digest()
+    assert base.digest() != parse_spec({"method": {"beta": 6}}).digest()
+
+
+def test_explicit_defaults_give_the_same_digest():
+    assert parse_spec({"optim": {"lr": 0.1}}).digest() == ExperimentSpec().digest()
+
+
+@given(st.permutations(["seed", "device", "name"]), st.integers(0, 10**6))
+def test_digest_is_independent_of_key_order(order, seed):
+    values = {"seed": seed, "device": "cpu", "name": "x"}
+    reordered = {key: values[key] for key in order}
+    assert parse_spec(reordered).digest() == parse_spec(values).digest()
+
+
+def test_spec_round_trips_through_its_json():
+    spec = parse_spec({"data": {"dataset": "digits"}, "method": {"attack": {"eps": "16/255"}}})
+    assert ExperimentSpec.model_validate(json.loads(spec.model_dump_json())) == spec
+
+
+@pytest.mark.parametrize("name", ["digits.yaml", "cifar100_default.yaml"])
+def test_shipped_specs_load(name):
+    spec = load_spec(SPEC_DIR / name)
+    assert len(spec.digest()) == 16
+
+
+def test_shipped_paper_spec_is_the_default_protocol():
+    assert load_spec(SPEC_DIR / "cifar100_default.yaml") == ExperimentSpec(
+        name="cifar100_default", data={"download": True}
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ("optim: {batch_size: 0}", "optim.batch_size"),
+        ("method: {attack: {eps: -0.1}}", "method.attack.eps"),
+        ("method: {attack: {eps: 8/0}}", "method.attack.eps"),
+        ("data: {dataset: mnist}", "data.dataset"),
+        ("optim: {lr: fast}", "optim.lr"),
+        ("model: {arch: resnet18, depth: 50}", "model.depth"),
+    ],
+)
+def test_bad_values_name_file_and_field(tmp_path, text, field):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(SpecError, match=rf"bad\.yaml: field '{field}'"):
+        load_spec(path)
+
+
+def test_malformed_yaml_names_the_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("seed: 1\nmethod: {beta: 3\n")
+    with pytest.raises(SpecError, match=r"broken\.yaml: malformed YAML \(line \d+"):
+        load_spec(path)
+
+
+def test_non_mapping_yaml_is_rejected(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text(yaml.safe_dump([1, 2]))
+    with pytest.raises(SpecError, match="must be a YAML mapping"):
+        load_spec(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(SpecError, match="spec file not found"):
+        load_spec(tmp_path / "nope.yaml")

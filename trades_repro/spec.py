@@ -1,0 +1,160 @@
+"""Experiment specs: everything a run does, written down as validated, frozen data.
+
+A spec is parsed once, at the boundary (`load_spec`), and every error names the file and the
+field. Defaults are the paper's protocol (App. B, §3.1) unless a comment says otherwise, so
+`ExperimentSpec()` *is* the paper's default CIFAR-100 run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from fractions import Fraction
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+SPEC_VERSION = 1  # bump when a field's meaning changes; it is part of the digest
+
+
+class SpecError(ValueError):
+    """A spec file that cannot be used; the message is one line naming file and field."""
+
+
+def _parse_fraction(value: Any) -> Any:
+    """Accept "8/255" (parsed exactly with `Fraction`, then rounded once to float)."""
+    if isinstance(value, str):
+        try:
+            return float(Fraction(value.strip()))
+        except (ValueError, ZeroDivisionError) as err:
+            raise ValueError(f"not a number or fraction: {value!r}") from err
+    return value
+
+
+Number = Annotated[float, BeforeValidator(_parse_fraction)]
+Radius = Annotated[float, BeforeValidator(_parse_fraction), Field(ge=0, le=1)]
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=False)
+
+
+DatasetName = Literal["cifar10", "cifar100", "tinyimagenet", "digits", "fashion_mnist", "synthetic"]
+
+
+class SyntheticSpec(_Frozen):
+    """Shape of the synthetic dataset (class-dependent Gaussian blobs in image shape)."""
+
+    n_train: PositiveInt = 512
+    n_test: PositiveInt = 256
+    num_classes: Annotated[int, Field(ge=2)] = 4
+    channels: PositiveInt = 1
+    image_size: PositiveInt = 8
+
+
+class DataSpec(_Frozen):
+    dataset: DatasetName = "cifar100"  # §3.1: CIFAR-100 is the paper's default
+    root: str | None = None  # None: the dataset's conventional place (see data.py)
+    download: bool = False  # never reach the network unless the user says so
+    validation: Literal["holdout", "test"] = "holdout"  # paper says "validation set", no split
+    val_size: PositiveInt = 1000  # held-out images carved from train by the run's seed
+    train_subset: PositiveInt | None = None  # CPU tiers train on a seeded subset
+    augment: bool = True  # App. B: random crop with padding + horizontal flip
+    crop_padding: Annotated[int, Field(ge=0)] = 4  # App. B: 4-pixel padding
+    synthetic: SyntheticSpec = SyntheticSpec()
+
+
+class ModelSpec(_Frozen):
+    arch: Literal["resnet18", "small_cnn"] = "resnet18"  # App. B: all experiments ResNet-18
+    width: PositiveInt = 32  # small_cnn channel width; ignored by resnet18
+    normalize: bool = False  # official TRADES feeds raw [0, 1] pixels; True normalises inside
+
+
+class InnerAttackSpec(_Frozen):
+    """TRADES' inner maximisation (TPGD, Eq. 1)."""
+
+    eps: Radius = 8 / 255  # App. B: ε = 8/255 (official TRADES code uses 0.031)
+    step_size: Radius = 2 / 255  # App. B: α = 2/255 (official TRADES code uses 0.007)
+    steps: PositiveInt = 10  # App. B: 10-step TPGD
+    init_std: Annotated[float, Field(ge=0)] = 0.001  # official TRADES: x + 0.001·N(0, I)
+
+
+class MethodSpec(_Frozen):
+    name: Literal["trades"] = "trades"
+    beta: Annotated[float, BeforeValidator(_parse_fraction), Field(gt=0)] = 3.0  # §3.1: β = 3
+    attack: InnerAttackSpec = InnerAttackSpec()
+
+
+class OptimSpec(_Frozen):
+    lr: Annotated[float, Field(gt=0)] = 0.1  # §3.1: constant 0.1, no schedule (isolates it)
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9  # App. B: Nesterov momentum 0.9
+    nesterov: bool = True  # App. B
+    weight_decay: Annotated[float, Field(ge=0)] = 5e-4  # App. B: 0.0005
+    batch_size: PositiveInt = 256  # §3.1: 256
+    epochs: PositiveInt = 200  # App. B: 200 for CIFAR-10/100 (100 for TinyImageNet)
+
+
+class ValidationAttackSpec(_Frozen):
+    """PGD-10 on cross-entropy, run on the validation set after every epoch (App. B)."""
+
+    eps: Radius = 8 / 255  # App. B: same ε as training
+    step_size: Radius = 2 / 255  # App. B: α = 2/255
+    steps: PositiveInt = 10  # PGD-10
+    random_start: bool = True  # Madry et al.: uniform start in the ε-box
+
+
+class MonitorSpec(_Frozen):
+    fosc: bool = True  # Eq. 2 on the validation PGD-10 examples (Fig. 2)
+    sgcs: bool = True  # Eq. 3 on the same attack traces (Fig. 2)
+
+
+class ExperimentSpec(_Frozen):
+    spec_version: Literal[1] = SPEC_VERSION
+    name: str = "cifar100_default"
+    data: DataSpec = DataSpec()
+    model: ModelSpec = ModelSpec()
+    method: MethodSpec = MethodSpec()
+    optim: OptimSpec = OptimSpec()
+    validation: ValidationAttackSpec = ValidationAttackSpec()
+    monitor: MonitorSpec = MonitorSpec()
+    seed: Annotated[int, Field(ge=0)] = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when available
+
+    def digest(self) -> str:
+        """Stable 16-hex hash of the resolved spec: field order and YAML layout don't matter."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def load_spec(path: str | Path) -> ExperimentSpec:
+    """Read and validate a YAML spec; any problem raises `SpecError` naming file and field."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: spec file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise SpecError(f"{path}: malformed YAML{where}: {_first_line(err)}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: a spec must be a YAML mapping, got {type(raw).__name__}")
+    return parse_spec(raw, source=str(path))
+
+
+def parse_spec(raw: dict[str, Any], source: str = "<spec>") -> ExperimentSpec:
+    """Validate a mapping as an `ExperimentSpec`, turning pydantic errors into `SpecError`."""
+    try:
+        return ExperimentSpec.model_validate(raw)
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join(str(part) for part in first["loc"]) or "<root>"
+        more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+        raise SpecError(f"{source}: field '{field}': {first['msg']}{more}") from None
+
+
+def _first_line(err: Exception) -> str:
+    return str(getattr(err, "problem", None) or err).splitlines()[0]
