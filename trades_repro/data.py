@@ -1,0 +1,407 @@
+"""Datasets as in-memory tensors: read once, split once, batched and augmented with tensor ops.
+
+`load_splits` returns train/val/test `ImageSet`s. Image datasets stay uint8 (0..255) until a
+batch is drawn; `batches` converts to float32 in [0, 1] on the target device (models see raw
+pixels, as official TRADES; normalisation, if any, is the model's first layer).
+
+Where each dataset comes from (``data.root`` unset means the default shown):
+
+* ``cifar10`` / ``cifar100``: torchvision's readers of the python-pickle release in
+  ``data/cifar-10-batches-py/`` / ``data/cifar-100-python/``; ``data.download`` fetches them.
+* ``tinyimagenet``: ``data/tiny-imagenet-200/`` unzipped from the cs231n archive; its labelled
+  ``val/`` is our test split. Classes in sorted-wnid order, as ``ImageFolder`` numbers them.
+* ``digits``: scikit-learn's 1,797 8x8 digits, which have no test split: a permutation with the
+  fixed ``DIGITS_SPLIT_SEED`` holds out 297 test images (the same for every run seed).
+* ``fashion_mnist``: the original IDX files (``.gz`` or unpacked) either in torchvision's
+  layout ``<root>/FashionMNIST/raw/`` or flat in ``<root>/``. Unset root: Debian's
+  ``/usr/share/datasets/fashion-mnist`` (``apt-get install dataset-fashion-mnist``), then
+  ``data/``; ``data.download`` falls back to torchvision's download.
+* ``synthetic``: one fixed random prototype per class plus Gaussian noise, generated with the
+  fixed seed ``SYNTHETIC_SEED`` (the same data for every run seed).
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import pickle
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+from torchvision.datasets import CIFAR10, CIFAR100, FashionMNIST
+from torchvision.datasets.utils import download_and_extract_archive
+
+from trades_repro.spec import DataSpec
+
+DEFAULT_ROOT = Path("data")  # torchvision's habit; used when data.root is unset
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # apt: dataset-fashion-mnist
+TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"  # official archive
+TINY_IMAGENET_SIZE = 64  # App. B: 64x64 TinyImageNet images
+DIGITS_TEST_SIZE = 297  # 1,797 digits = 1,500 train + 297 test
+DIGITS_SPLIT_SEED = 0  # fixed, not the run seed: the digits test set never changes
+SYNTHETIC_SEED = 0  # fixed, not the run seed: every run sees the same synthetic data
+SYNTHETIC_NOISE = 0.1  # pixel noise std; prototypes differ by ~0.25/pixel, so classes separate
+
+FASHION_MNIST_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+_FASHION_HELP = (
+    "install it with `apt-get install dataset-fashion-mnist` (files land in "
+    f"{DEBIAN_FASHION_MNIST}) or set data.download: true (torchvision download into data.root)"
+)
+
+
+class DataError(Exception):
+    """A dataset that cannot be used; one line naming the file/folder, spec field and a fix."""
+
+
+class ImageSet(NamedTuple):
+    images: Tensor  # [N, C, H, W]; uint8 0..255 for image datasets, float32 in [0, 1] otherwise
+    labels: Tensor  # int64 [N]
+
+
+@dataclass(frozen=True)
+class Splits:
+    train: ImageSet
+    val: ImageSet
+    test: ImageSet
+    num_classes: int
+    val_source: Literal["holdout", "test"]  # "test": val *is* the test set (no holdout)
+    shape: tuple[int, int, int]  # (C, H, W)
+
+
+def load_splits(spec: DataSpec, seed: int) -> Splits:
+    """Read `spec.dataset`, carve the validation set and the training subset with `seed`.
+
+    Holdout: a `randperm` from `torch.Generator().manual_seed(seed)` puts `val_size` training
+    images in `val`; then `train_subset` (if set) keeps a seeded subset of what is left.
+    """
+    train, test, num_classes = _LOADERS[spec.dataset](spec)
+    generator = torch.Generator().manual_seed(seed)
+    val = test
+    if spec.validation == "holdout":
+        train, val = _holdout(train, spec.val_size, generator, spec.dataset)
+    if spec.train_subset is not None:
+        train = _subset(train, spec.train_subset, generator, spec.dataset)
+    shape = tuple(train.images.shape[1:])
+    return Splits(train, val, test, num_classes, spec.validation, shape)  # type: ignore[arg-type]
+
+
+def _holdout(
+    data: ImageSet, val_size: int, generator: torch.Generator, name: str
+) -> tuple[ImageSet, ImageSet]:
+    n = len(data.labels)
+    if val_size >= n:
+        raise DataError(
+            f"data.val_size: {val_size} held-out images leave no training images ({name} has "
+            f"{n}); lower data.val_size or set data.validation: test"
+        )
+    perm = torch.randperm(n, generator=generator)
+    return _take(data, perm[val_size:]), _take(data, perm[:val_size])
+
+
+def _subset(data: ImageSet, size: int, generator: torch.Generator, name: str) -> ImageSet:
+    n = len(data.labels)
+    if size > n:
+        raise DataError(
+            f"data.train_subset: {size} images requested but only {n} {name} training images "
+            "are available (after any holdout); lower data.train_subset"
+        )
+    return _take(data, torch.randperm(n, generator=generator)[:size])
+
+
+def _take(data: ImageSet, index: Tensor) -> ImageSet:
+    index = index.sort().values  # keep file order: a split is a set, not an ordering
+    return ImageSet(data.images[index], data.labels[index])
+
+
+def to_float(images: Tensor) -> Tensor:
+    """uint8 0..255 -> float32 in [0, 1]; floating input is returned as float32 unchanged."""
+    if images.dtype == torch.uint8:
+        return images.float().div_(255)
+    if images.is_floating_point():
+        return images.float()
+    raise TypeError(f"to_float: expected uint8 or floating images, got {images.dtype}")
+
+
+def augment_batch(x: Tensor, *, padding: int, generator: torch.Generator) -> Tensor:
+    """App. B augmentation: zero-pad, random crop back to HxW, random horizontal flip.
+
+    Each image gets its own crop offsets (uniform in 0..2*padding per axis) and its own flip
+    (probability 1/2), all drawn from the CPU `generator`, so the result is deterministic given
+    its state. One gather does the whole batch on x's device; `padding=0` only flips.
+
+    x: [B, C, H, W] (any dtype) -> same shape and dtype. Example:
+    >>> augment_batch(torch.rand(8, 3, 32, 32), padding=4, generator=torch.Generator()).shape
+    torch.Size([8, 3, 32, 32])
+    """
+    b, c, h, w = x.shape
+    dy = torch.randint(0, 2 * padding + 1, (b,), generator=generator)
+    dx = torch.randint(0, 2 * padding + 1, (b,), generator=generator)
+    flip = torch.rand(b, generator=generator) < 0.5
+    rows = dy[:, None] + torch.arange(h)  # [B, H]: source rows in the padded image
+    cols = dx[:, None] + torch.arange(w)  # [B, W]
+    cols = torch.where(flip[:, None], cols.flip(1), cols)  # mirror = read the crop backwards
+    rows, cols = rows.to(x.device), cols.to(x.device)
+    batch = torch.arange(b, device=x.device)[:, None, None, None]
+    channel = torch.arange(c, device=x.device)[None, :, None, None]
+    padded = F.pad(x, (padding, padding, padding, padding))  # zeros, as torchvision RandomCrop
+    return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def batches(
+    data: ImageSet,
+    batch_size: int,
+    *,
+    generator: torch.Generator | None,
+    shuffle: bool,
+    augment: bool,
+    padding: int,
+    device: torch.device | str = "cpu",
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """One epoch of (float32 [0, 1] images, int64 labels) batches on `device`.
+
+    The order is `torch.randperm(n, generator=generator)` when `shuffle` (drawn now, at the
+    call); the last partial batch is kept (DataLoader's drop_last=False). Shuffling and
+    augmenting need an explicit generator so that runs are reproducible.
+    """
+    if (shuffle or augment) and generator is None:
+        raise ValueError("batches: shuffle/augment need an explicit torch.Generator")
+    n = len(data.labels)
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    return _batch_iter(data, order, batch_size, generator if augment else None, padding, device)
+
+
+def _batch_iter(
+    data: ImageSet,
+    order: Tensor,
+    batch_size: int,
+    generator: torch.Generator | None,
+    padding: int,
+    device: torch.device | str,
+) -> Iterator[tuple[Tensor, Tensor]]:
+    for start in range(0, len(order), batch_size):
+        index = order[start : start + batch_size].to(data.images.device)
+        x = to_float(data.images[index].to(device))  # move uint8 (4x fewer bytes), then convert
+        if generator is not None:
+            x = augment_batch(x, padding=padding, generator=generator)
+        yield x, data.labels[index].to(device)
+
+
+# ---------------------------------------------------------------------------- dataset readers
+
+
+def _root(spec: DataSpec) -> Path:
+    return Path(spec.root) if spec.root is not None else DEFAULT_ROOT
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def _load_cifar(spec: DataSpec) -> tuple[ImageSet, ImageSet, int]:
+    cls, title, num_classes = {
+        "cifar10": (CIFAR10, "CIFAR-10", 10),
+        "cifar100": (CIFAR100, "CIFAR-100", 100),
+    }[spec.dataset]
+    root = _root(spec)
+    folder = root / cls.base_folder
+    if spec.download:
+        # torchvision skips the download when the files are already there and intact
+        _fetch(lambda: cls(str(root), train=False, download=True), title, root)
+    elif not folder.is_dir():
+        raise DataError(
+            f"data.root: {title} not found in '{root}' (expected {folder}/); "
+            "set data.download: true or place the files there"
+        )
+    try:
+        sets = [cls(str(root), train=train) for train in (True, False)]
+    except (RuntimeError, OSError, EOFError, KeyError, ValueError, pickle.UnpicklingError) as err:
+        raise DataError(
+            f"data.root: {title} in '{folder}' cannot be used ({_first_line(err)}); "
+            "delete the folder and set data.download: true, or replace the files"
+        ) from None
+    train, test = (_from_hwc(s.data, s.targets) for s in sets)
+    return train, test, num_classes
+
+
+def _from_hwc(data: object, targets: list[int]) -> ImageSet:
+    """torchvision's numpy [N, H, W, C] uint8 -> our [N, C, H, W] tensor, without PIL."""
+    images = torch.from_numpy(data).permute(0, 3, 1, 2).contiguous()  # type: ignore[arg-type]
+    return ImageSet(images, torch.tensor(targets, dtype=torch.int64))
+
+
+def _load_tinyimagenet(spec: DataSpec) -> tuple[ImageSet, ImageSet, int]:
+    root = _root(spec)
+    folder = root / "tiny-imagenet-200"
+    if not folder.is_dir() and spec.download:
+        _fetch(
+            lambda: download_and_extract_archive(TINY_IMAGENET_URL, str(root)), "TinyImageNet", root
+        )
+    if not (folder / "wnids.txt").is_file():
+        raise DataError(
+            f"data.root: TinyImageNet-200 not found in '{root}' (expected {folder}/wnids.txt); "
+            f"set data.download: true or unzip {TINY_IMAGENET_URL} there"
+        )
+    wnids = sorted((folder / "wnids.txt").read_text().split())  # ImageFolder's class order
+    classes = {wnid: i for i, wnid in enumerate(wnids)}
+    train = [(path, i) for wnid, i in classes.items() for path in _tiny_train_files(folder, wnid)]
+    return _read_jpegs(train), _read_jpegs(_tiny_val_files(folder, classes)), len(wnids)
+
+
+def _fetch(download: Callable[[], object], title: str, root: Path) -> None:
+    """Run a torchvision download; a network or archive failure becomes a one-line DataError."""
+    try:
+        download()
+    except (RuntimeError, OSError) as err:
+        raise DataError(
+            f"data.download: fetching {title} into '{root}' failed ({_first_line(err)}); "
+            "place the files there by hand (see trades_repro/data.py for the layout)"
+        ) from None
+
+
+def _tiny_train_files(folder: Path, wnid: str) -> list[Path]:
+    files = sorted((folder / "train" / wnid / "images").glob("*.JPEG"))
+    if not files:
+        raise DataError(
+            f"data.root: no training images in '{folder / 'train' / wnid / 'images'}' "
+            f"(TinyImageNet-200 incomplete); unzip {TINY_IMAGENET_URL} again"
+        )
+    return files
+
+
+def _tiny_val_files(folder: Path, classes: dict[str, int]) -> list[tuple[Path, int]]:
+    """val/val_annotations.txt: tab-separated `filename wnid x y w h` per line."""
+    annotations = folder / "val" / "val_annotations.txt"
+    if not annotations.is_file():
+        raise DataError(f"data.root: '{annotations}' not found; unzip {TINY_IMAGENET_URL} again")
+    files = []
+    for number, line in enumerate(annotations.read_text().splitlines(), start=1):
+        fields = line.split("\t")
+        if len(fields) < 2 or fields[1] not in classes:
+            raise DataError(f"data.root: '{annotations}' line {number}: unknown or missing wnid")
+        files.append((folder / "val" / "images" / fields[0], classes[fields[1]]))
+    return files
+
+
+def _read_jpegs(files: list[tuple[Path, int]]) -> ImageSet:
+    size = TINY_IMAGENET_SIZE
+    images = torch.empty(len(files), 3, size, size, dtype=torch.uint8)
+    for i, (path, _) in enumerate(files):
+        try:  # PIL, as ImageFolder (torchvision.io decoding is deprecated since 0.29)
+            with Image.open(path) as jpeg:
+                image = torch.from_numpy(np.array(jpeg.convert("RGB"))).permute(2, 0, 1)
+        except (OSError, ValueError) as err:
+            raise DataError(f"data.root: cannot decode '{path}' ({_first_line(err)})") from None
+        if image.shape != images.shape[1:]:
+            raise DataError(f"data.root: '{path}' is {tuple(image.shape)}, expected 3x64x64")
+        images[i] = image
+    return ImageSet(images, torch.tensor([label for _, label in files], dtype=torch.int64))
+
+
+def _load_fashion_mnist(spec: DataSpec) -> tuple[ImageSet, ImageSet, int]:
+    folder = _find_fashion_mnist(spec)
+    paths = [_idx_path(folder, stem) or folder / stem for stem in FASHION_MNIST_FILES]
+    train = _idx_set(_read_idx(paths[0], ndim=3), _read_idx(paths[1], ndim=1), paths[:2])
+    test = _idx_set(_read_idx(paths[2], ndim=3), _read_idx(paths[3], ndim=1), paths[2:])
+    return train, test, 10
+
+
+def _fashion_candidates(spec: DataSpec) -> list[Path]:
+    if spec.root is not None:
+        return [Path(spec.root) / "FashionMNIST" / "raw", Path(spec.root)]
+    return [DEBIAN_FASHION_MNIST, DEFAULT_ROOT / "FashionMNIST" / "raw", DEFAULT_ROOT]
+
+
+def _find_fashion_mnist(spec: DataSpec) -> Path:
+    candidates = _fashion_candidates(spec)
+    for folder in candidates:
+        if all(_idx_path(folder, stem) is not None for stem in FASHION_MNIST_FILES):
+            return folder
+    if spec.download:
+        _fetch(lambda: FashionMNIST(str(_root(spec)), download=True), "Fashion-MNIST", _root(spec))
+        return _root(spec) / "FashionMNIST" / "raw"
+    looked = ", ".join(f"'{folder}'" for folder in candidates)
+    raise _fashion_error(f"not found (looked in {looked} for {FASHION_MNIST_FILES[0]}[.gz] etc.)")
+
+
+def _fashion_error(problem: str) -> DataError:
+    return DataError(f"data.root: Fashion-MNIST {problem}; {_FASHION_HELP}")
+
+
+def _idx_path(folder: Path, stem: str) -> Path | None:
+    """The unpacked file if present (faster), else the .gz, else None."""
+    return next((p for p in (folder / stem, folder / f"{stem}.gz") if p.is_file()), None)
+
+
+def _read_idx(path: Path, ndim: int) -> Tensor:
+    """Read an IDX file of unsigned bytes: big-endian magic 0x0000080<ndim>, dims, then data."""
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, zlib.error) as err:
+        raise _fashion_error(f"file '{path}' cannot be read ({_first_line(err)})") from None
+    header = 4 * (ndim + 1)
+    if len(raw) < header or int.from_bytes(raw[:4], "big") != 0x800 + ndim:  # 0x08: ubyte
+        raise _fashion_error(f"file '{path}' is not an IDX{ndim} ubyte file (bad magic number)")
+    dims = [int.from_bytes(raw[4 * k : 4 * k + 4], "big") for k in range(1, ndim + 1)]
+    if len(raw) - header != math.prod(dims):
+        found = f"header says {dims} = {math.prod(dims)} bytes, found {len(raw) - header}"
+        raise _fashion_error(f"file '{path}' is truncated or corrupt ({found})")
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8, offset=header).view(*dims)
+
+
+def _idx_set(images: Tensor, labels: Tensor, paths: list[Path]) -> ImageSet:
+    if images.shape[1:] != (28, 28) or len(images) != len(labels):  # Fashion-MNIST: 28x28
+        shapes = f"{tuple(images.shape)} images, {len(labels)} labels"
+        raise _fashion_error(f"files '{paths[0]}' and '{paths[1]}' do not match ({shapes})")
+    if len(labels) and int(labels.max()) >= 10:  # Fashion-MNIST has 10 classes
+        raise _fashion_error(f"file '{paths[1]}' has labels >= 10")
+    return ImageSet(images.unsqueeze(1).contiguous(), labels.long())
+
+
+def _load_digits(spec: DataSpec) -> tuple[ImageSet, ImageSet, int]:
+    from sklearn.datasets import load_digits  # lazy: importing scikit-learn takes ~1 s
+
+    bunch = load_digits()
+    images = torch.from_numpy(bunch.images).float().div(16).unsqueeze(1)  # pixels are 0..16
+    data = ImageSet(images, torch.from_numpy(bunch.target).long())
+    fixed = torch.Generator().manual_seed(DIGITS_SPLIT_SEED)
+    perm = torch.randperm(len(data.labels), generator=fixed)
+    return _take(data, perm[DIGITS_TEST_SIZE:]), _take(data, perm[:DIGITS_TEST_SIZE]), 10
+
+
+def _load_synthetic(spec: DataSpec) -> tuple[ImageSet, ImageSet, int]:
+    config = spec.synthetic
+    generator = torch.Generator().manual_seed(SYNTHETIC_SEED)
+    shape = (config.channels, config.image_size, config.image_size)
+    prototypes = 0.2 + 0.6 * torch.rand(config.num_classes, *shape, generator=generator)
+    train = _synthetic_set(prototypes, config.n_train, generator)
+    return train, _synthetic_set(prototypes, config.n_test, generator), config.num_classes
+
+
+def _synthetic_set(prototypes: Tensor, n: int, generator: torch.Generator) -> ImageSet:
+    """Balanced labels in random order; image = its class prototype + N(0, SYNTHETIC_NOISE²)."""
+    labels = (torch.arange(n) % len(prototypes))[torch.randperm(n, generator=generator)]
+    noise = SYNTHETIC_NOISE * torch.randn(n, *prototypes.shape[1:], generator=generator)
+    return ImageSet((prototypes[labels] + noise).clamp_(0, 1), labels)
+
+
+_LOADERS: dict[str, Callable[[DataSpec], tuple[ImageSet, ImageSet, int]]] = {
+    "cifar10": _load_cifar,
+    "cifar100": _load_cifar,
+    "tinyimagenet": _load_tinyimagenet,
+    "digits": _load_digits,
+    "fashion_mnist": _load_fashion_mnist,
+    "synthetic": _load_synthetic,
+}

@@ -1,0 +1,149 @@
+"""Networks: the paper's CIFAR-style ResNet-18 and a small BatchNorm CNN for CPU tiers.
+
+Models take raw pixels in [0, 1] (as official TRADES, so ε = 8/255 is measured in pixel
+units). With `ModelSpec.normalize` a `Normalize` layer comes first, its mean/std stored as
+buffers so they travel with the state_dict; without it there is no normalisation at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from trades_repro.spec import ModelSpec
+
+# Per-channel training-set statistics, used only when `ModelSpec.normalize` is true.
+_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "tinyimagenet": ((0.4802, 0.4481, 0.3975), (0.2770, 0.2691, 0.2821)),
+    "fashion_mnist": ((0.2860,), (0.3530,)),
+    "digits": ((0.3053,), (0.3760,)),  # all 1,797 sklearn digits, pixels / 16
+    "synthetic": ((0.5,), (0.2,)),  # prototypes U(0.2, 0.8): std √(0.6²/12 + 0.1²) ≈ 0.2
+}
+
+
+def dataset_stats(dataset: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel (mean, std) of `dataset` in [0, 1] pixel units; 1-tuples broadcast."""
+    if dataset not in _STATS:
+        raise ValueError(f"dataset_stats: unknown dataset {dataset!r}; known: {sorted(_STATS)}")
+    return _STATS[dataset]
+
+
+def build_model(
+    spec: ModelSpec,
+    *,
+    in_channels: int,
+    num_classes: int,
+    image_size: int,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> nn.Module:
+    """The network `spec.arch`, with a `Normalize` first layer iff `spec.normalize`.
+
+    >>> net = build_model(ModelSpec(arch="small_cnn"), in_channels=1, num_classes=10, image_size=8)
+    >>> net(torch.rand(2, 1, 8, 8)).shape
+    torch.Size([2, 10])
+    """
+    if spec.arch == "resnet18":
+        net: nn.Module = ResNet18(in_channels, num_classes)
+    else:
+        net = SmallCNN(in_channels, num_classes, image_size, spec.width)
+    if not spec.normalize:
+        return net
+    if mean is None or std is None:
+        raise ValueError("build_model: normalize=true needs mean and std (see dataset_stats)")
+    return nn.Sequential(Normalize(mean, std, in_channels), net)
+
+
+class Normalize(nn.Module):
+    """(x - mean) / std per channel; mean/std are buffers (saved, moved, never trained)."""
+
+    mean: Tensor
+    std: Tensor
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], channels: int) -> None:
+        super().__init__()
+        if len(mean) not in (1, channels) or len(std) not in (1, channels):
+            raise ValueError(f"Normalize: need 1 or {channels} mean/std values")
+        shape = (1, -1, 1, 1)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(shape))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(shape))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.std
+
+
+def _conv_bn(c_in: int, c_out: int, stride: int = 1) -> list[nn.Module]:
+    """3x3 conv (no bias: BN follows) + BatchNorm."""
+    return [nn.Conv2d(c_in, c_out, 3, stride, padding=1, bias=False), nn.BatchNorm2d(c_out)]
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv-BN layers with an identity (or 1x1 conv-BN) shortcut, He et al. 2016."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            *_conv_bn(c_in, c_out, stride), nn.ReLU(), *_conv_bn(c_out, c_out)
+        )
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.relu(self.body(x) + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """CIFAR-style ResNet-18 (App. B): 3x3 stride-1 stem, no max-pool, [2, 2, 2, 2] blocks of
+    64-128-256-512 channels, global average pool, so 32x32 and 64x64 inputs both work.
+
+    ~11.17M parameters for 10 classes (the usual CIFAR ResNet-18 of TRADES/AWP code).
+    """
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(*_conv_bn(in_channels, 64), nn.ReLU())
+        widths, blocks, c_in = (64, 128, 256, 512), [], 64
+        for stage, c_out in enumerate(widths):
+            stride = 1 if stage == 0 else 2  # each later stage halves the resolution
+            blocks += [BasicBlock(c_in, c_out, stride), BasicBlock(c_out, c_out, 1)]
+            c_in = c_out
+        self.blocks = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(512, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.pool(self.blocks(self.stem(x))).flatten(1))
+
+
+class SmallCNN(nn.Module):
+    """Three 3x3 conv-BN-ReLU layers (width; 2·width, stride 2; 2·width, stride 2) + linear.
+
+    For the CPU tiers (8x8 digits, 28x28 Fashion-MNIST, small synthetic images). BatchNorm is
+    deliberate: train/eval BN mode during attacks is one of the paper's traps. The classifier
+    sees the flattened final map (ceil(size/4)² positions), keeping spatial layout that a global
+    pool would throw away on 8x8 inputs.
+    """
+
+    min_size = 8  # two stride-2 convs leave a 2x2 map
+
+    def __init__(self, in_channels: int, num_classes: int, image_size: int, width: int) -> None:
+        super().__init__()
+        if image_size < self.min_size:
+            raise ValueError(f"SmallCNN: image_size {image_size} < {self.min_size}")
+        side = -(-image_size // 4)  # each stride-2, padding-1 3x3 conv maps s -> ceil(s / 2)
+        self.features = nn.Sequential(
+            *_conv_bn(in_channels, width), nn.ReLU(),
+            *_conv_bn(width, 2 * width, stride=2), nn.ReLU(),
+            *_conv_bn(2 * width, 2 * width, stride=2), nn.ReLU(),
+        )  # fmt: skip
+        self.fc = nn.Linear(2 * width * side * side, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.features(x).flatten(1))
