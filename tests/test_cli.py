@@ -1,0 +1,79 @@
+"""The CLI surface: schema/show, and bad input as one line on stderr with exit code 2."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from trades_repro.cli import app
+
+SPEC_DIR = Path(__file__).resolve().parents[1] / "spec"
+runner = CliRunner()
+
+
+def _assert_one_line_error(result, *needles: str) -> None:
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_spec_schema_is_json_with_the_spec_sections():
+    result = runner.invoke(app, ["spec", "schema"])
+    assert result.exit_code == 0
+    schema = json.loads(result.stdout)
+    assert {"data", "model", "method", "optim", "validation", "monitor", "seed"} <= set(
+        schema["properties"]
+    )
+
+
+def test_spec_show_prints_resolved_spec_and_digest():
+    result = runner.invoke(app, ["spec", "show", str(SPEC_DIR / "digits.yaml")])
+    assert result.exit_code == 0, result.output
+    body, digest_line = result.stdout.rsplit("digest: ", 1)
+    resolved = json.loads(body)
+    assert resolved["data"]["dataset"] == "digits"
+    assert resolved["optim"]["momentum"] == 0.9  # a default filled in
+    assert len(digest_line.strip()) == 16
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("seed: 1\nmethod: {beta: 3\n", "malformed YAML"),
+        ("data: {dataset: digits, colour: red}", "data.colour"),
+        ("optim: {epochs: many}", "optim.epochs"),
+        ("method: {attack: {eps: -8/255}}", "method.attack.eps"),
+        ("optim: {batch_size: 0}", "optim.batch_size"),
+        ("data: {dataset: imagenet}", "data.dataset"),
+    ],
+)
+@pytest.mark.parametrize("command", ["train", "show"])
+def test_bad_spec_exits_2_naming_file_and_field(tmp_path, text, needle, command):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    args = ["train", str(path), "--runs-dir", str(tmp_path)] if command == "train" else [
+        "spec", "show", str(path)
+    ]
+    _assert_one_line_error(runner.invoke(app, args), "bad.yaml", needle)
+
+
+def test_missing_spec_file(tmp_path):
+    result = runner.invoke(app, ["train", str(tmp_path / "absent.yaml")])
+    _assert_one_line_error(result, "absent.yaml", "not found")
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "cifar100", "tinyimagenet"])
+def test_dataset_root_without_files(tmp_path, dataset):
+    path = tmp_path / "spec.yaml"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    path.write_text(f"data: {{dataset: {dataset}, root: {empty}}}\ndevice: cpu\n")
+    result = runner.invoke(app, ["train", str(path), "--runs-dir", str(tmp_path / "runs")])
+    _assert_one_line_error(result, "data.root", str(empty))
+    assert not (tmp_path / "runs").exists()  # nothing written for a run that never started
