@@ -119,3 +119,8 @@ def test_non_mapping_yaml_is_rejected(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(SpecError, match="spec file not found"):
         load_spec(tmp_path / "nope.yaml")
+
+
+def test_evaluation_settings_do_not_change_the_run_digest():
+    evaluated = parse_spec({"evaluation": {"n_examples": 100, "attacks": ["square"]}})
+    assert evaluated.digest() == ExperimentSpec().digest()

@@ -111,6 +111,30 @@ class MonitorSpec(_Frozen):
     sgcs: bool = True  # Eq. 3 on the same attack traces (Fig. 2)
 
 
+AttackName = Literal["pgd10", "apgd-ce", "apgd-t", "fab-t", "square", "autoattack"]
+
+
+class LandscapeSpec(_Frozen):
+    """Fig. 1's loss surface z = loss(x + a·r1 + b·r2) on a (steps × steps) grid."""
+
+    radius: Radius = 8 / 255  # a, b ∈ [-radius, radius]; the threat model's ε by default
+    steps: Annotated[int, Field(ge=3, le=201)] = 21  # grid points per axis
+    n_images: PositiveInt = 1  # surfaces are averaged over this many test images
+
+
+class EvalSpec(_Frozen):
+    """Final evaluation of a checkpoint on the test set (not part of the run's digest)."""
+
+    n_examples: PositiveInt | None = None  # None: the whole test set
+    batch_size: PositiveInt = 500
+    attacks: tuple[AttackName, ...] = (
+        "pgd10", "apgd-ce", "apgd-t", "fab-t", "square", "autoattack"
+    )  # Table 1's columns
+    square_queries: PositiveInt = 5000  # AutoAttack's standard Square budget
+    seed: Annotated[int, Field(ge=0)] = 0  # AutoAttack's and PGD's random starts
+    landscape: LandscapeSpec = LandscapeSpec()
+
+
 class ExperimentSpec(_Frozen):
     spec_version: Literal[1] = SPEC_VERSION
     name: str = "cifar100_default"
@@ -122,10 +146,15 @@ class ExperimentSpec(_Frozen):
     monitor: MonitorSpec = MonitorSpec()
     seed: Annotated[int, Field(ge=0)] = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when available
+    evaluation: EvalSpec = EvalSpec()
 
     def digest(self) -> str:
-        """Stable 16-hex hash of the resolved spec: field order and YAML layout don't matter."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        """Stable 16-hex hash of the resolved spec: field order and YAML layout don't matter.
+
+        `evaluation` is left out: evaluating a run differently is not a different run.
+        """
+        training = self.model_dump(mode="json", exclude={"evaluation"})
+        canonical = json.dumps(training, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
