@@ -10,9 +10,10 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from trades_repro import store
+from trades_repro import steps, store
 from trades_repro import train as trainlib
 from trades_repro.cli import app
+from trades_repro.engine import _build
 from trades_repro.spec import load_spec, parse_spec
 
 SPEC_DIR = Path(__file__).resolve().parents[1] / "spec"
@@ -51,7 +52,7 @@ def test_run_folder_holds_the_evidence(tmp_path):
         assert r.val_fosc is not None and r.val_fosc >= 0
         assert r.val_sgcs is not None and -1 <= r.val_sgcs <= 1
         assert r.train_gap == pytest.approx(r.train_clean_acc - r.train_adv_acc)
-    assert records[0].is_best
+    assert records[0].best_pgd10
     assert not list(run.glob("*.tmp")) and not list(run.glob(".*.tmp"))
 
 
@@ -59,9 +60,9 @@ def test_best_checkpoint_is_the_best_pgd10_epoch(tmp_path):
     spec = parse_spec(TINY)
     result = trainlib.train(spec, tmp_path, progress=False)
     best = max(result.records, key=lambda r: (r.val_pgd10_acc, -r.epoch))
-    assert [r.epoch for r in result.records if r.is_best][-1] == best.epoch
+    assert [r.epoch for r in result.records if r.best_pgd10][-1] == best.epoch
     splits = trainlib.datalib.load_splits(spec.data, spec.seed)
-    model = trainlib._build(spec, splits)
+    model = _build(spec, splits)
     model.load_state_dict(load_file(result.run_dir / store.BEST_FILE))
     val = trainlib.validate(model, splits.val, spec, torch.device("cpu"), best.epoch)
     assert val["val_pgd10_acc"] == best.val_pgd10_acc  # same weights, same attack seed
@@ -85,15 +86,29 @@ def test_finished_run_is_skipped(tmp_path):
     assert again.skipped and [r.epoch for r in again.records] == [1, 2]
 
 
-def test_non_finite_loss_fails_the_run_clearly(tmp_path, monkeypatch):
-    monkeypatch.setattr(trainlib, "trades_objective", lambda *a: torch.tensor(float("nan")))
+def test_non_finite_loss_fails_the_run_clearly_and_keeps_the_last_good_epoch(
+    tmp_path, monkeypatch
+):
+    calls = {"n": 0}
+    real_terms = steps.trades_terms
+
+    def nan_from_epoch_two(logits_nat, logits_adv, y):  # TINY: 2 training batches per epoch
+        calls["n"] += 1
+        ce, kl = real_terms(logits_nat, logits_adv, y)
+        return (ce * float("nan"), kl) if calls["n"] > 2 else (ce, kl)
+
+    monkeypatch.setattr(steps, "trades_terms", nan_from_epoch_two)
     spec_file = tmp_path / "nan.yaml"
     spec_file.write_text(json.dumps(TINY))
     result = CliRunner().invoke(app, ["train", str(spec_file), "--runs-dir", str(tmp_path)])
     assert result.exit_code == 1
-    assert "non-finite training loss" in result.stderr
-    provenance = store.read_json(tmp_path / parse_spec(TINY).digest() / store.PROVENANCE_FILE)
+    assert "non-finite training loss" in result.stderr and "epoch 2" in result.stderr
+    run = tmp_path / parse_spec(TINY).digest()
+    provenance = store.read_json(run / store.PROVENANCE_FILE)
     assert provenance["status"] == "failed" and "non-finite" in provenance["error"]
+    last = torch.load(run / store.LAST_FILE, weights_only=True)
+    assert last["state"]["epoch"] == 1
+    assert all(torch.isfinite(t).all() for t in last["model"].values() if t.is_floating_point())
 
 
 def test_monitor_off_records_none(tmp_path):

@@ -82,10 +82,23 @@ class InnerAttackSpec(_Frozen):
     init_std: Annotated[float, Field(ge=0)] = 0.001  # official TRADES: x + 0.001·N(0, I)
 
 
+class AWPSpec(_Frozen):
+    """Adversarial weight perturbation on the TRADES loss (App. H; Wu et al. 2020's recipe)."""
+
+    gamma: Annotated[float, Field(ge=0)] = 0.005  # App. B: AWP radius 0.005
+    # TRADES-AWP recipe: the proxy's plain SGD uses the training lr (0.1); the per-layer
+    # normalisation cancels it up to float rounding (AT-AWP uses 0.01).
+    proxy_lr: Annotated[float, Field(gt=0)] = 0.1
+    warmup: Annotated[int, Field(ge=0)] = 10  # TRADES-AWP recipe: AWP from epoch 10 (1-based) on
+
+
 class MethodSpec(_Frozen):
-    name: Literal["trades"] = "trades"
+    # trades: TPGD inner max (Eq. 1); trades_pgd_inner: PGD-10 on CE as inner max with the
+    # TRADES outer loss (App. F, "Modified"); trades_awp: TRADES + AWP (App. H)
+    name: Literal["trades", "trades_pgd_inner", "trades_awp"] = "trades"
     beta: Annotated[float, BeforeValidator(_parse_fraction), Field(gt=0)] = 3.0  # §3.1: β = 3
     attack: InnerAttackSpec = InnerAttackSpec()
+    awp: AWPSpec = AWPSpec()
 
 
 class OptimSpec(_Frozen):
@@ -95,6 +108,9 @@ class OptimSpec(_Frozen):
     weight_decay: Annotated[float, Field(ge=0)] = 5e-4  # App. B: 0.0005
     batch_size: PositiveInt = 256  # §3.1: 256
     epochs: PositiveInt = 200  # App. B: 200 for CIFAR-10/100 (100 for TinyImageNet)
+    schedule: Literal["constant", "multistep"] = "constant"  # §3.1: constant isolates instability
+    milestones: tuple[PositiveInt, ...] = (100, 150)  # App. D: LR × 0.1 at epochs 100 and 150
+    lr_decay: Annotated[float, Field(gt=0, le=1)] = 0.1  # App. D: γ = 0.1
 
 
 class ValidationAttackSpec(_Frozen):
@@ -109,6 +125,35 @@ class ValidationAttackSpec(_Frozen):
 class MonitorSpec(_Frozen):
     fosc: bool = True  # Eq. 2 on the validation PGD-10 examples (Fig. 2)
     sgcs: bool = True  # Eq. 3 on the same attack traces (Fig. 2)
+    batch_metrics: bool = False  # App. G per step into batches.jsonl: two extra backward passes
+
+
+class HealingSpec(_Frozen):
+    """Algorithm 1: Gaussian noise on the next batches after validation FOSC > threshold."""
+
+    enabled: bool = False  # the paper's TRADES baseline does not heal
+    # The paper gives no number. Figs. 2 and 6 plot FOSC × 10 on the accuracy axis, where
+    # regular runs stay well under unstable spikes; FOSC = ε‖∇‖₁ − ⟨x^k − x, ∇⟩ grows with
+    # input dimension and ε, so the threshold is per dataset: calibrate it on a regular run
+    # (e.g. a few times its median FOSC). 0.05 is a CIFAR-scale starting point, and also the
+    # threshold of the `best_pgd10_fosc_ok` checkpoint policy.
+    fosc_threshold: Annotated[float, Field(ge=0)] = 0.05
+    noise_batches: Annotated[int, Field(ge=0)] = 10  # Alg. 1 line 21: the next 10 batches
+    # Alg. 1 line 8 writes N(0, 0.1); read as a standard deviation (the torch.randn scale).
+    # If the authors meant variance, set 0.316 (= √0.1).
+    noise_std: Annotated[float, Field(ge=0)] = 0.1
+
+
+class PerformanceSpec(_Frozen):
+    """How fast, not what: precision and kernels (still in the digest: they change numbers)."""
+
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast for training fwd/bwd only
+    tf32: bool = False  # TF32 matmul/cuDNN on Ampere+; attacks and FOSC stay fp32 by default
+    channels_last: bool = False  # NHWC memory format for convolutions on GPU
+    compile: bool = False  # torch.compile the model (first epoch pays compilation)
+    # Reproduce official TRADES' passes exactly (clean forward recomputed at every TPGD step,
+    # unprojected start, three train-mode forwards); off: same loss with fewer passes.
+    fidelity: bool = False
 
 
 AttackName = Literal["pgd10", "apgd-ce", "apgd-t", "fab-t", "square", "autoattack"]
@@ -144,6 +189,8 @@ class ExperimentSpec(_Frozen):
     optim: OptimSpec = OptimSpec()
     validation: ValidationAttackSpec = ValidationAttackSpec()
     monitor: MonitorSpec = MonitorSpec()
+    healing: HealingSpec = HealingSpec()
+    performance: PerformanceSpec = PerformanceSpec()
     seed: Annotated[int, Field(ge=0)] = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when available
     evaluation: EvalSpec = EvalSpec()

@@ -13,7 +13,9 @@ import os
 import platform
 import subprocess
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -28,7 +30,22 @@ from trades_repro.spec import ExperimentSpec
 SPEC_FILE = "spec.json"
 PROVENANCE_FILE = "provenance.json"
 METRICS_FILE = "metrics.jsonl"
-BEST_FILE = "best.safetensors"
+BEST_FILE = "best.safetensors"  # policy best_pgd10
+BEST_FOSC_OK_FILE = "best_pgd10_fosc_ok.safetensors"  # policy best_pgd10_fosc_ok
+CHECKPOINTS_FILE = "checkpoints.json"  # policy -> epoch and file, written at the end
+LAST_FILE = "last.pt"  # full resume state after every epoch
+BATCHES_FILE = "batches.jsonl"
+
+
+class HealingEvent(BaseModel):
+    """Algorithm 1 lines 19-21: validation FOSC passed the threshold after `epoch`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    epoch: int  # the epoch whose validation FOSC triggered healing
+    fosc: float
+    threshold: float
+    noise_batches: int  # how many of the following training batches get noise
 
 
 class EpochRecord(BaseModel):
@@ -44,29 +61,59 @@ class EpochRecord(BaseModel):
     lr: float
     train_loss: float
     train_clean_acc: float  # on the clean forward of the training step (Fig. 3)
-    train_adv_acc: float  # on the TPGD examples of the training step (Fig. 3)
+    train_adv_acc: float  # on the inner-max examples of the training step (Fig. 3)
     train_gap: float  # train_clean_acc - train_adv_acc (Fig. 3's gap metric)
+    w_grad_norm: float | None = None  # epoch means of App. G's per-step metrics (Eqs. 4-7);
+    ce_norm: float | None = None  # None unless monitor.batch_metrics
+    kl_norm: float | None = None
+    grad_cosine_similarity: float | None = None
     val_source: Literal["holdout", "test"]
     val_clean_acc: float
     val_pgd10_acc: float
     val_fosc: float | None  # mean FOSC of the PGD-10 examples (Eq. 2); None when off
     val_sgcs: float | None  # mean SGCS of the same attack traces (Eq. 3); None when off
-    is_best: bool  # this epoch's weights became best.safetensors (highest val PGD-10)
+    fosc_ok: bool | None  # val_fosc <= healing.fosc_threshold; None without FOSC
+    noised_batches: list[int] = []  # 0-based indices of this epoch's batches given noise
+    healing_event: HealingEvent | None = None  # this epoch's FOSC triggered Algorithm 1
+    best_pgd10: bool  # became best.safetensors (policy best_pgd10, App. B)
+    best_pgd10_fosc_ok: bool  # became the best_pgd10_fosc_ok checkpoint (Alg. 1, 17-18)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temp file in the same folder and an atomic rename."""
+class BatchRecord(BaseModel):
+    """One line of `batches.jsonl`: App. G's metrics of one optimiser step."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    epoch: int
+    step: int  # global optimiser step, 1-based
+    loss: float
+    w_grad_norm: float  # ‖∇θ(CE + β·KL)‖₂ (Eq. 4)
+    ce_norm: float  # ‖∇θ CE‖₂ (Eq. 5)
+    kl_norm: float  # ‖∇θ β·KL‖₂ (Eq. 6)
+    grad_cosine_similarity: float  # full-loss gradient before vs after the step (Eq. 7)
+    noised: bool  # Algorithm 1 noise was added to this batch
+
+
+@contextmanager
+def _atomic(path: Path) -> Iterator[Path]:
+    """Yield a temp path beside `path`; on success fsync it and rename it over `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
+        yield tmp
+        with tmp.open("rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with _atomic(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -79,15 +126,8 @@ def atomic_write_jsonl(path: Path, records: Iterable[BaseModel]) -> None:
 
 
 def atomic_save_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """safetensors' own writer, pointed at a temp name, then renamed into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with _atomic(path) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_metrics(run_dir: Path) -> list[EpochRecord]:
@@ -97,8 +137,43 @@ def read_metrics(run_dir: Path) -> list[EpochRecord]:
     return [EpochRecord.model_validate_json(line) for line in path.read_text().splitlines()]
 
 
+def append_jsonl(path: Path, records: Iterable[BaseModel]) -> None:
+    """Append lines atomically: old content + new lines to a temp file, then rename."""
+    old = path.read_bytes() if path.exists() else b""
+    new = "".join(record.model_dump_json() + "\n" for record in records).encode()
+    atomic_write_bytes(path, old + new)
+
+
+def truncate_jsonl(path: Path, keep: Callable[[dict[str, Any]], bool]) -> None:
+    """Atomically rewrite `path` keeping whole lines for which `keep` holds."""
+    if not path.exists():
+        return
+    lines = []
+    for line in path.read_text().splitlines():
+        if keep(json.loads(line)):
+            lines.append(line + "\n")
+    atomic_write_bytes(path, "".join(lines).encode())
+
+
+def atomic_torch_save(path: Path, obj: Any) -> None:
+    with _atomic(path) as tmp:
+        torch.save(obj, tmp)
+
+
 def read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
+
+
+@dataclass(frozen=True)
+class RunResult:
+    run_dir: Path
+    records: list[EpochRecord]
+    skipped: bool  # the run was already finished: nothing was recomputed
+
+
+def is_finished(run_dir: Path) -> bool:
+    path = run_dir / PROVENANCE_FILE
+    return path.exists() and read_json(path).get("status") == "finished"
 
 
 def run_dir_for(spec: ExperimentSpec, runs_dir: Path) -> Path:

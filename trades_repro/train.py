@@ -1,157 +1,136 @@
-"""The TRADES training loop: TPGD inner maximisation, Eq. 1 outer loss, PGD-10 validation.
+"""The training engine: every variant of the paper from the spec alone, crash-safe.
 
-One call of `train(spec, runs_dir)` turns a spec into a run folder (see `store.py`). Every
-epoch ends with validation on the spec's validation set: clean accuracy, PGD-10 accuracy and
-the mean FOSC / SGCS of the PGD-10 examples (Fig. 2's signals). The checkpoint with the
-highest validation PGD-10 accuracy is kept (App. B's selection rule).
+`train(spec, runs_dir)` turns a spec into `runs/<digest>/`. Each epoch: training steps (see
+`steps.py`), then validation on the spec's validation set (clean, PGD-10, mean FOSC/SGCS),
+then checkpoint policies, Algorithm 1's healing trigger, and `last.pt`, the full resume
+state. A killed run restarts from its last finished epoch and, on CPU, writes the same
+`metrics.jsonl` as an uninterrupted run; a finished run is skipped.
 """
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
 from trades_repro import data as datalib
 from trades_repro import store
-from trades_repro.attacks import pgd, tpgd
-from trades_repro.losses import trades_objective
+from trades_repro.attacks import pgd
+from trades_repro.awp import awp_active
+from trades_repro.engine import RunState, Session, TrainingError, build_session, lr_at
 from trades_repro.metrics import correct, fosc, sgcs
-from trades_repro.models import build_model, dataset_stats
+from trades_repro.policies import update_policies
+from trades_repro.progress import progress_bar
 from trades_repro.spec import ExperimentSpec
+from trades_repro.steps import NonFiniteLoss, train_step
 
 EVAL_BATCH = 512  # validation batch: large enough to be fast, small enough for 8 GB GPUs
+APP_G_KEYS = ("w_grad_norm", "ce_norm", "kl_norm", "grad_cosine_similarity")
 
 
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. a non-finite loss); the run is marked failed."""
-
-
-@dataclass(frozen=True)
-class RunResult:
-    run_dir: Path
-    records: list[store.EpochRecord]
-    skipped: bool  # the run was already finished: nothing was recomputed
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("device: 'cuda' requested but no CUDA device is available")
-    return torch.device(name)
-
-
-def train(spec: ExperimentSpec, runs_dir: Path, *, progress: bool = True) -> RunResult:
-    """Train `spec` into `runs_dir/<digest>/`; a finished run with that digest is skipped."""
+def train(spec: ExperimentSpec, runs_dir: Path, *, progress: bool = True) -> store.RunResult:
+    """Train `spec` into `runs_dir/<digest>/`: resume it if unfinished, skip it if finished."""
     run_dir = store.run_dir_for(spec, runs_dir)
-    if _finished(run_dir):
-        return RunResult(run_dir, store.read_metrics(run_dir), skipped=True)
-    device = resolve_device(spec.device)
-    splits = datalib.load_splits(spec.data, spec.seed)  # bad data fails before any file appears
-    torch.manual_seed(spec.seed)  # model initialisation
-    model = _build(spec, splits).to(device)
-    optimizer = torch.optim.SGD(
-        model.parameters(),
-        lr=spec.optim.lr,
-        momentum=spec.optim.momentum,
-        nesterov=spec.optim.nesterov,
-        weight_decay=spec.optim.weight_decay,
-    )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    store.atomic_write_json(run_dir / store.SPEC_FILE, spec.model_dump(mode="json"))
-    provenance = _start_provenance(spec, device)
-    store.atomic_write_json(run_dir / store.PROVENANCE_FILE, provenance)
+    if store.is_finished(run_dir):
+        return store.RunResult(run_dir, store.read_metrics(run_dir), skipped=True)
+    session = build_session(spec, run_dir)  # loads data before writing anything
     started = time.perf_counter()
-    data_gen = torch.Generator().manual_seed(spec.seed + 1)  # order and augmentation
-    attack_gen = torch.Generator(device=device).manual_seed(spec.seed + 2)  # TPGD starts
-    records: list[store.EpochRecord] = []
-    best = -math.inf
     try:
-        with _progress(spec, enabled=progress) as update:
-            for epoch in range(1, spec.optim.epochs + 1):
-                batches = datalib.batches(
-                    splits.train,
-                    spec.optim.batch_size,
-                    generator=data_gen,
-                    shuffle=True,
-                    augment=spec.data.augment,
-                    padding=spec.data.crop_padding,
-                    device=device,
-                )
-                stats = train_epoch(model, optimizer, batches, spec, attack_gen)
-                val = validate(model, splits.val, spec, device, epoch)
-                is_best = val["val_pgd10_acc"] > best
-                if is_best:
-                    best = val["val_pgd10_acc"]
-                    store.atomic_save_safetensors(run_dir / store.BEST_FILE, model.state_dict())
-                lr = optimizer.param_groups[0]["lr"]
-                record = store.EpochRecord(
-                    epoch=epoch, lr=lr, val_source=splits.val_source, is_best=is_best,
-                    **stats, **val,
-                )
-                records.append(record)
-                store.atomic_write_jsonl(run_dir / store.METRICS_FILE, records)
+        with progress_bar(spec, session.state.epoch, enabled=progress) as update:
+            for epoch in range(session.state.epoch + 1, spec.optim.epochs + 1):
+                record = run_epoch(session, epoch)
                 update(record)
+    except NonFiniteLoss as err:
+        message = f"{spec.name}: {err} in epoch {session.state.epoch + 1}; last good " \
+                  f"checkpoint kept in {run_dir / store.LAST_FILE}"
+        session.finish(started, status="failed", error=message)
+        raise TrainingError(message) from None
     except BaseException as err:
-        _finish_provenance(run_dir, provenance, started, status="failed", error=str(err))
+        session.finish(started, status="failed", error=f"{type(err).__name__}: {err}")
         raise
-    _finish_provenance(run_dir, provenance, started, status="finished")
-    return RunResult(run_dir, records, skipped=False)
+    session.finish(started, status="finished")
+    return store.RunResult(run_dir, session.state.records, skipped=False)
 
 
-def train_epoch(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
-    spec: ExperimentSpec,
-    attack_gen: torch.Generator,
-) -> dict[str, float]:
-    """One epoch of TRADES (Eq. 1): TPGD in eval mode, then the outer loss in train mode."""
-    attack = spec.method.attack
-    loss_sum = clean_hits = adv_hits = seen = 0.0
-    for x, y in batches:
-        x_adv = tpgd(
-            model, x, eps=attack.eps, step_size=attack.step_size, steps=attack.steps,
-            init_std=attack.init_std, generator=attack_gen,
-        )
-        model.train()
-        logits_nat, logits_adv = model(x), model(x_adv)
-        loss = trades_objective(logits_nat, logits_adv, y, spec.method.beta)
-        if not torch.isfinite(loss):
-            raise TrainingError(f"non-finite training loss ({loss.item()}) in {spec.name}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        n = len(y)
-        loss_sum += loss.item() * n
-        clean_hits += correct(logits_nat.detach(), y).sum().item()
-        adv_hits += correct(logits_adv.detach(), y).sum().item()
-        seen += n
-    clean, adv = clean_hits / seen, adv_hits / seen
-    return {
-        "train_loss": loss_sum / seen,
-        "train_clean_acc": clean,
-        "train_adv_acc": adv,
-        "train_gap": clean - adv,
-    }
+def run_epoch(session: Session, epoch: int) -> store.EpochRecord:
+    """Train one epoch, validate, apply policies and healing, then commit the epoch to disk."""
+    spec, state = session.spec, session.state
+    lr = lr_at(spec.optim, epoch)
+    for group in session.optimizer.param_groups:
+        group["lr"] = lr
+    stats = train_epoch(session, epoch)
+    val = validate(session.model, session.splits.val, spec, session.device, epoch)
+    record = store.EpochRecord(
+        epoch=epoch, lr=lr, val_source=session.splits.val_source, **stats, **val,
+        **update_policies(state.policies, epoch, val, spec.healing.fosc_threshold),
+        healing_event=_healing_trigger(state, epoch, val["val_fosc"], spec),
+    )
+    state.records.append(record)
+    session.commit_epoch(record)
+    return record
 
 
-def validate(
-    model: nn.Module, val: datalib.ImageSet, spec: ExperimentSpec, device: torch.device,
-    epoch: int,
-) -> dict[str, float | None]:
+def train_epoch(session: Session, epoch: int) -> dict:
+    """One pass over the training set; returns the epoch's training fields of the record."""
+    spec, state = session.spec, session.state
+    awp = session.awp if spec.method.name == "trades_awp" and awp_active(
+        epoch, spec.method.awp.warmup) else None
+    totals = {"loss": 0.0, "clean": 0, "adv": 0, "n": 0}
+    app_g: list[dict] = []
+    noised: list[int] = []
+    for index, (x, y) in enumerate(session.batches()):
+        noise_now = state.noise_left > 0
+        if noise_now:  # Algorithm 1, lines 7-10; no clipping to [0, 1], as written there
+            x = x + spec.healing.noise_std * torch.randn(
+                x.shape, generator=session.healing_gen, device=x.device)
+            state.noise_left -= 1
+            noised.append(index)
+        step = train_step(session.model, session.optimizer, session.prepare(x), y, spec,
+                          session.attack_gen, awp)
+        state.global_step += 1
+        _accumulate(totals, step, len(y))
+        if step.batch_metrics is not None:
+            app_g.append(session.batch_record(epoch, step, noise_now))
+    session.pending_batches = app_g
+    return _epoch_fields(totals, app_g, noised)
+
+
+def _accumulate(totals: dict, step, n: int) -> None:
+    totals["loss"] += step.loss * n
+    totals["clean"] += step.clean_correct
+    totals["adv"] += step.adv_correct
+    totals["n"] += n
+
+
+def _epoch_fields(totals: dict, app_g: list, noised: list[int]) -> dict:
+    n = totals["n"]
+    clean, adv = totals["clean"] / n, totals["adv"] / n
+    fields = {"train_loss": totals["loss"] / n, "train_clean_acc": clean,
+              "train_adv_acc": adv, "train_gap": clean - adv, "noised_batches": noised}
+    for key in APP_G_KEYS:
+        fields[key] = sum(getattr(r, key) for r in app_g) / len(app_g) if app_g else None
+    return fields
+
+
+def _healing_trigger(state: RunState, epoch: int, val_fosc: float | None,
+                     spec: ExperimentSpec) -> store.HealingEvent | None:
+    """Algorithm 1, lines 19-21: FOSC above the threshold noises the next batches."""
+    healing = spec.healing
+    if not healing.enabled or val_fosc is None or val_fosc <= healing.fosc_threshold:
+        return None
+    state.noise_left = healing.noise_batches
+    return store.HealingEvent(epoch=epoch, fosc=val_fosc, threshold=healing.fosc_threshold,
+                              noise_batches=healing.noise_batches)
+
+
+def validate(model: nn.Module, val: datalib.ImageSet, spec: ExperimentSpec,
+             device: torch.device, epoch: int) -> dict[str, float | None]:
     """Clean and PGD-10 accuracy on `val`, with mean FOSC/SGCS of the PGD-10 examples."""
     attack, monitor = spec.validation, spec.monitor
     record = monitor.fosc or monitor.sgcs
-    gen = torch.Generator(device=device).manual_seed(spec.seed * 100_003 + epoch)  # fixed per epoch
+    gen = torch.Generator(device=device).manual_seed(spec.seed * 100_003 + epoch)  # per epoch
     was_training = model.training
     model.eval()
     clean = robust = 0
@@ -179,59 +158,4 @@ def validate(
     }
 
 
-def _build(spec: ExperimentSpec, splits: datalib.Splits) -> nn.Module:
-    channels, height, _ = splits.shape
-    mean, std = dataset_stats(spec.data.dataset) if spec.model.normalize else (None, None)
-    return build_model(spec.model, in_channels=channels, num_classes=splits.num_classes,
-                       image_size=height, mean=mean, std=std)
-
-
-def _finished(run_dir: Path) -> bool:
-    path = run_dir / store.PROVENANCE_FILE
-    return path.exists() and store.read_json(path).get("status") == "finished"
-
-
-def _start_provenance(spec: ExperimentSpec, device: torch.device) -> dict:
-    return {
-        "digest": spec.digest(),
-        "seed": spec.seed,
-        "status": "running",
-        "started": store.now_iso(),
-        **store.git_state(),
-        **store.environment(device),
-    }
-
-
-def _finish_provenance(run_dir: Path, provenance: dict, started: float, *, status: str,
-                       error: str | None = None) -> None:
-    provenance.update(status=status, ended=store.now_iso(),
-                      wall_time_s=round(time.perf_counter() - started, 3))
-    if error is not None:
-        provenance["error"] = error
-    store.atomic_write_json(run_dir / store.PROVENANCE_FILE, provenance)
-
-
-@contextmanager
-def _progress(spec: ExperimentSpec, *, enabled: bool):
-    """A rich progress bar over epochs showing loss, PGD-10 and FOSC; a no-op when quiet."""
-    if not enabled:
-        yield lambda record: None
-        return
-    columns = (
-        TextColumn("[bold]{task.description}"),
-        BarColumn(bar_width=20),
-        TextColumn("{task.completed}/{task.total}"),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, transient=False) as bar:
-        task = bar.add_task(spec.name, total=spec.optim.epochs, info="")
-
-        def update(record: store.EpochRecord) -> None:
-            fosc_text = "-" if record.val_fosc is None else f"{record.val_fosc:.4f}"
-            info = (f"loss {record.train_loss:.3f}  clean {record.val_clean_acc:.3f}  "
-                    f"PGD-10 {record.val_pgd10_acc:.3f}  FOSC {fosc_text}")
-            bar.update(task, advance=1, info=info)
-
-        yield update
+__all__ = ["TrainingError", "train", "train_epoch", "validate"]
