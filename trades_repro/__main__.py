@@ -1,0 +1,5 @@
+"""`python -m trades_repro` is the `trades-repro` command."""
+
+from trades_repro.cli import app
+
+app()
