@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import os
 import pickle
 from pathlib import Path
 
@@ -26,18 +25,6 @@ from trades_repro.models import dataset_stats
 from trades_repro.spec import DataSpec, SyntheticSpec
 
 # ------------------------------------------------------------------------------------ helpers
-
-
-@pytest.fixture
-def debian_fashion_mnist() -> Path:
-    """The real files from `apt-get install dataset-fashion-mnist`; CI must have them."""
-    folder = data.DEBIAN_FASHION_MNIST
-    if all((folder / f"{stem}.gz").is_file() for stem in data.FASHION_MNIST_FILES):
-        return folder
-    message = f"{folder} missing: run `apt-get install dataset-fashion-mnist`"
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 def _rows(images: torch.Tensor, labels: torch.Tensor) -> list[tuple]:

@@ -90,3 +90,11 @@ def test_digits_stats_match_the_data():
     mean, std = dataset_stats("digits")
     assert pixels.mean().item() == pytest.approx(mean[0], abs=1e-3)
     assert pixels.std().item() == pytest.approx(std[0], abs=1e-3)
+
+
+def test_small_cnn_head_does_not_grow_with_image_size():
+    """Regression: a flattened 7x7 map (28x28 input) made TRADES diverge at LR 0.1."""
+    spec = ModelSpec(arch="small_cnn", width=8)
+    heads = {size: build_model(spec, in_channels=1, num_classes=10, image_size=size).fc
+             for size in (8, 28, 64)}
+    assert {head.in_features for head in heads.values()} == {2 * 8 * 4}

@@ -72,7 +72,7 @@ def test_spec_round_trips_through_its_json():
     assert ExperimentSpec.model_validate(json.loads(spec.model_dump_json())) == spec
 
 
-@pytest.mark.parametrize("name", ["digits.yaml", "cifar100_default.yaml"])
+@pytest.mark.parametrize("name", ["digits.yaml", "cifar100_default.yaml", "fashion_mnist.yaml"])
 def test_shipped_specs_load(name):
     spec = load_spec(SPEC_DIR / name)
     assert len(spec.digest()) == 16

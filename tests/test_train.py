@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -134,3 +135,20 @@ def test_digits_cli_run_learns_and_is_reproducible(tmp_path):
     assert metrics[0] == metrics[1]
     best = max(store.read_metrics(runs[0]), key=lambda r: r.val_pgd10_acc)
     assert best.val_clean_acc > 0.8 and best.val_pgd10_acc > 0.3  # far above 10% chance
+
+
+@pytest.mark.slow
+def test_fashion_mnist_spec_trains_on_the_real_files(tmp_path, debian_fashion_mnist):
+    """spec/fashion_mnist.yaml end to end on Debian's IDX files, shortened to three epochs."""
+    raw = yaml.safe_load((SPEC_DIR / "fashion_mnist.yaml").read_text())
+    raw["data"].update(train_subset=1000, val_size=300)
+    raw["optim"]["epochs"] = 3
+    spec_file = tmp_path / "fashion.yaml"
+    spec_file.write_text(yaml.safe_dump(raw))
+    result = CliRunner().invoke(
+        app, ["train", str(spec_file), "--runs-dir", str(tmp_path), "--quiet"]
+    )
+    assert result.exit_code == 0, result.output
+    records = store.read_metrics(tmp_path / load_spec(spec_file).digest())
+    assert records[-1].train_loss < records[0].train_loss
+    assert records[-1].val_clean_acc > 0.4  # 10 classes: chance is 0.1

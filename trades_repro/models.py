@@ -137,13 +137,13 @@ class SmallCNN(nn.Module):
         super().__init__()
         if image_size < self.min_size:
             raise ValueError(f"SmallCNN: image_size {image_size} < {self.min_size}")
-        side = -(-image_size // 4)  # each stride-2, padding-1 3x3 conv maps s -> ceil(s / 2)
         self.features = nn.Sequential(
             *_conv_bn(in_channels, width), nn.ReLU(),
             *_conv_bn(width, 2 * width, stride=2), nn.ReLU(),
             *_conv_bn(2 * width, 2 * width, stride=2), nn.ReLU(),
         )  # fmt: skip
-        self.fc = nn.Linear(2 * width * side * side, num_classes)
+        self.pool = nn.AdaptiveAvgPool2d(2)  # identity on the 2x2 map of 8x8 inputs
+        self.fc = nn.Linear(2 * width * 2 * 2, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc(self.features(x).flatten(1))
+        return self.fc(self.pool(self.features(x)).flatten(1))
