@@ -225,3 +225,6 @@ def environment(device: torch.device) -> dict[str, Any]:
         "cudnn_benchmark": torch.backends.cudnn.benchmark,
         "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
     }
+
+
+EVAL_FILE = "eval.json"  # evaluate.EvalFile: final evaluation of the run's checkpoints

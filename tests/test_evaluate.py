@@ -1,0 +1,187 @@
+"""The evaluation suite: verdict rules, AutoAttack's checks as flags, resume, `evaluate`."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import pytest
+import torch
+from _evalutil import trained_run
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from trades_repro import evaluate as ev
+from trades_repro import store
+from trades_repro.cli import app
+from trades_repro.diagnose import read_eval, run_checkpoints
+from trades_repro.spec import LandscapeSpec
+
+runner = CliRunner()
+
+
+def _attack(name: str, robust: str) -> ev.AttackResult:
+    hits = robust.count("1")
+    return ev.AttackResult(name=name, paper_column=ev.PAPER_COLUMNS[name],
+                           accuracy=hits / len(robust), n_robust=hits,
+                           n_examples=len(robust), robust=robust, seconds=0.0)
+
+
+def _pair(pgd_hits: int, other_hits: int, other: str = "square", n: int = 100):
+    return {"pgd10": _attack("pgd10", "1" * pgd_hits + "0" * (n - pgd_hits)),
+            other: _attack(other, "1" * other_hits + "0" * (n - other_hits))}
+
+
+@pytest.mark.parametrize(("pgd", "square", "flagged"), [(58, 50, True), (57, 50, False),
+                                                         (50, 60, False), (90, 10, True)])
+def test_primary_rule_flags_a_gap_of_eight_points_or_more(pgd, square, flagged):
+    verdict = ev.apply_rule(ev.PRIMARY_RULE, _pair(pgd, square))
+    assert verdict.rule == "pgd10_minus_square_v1" and verdict.version == 1
+    assert verdict.flagged is flagged
+    assert verdict.margin == pytest.approx((pgd - square) / 100)
+    assert (verdict.pgd10, verdict.other) == (pgd / 100, square / 100)
+
+
+def test_rules_live_in_one_table_and_name_their_attack():
+    assert [r.name for r in ev.VERDICT_RULES] == ["pgd10_minus_square_v1",
+                                                  "pgd10_minus_autoattack_v1"]
+    assert all(r.threshold == 0.08 and r.attack in ev.ALL_ATTACKS for r in ev.VERDICT_RULES)
+    missing = ev.apply_rule(ev.VERDICT_RULES[1], _pair(60, 50))  # no AutoAttack result
+    assert missing.flagged is None and missing.margin is None
+    assert ev.verdict_line(missing).startswith("no verdict")
+
+
+def test_verdict_line_says_what_happened():
+    flagged = ev.apply_rule(ev.PRIMARY_RULE, _pair(400, 258, n=1000))
+    assert ev.verdict_line(flagged) == ("robustness overestimated: PGD-10 exceeds Square by "
+                                        "14.2 points (rule pgd10_minus_square_v1)")
+    fine = ev.verdict_line(ev.apply_rule(ev.PRIMARY_RULE, _pair(50, 52)))
+    assert fine.startswith("no overestimation detected: PGD-10 is 2.0 points below Square")
+
+
+def test_autoattack_checks_become_flags_and_nothing_escapes(capsys):
+    logger = logging.getLogger(ev.AUTOATTACK_LOGGER)
+    with ev._autoattack_checks("square") as flags:
+        logger.warning("it seems to be a randomized defense! Please use version=\"rand\".")
+        warnings.warn(Warning("there are 3 points with zero gradient!"), stacklevel=1)
+        warnings.warn("something else", UserWarning, stacklevel=1)
+    assert [f.check for f in flags] == ["randomized", "zero_gradients", "other"]
+    assert {f.attack for f in flags} == {"square"}
+    assert logger.propagate and not logger.handlers
+    assert capsys.readouterr().err == ""
+
+
+class _Linear(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = torch.nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1) * 4)
+
+
+def _settings(**changes) -> ev.EvalSettings:
+    base = dict(dataset="synthetic", n_examples=12, eps=0.1, step_size=0.025, steps=10,
+                random_start=True, batch_size=5, seed=0, square_queries=50, device="cpu",
+                landscape=LandscapeSpec(radius=0.1, steps=3))
+    return ev.EvalSettings(**{**base, **changes})
+
+
+def _data():
+    gen = torch.Generator().manual_seed(0)
+    return torch.rand(12, 1, 4, 4, generator=gen), torch.randint(0, 10, (12,), generator=gen)
+
+
+def test_record_holds_every_number_and_its_settings():
+    x, y = _data()
+    record = ev.evaluate_model(_Linear(), x, y, _settings(), ev.ALL_ATTACKS,
+                               identity=("m.safetensors", "a" * 64, ["best_pgd10"]))
+    assert record.complete and set(record.attacks) == set(ev.ALL_ATTACKS)
+    assert record.requested == list(ev.ALL_ATTACKS)
+    assert {"n_examples", "batch_size", "seed", "device"} <= set(record.settings.model_dump())
+    assert all(len(r.robust) == 12 for r in record.attacks.values())
+    worst = min(r.accuracy for r in record.attacks.values())
+    assert record.worst_case_accuracy <= worst
+    assert record.attacks["square"].params["queries"] == 50
+    assert record.attacks["pgd10"].fosc_mean >= 0 and record.attacks["pgd10"].sgcs_mean <= 1
+    assert [v.rule for v in record.verdicts] == [r.name for r in ev.VERDICT_RULES]
+    assert record.landscape is not None and record.landscape.files == []
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_a_stopped_evaluation_resumes_without_redoing_finished_attacks(monkeypatch):
+    x, y = _data()
+    calls: list[str] = []
+    killed: list[str] = []
+    real = dict(ev.RUNNERS)
+
+    def spy(name):
+        def run(*args):
+            calls.append(name)
+            if name == "apgd-ce" and not killed:
+                killed.append(name)
+                raise _Killed  # the process dies during the third attack
+            return real[name](*args)
+        return run
+
+    monkeypatch.setattr(ev, "RUNNERS", {name: spy(name) for name in real})
+    saved: list[ev.CheckpointEval] = []
+    attacks = ("pgd10", "square", "apgd-ce")
+    ident = ("m", "b" * 64, [])
+    with pytest.raises(_Killed):
+        ev.evaluate_model(_Linear(), x, y, _settings(), attacks, identity=ident,
+                          save=lambda r: saved.append(r.model_copy(deep=True)))
+    partial = saved[-1]
+    assert set(partial.attacks) == {"pgd10", "square"} and not partial.complete
+    assert partial.verdicts[0].flagged is not None  # the primary verdict is already there
+    calls.clear()
+    done = ev.evaluate_model(_Linear(), x, y, _settings(), attacks, identity=ident,
+                             previous=partial)
+    assert calls == ["apgd-ce"] and done.complete
+    assert done.attacks["pgd10"] == partial.attacks["pgd10"]
+    calls.clear()
+    ev.evaluate_model(_Linear(), x, y, _settings(eps=0.2), attacks, identity=ident,
+                      previous=done)
+    assert calls == ["pgd10", "square", "apgd-ce"], "other settings: nothing may be reused"
+    calls.clear()
+    ev.evaluate_model(_Linear(), x, y, _settings(), attacks, identity=("m", "c" * 64, []),
+                      previous=done)
+    assert len(calls) == 3, "another checkpoint file: nothing may be reused"
+
+
+def test_run_checkpoints_follow_the_policy_index(tmp_path):
+    save_file({"w": torch.zeros(1)}, tmp_path / store.BEST_FILE)
+    assert run_checkpoints(tmp_path) == [(store.BEST_FILE, ["best_pgd10"])]
+    save_file({"w": torch.ones(1)}, tmp_path / store.BEST_FOSC_OK_FILE)
+    assert [f for f, _ in run_checkpoints(tmp_path)] == [store.BEST_FILE, store.BEST_FOSC_OK_FILE]
+    same = {"best_pgd10": {"epoch": 3, "file": store.BEST_FILE},
+            "best_pgd10_fosc_ok": {"epoch": 3, "file": store.BEST_FILE}}
+    store.atomic_write_json(tmp_path / store.CHECKPOINTS_FILE, same)
+    assert run_checkpoints(tmp_path) == [(store.BEST_FILE, ["best_pgd10", "best_pgd10_fosc_ok"])]
+
+
+@pytest.mark.slow
+def test_evaluate_cli_writes_a_valid_resumable_eval_json(tmp_path_factory):
+    run = trained_run(tmp_path_factory.getbasetemp())
+    args = ["evaluate", str(run), "--attacks", "square-only", "--n-examples", "40", "--quiet"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    evals = read_eval(run / store.EVAL_FILE)
+    record = evals.checkpoints[store.BEST_FILE]
+    assert record.complete and record.policies[0] == "best_pgd10"
+    assert record.settings.n_examples == 40 and record.settings.device == "cpu"
+    assert record.sha256 == __import__("hashlib").sha256(
+        (run / store.BEST_FILE).read_bytes()).hexdigest()
+    assert {"torch", "git_sha", "pyautoattack", "device"} <= set(evals.provenance)
+    for name in record.landscape.files:
+        assert (run / name).stat().st_size > 0
+    assert "pgd10_minus_square_v1" in result.stdout
+    again = runner.invoke(app, args + ["--attacks", "apgd-ce"])
+    assert again.exit_code == 0, again.output
+    resumed = read_eval(run / store.EVAL_FILE).checkpoints[store.BEST_FILE]
+    assert resumed.attacks["square"] == record.attacks["square"]
+    assert set(resumed.attacks) == {"pgd10", "square", "apgd-ce"}
