@@ -50,13 +50,14 @@ class DiagnoseDefault:
     attacks: tuple[str, ...]
 
 
-# What `diagnose` runs when not told; timings on 2 CPU cores are in the evaluation issue's note.
+# What `diagnose` runs when not told (timings: 1 thread on a shared 2-core VM, measured).
 DIAGNOSE_DEFAULTS = {
-    # 100 of the 297 test digits: the full table in well under 3 minutes on 2 cores
+    # 100 of the 297 test digits: the full table in ~1.5-2 min (spec/digits.yaml's model)
     "digits": DiagnoseDefault(100, ALL_ATTACKS),
     "synthetic": DiagnoseDefault(100, ALL_ATTACKS),
-    # 28x28: APGD-T/FAB-T (9 target classes x 100 iterations each) take ~10x Square's time on
-    # CPU, so the default is the verdict's two attacks; ask for `--attacks all` for Table 1.
+    # 28x28 on CPU: Square alone took 2.5 min (width 16, 34% robust) to 8 min (width 32, 50%
+    # robust) per 500 images, and the other four attacks cost ~3x Square on digits; so the
+    # default is the verdict's two attacks. `--attacks all` gives Table 1's columns.
     "fashion_mnist": DiagnoseDefault(500, ATTACK_PRESETS["square-only"]),
     "cifar10": DiagnoseDefault(1000, ALL_ATTACKS),  # GPU territory
     "cifar100": DiagnoseDefault(1000, ALL_ATTACKS),
