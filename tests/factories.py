@@ -1,4 +1,4 @@
-"""Spec builders shared by the engine tests (importable: pytest puts tests/ on sys.path)."""
+"""Spec builders and CLI assertions shared by tests (importable: pytest puts tests/ on sys.path)."""
 
 from __future__ import annotations
 
@@ -25,3 +25,13 @@ def digits(**extra) -> dict:
     return _merge(_merge(DIGITS, small), extra)
 
 
+
+
+def assert_one_line_error(result, *needles: str) -> None:
+    """A CLI result that exited 2 with exactly one stderr line containing every needle."""
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]

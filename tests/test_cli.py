@@ -6,21 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
+from factories import assert_one_line_error
 from typer.testing import CliRunner
 
 from trades_repro.cli import app
 
 SPEC_DIR = Path(__file__).resolve().parents[1] / "spec"
 runner = CliRunner()
-
-
-def _assert_one_line_error(result, *needles: str) -> None:
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def test_spec_schema_is_json_with_the_spec_sections():
@@ -60,12 +52,12 @@ def test_bad_spec_exits_2_naming_file_and_field(tmp_path, text, needle, command)
     args = ["train", str(path), "--runs-dir", str(tmp_path)] if command == "train" else [
         "spec", "show", str(path)
     ]
-    _assert_one_line_error(runner.invoke(app, args), "bad.yaml", needle)
+    assert_one_line_error(runner.invoke(app, args), "bad.yaml", needle)
 
 
 def test_missing_spec_file(tmp_path):
     result = runner.invoke(app, ["train", str(tmp_path / "absent.yaml")])
-    _assert_one_line_error(result, "absent.yaml", "not found")
+    assert_one_line_error(result, "absent.yaml", "not found")
 
 
 @pytest.mark.parametrize("dataset", ["cifar10", "cifar100", "tinyimagenet"])
@@ -75,5 +67,5 @@ def test_dataset_root_without_files(tmp_path, dataset):
     empty.mkdir()
     path.write_text(f"data: {{dataset: {dataset}, root: {empty}}}\ndevice: cpu\n")
     result = runner.invoke(app, ["train", str(path), "--runs-dir", str(tmp_path / "runs")])
-    _assert_one_line_error(result, "data.root", str(empty))
+    assert_one_line_error(result, "data.root", str(empty))
     assert not (tmp_path / "runs").exists()  # nothing written for a run that never started

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from _evalutil import Quantized, trained_run
+from factories import assert_one_line_error
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
@@ -31,15 +32,6 @@ FAST = ["--attacks", "square-only", "--square-queries", "300", "--n-examples", "
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     return trained_run(tmp_path_factory.getbasetemp()) / store.BEST_FILE
-
-
-def _one_line_error(result, *needles: str) -> None:
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def _diagnose(path, *extra: str):
@@ -115,18 +107,18 @@ def test_attack_and_eps_parsing():
 def test_bad_input_exits_2_with_one_line(tmp_path, checkpoint):
     text = tmp_path / "notes.txt"
     text.write_text("hello")
-    _one_line_error(_diagnose(text, "--model", "small_cnn"), "not a checkpoint")
-    _one_line_error(_diagnose(checkpoint, "--model", "small_cnn", "--width", "32"),
+    assert_one_line_error(_diagnose(text, "--model", "small_cnn"), "not a checkpoint")
+    assert_one_line_error(_diagnose(checkpoint, "--model", "small_cnn", "--width", "32"),
                     "does not match architecture small_cnn")
-    _one_line_error(_diagnose(checkpoint, "--model", "small_cnn", "--attacks", "pgd20"),
+    assert_one_line_error(_diagnose(checkpoint, "--model", "small_cnn", "--attacks", "pgd20"),
                     "unknown attack 'pgd20'")
-    _one_line_error(_diagnose(checkpoint, "--model", "small_cnn", "--eps", "2"),
+    assert_one_line_error(_diagnose(checkpoint, "--model", "small_cnn", "--eps", "2"),
                     "--eps 2", "out of range")
-    _one_line_error(_diagnose(checkpoint, "--model", "small_cnn", "--width", "16",
+    assert_one_line_error(_diagnose(checkpoint, "--model", "small_cnn", "--width", "16",
                               "--n-examples", "1000"), "--n-examples 1000", "297")
-    _one_line_error(_diagnose(checkpoint), "--model ARCH or --factory")
-    _one_line_error(_diagnose(checkpoint, "--model", "vgg16"), "model.arch")
-    _one_line_error(runner.invoke(app, ["evaluate", str(tmp_path)]), "not a run folder")
+    assert_one_line_error(_diagnose(checkpoint), "--model ARCH or --factory")
+    assert_one_line_error(_diagnose(checkpoint, "--model", "vgg16"), "model.arch")
+    assert_one_line_error(runner.invoke(app, ["evaluate", str(tmp_path)]), "not a run folder")
 
 
 @pytest.mark.slow
