@@ -125,8 +125,8 @@ def tpgd(
     ``kl_div(log_softmax(f(x')), softmax(f(x)), reduction="sum")``: the clean distribution
     is the *first* argument of KL, as in Eq. 1 and official TRADES.
 
-    Differences from official TRADES ``trades.py``, none of which changes an iterate after
-    the first step for inputs in [0, 1]:
+    Differences from official TRADES ``trades.py`` (``performance.fidelity`` in the engine
+    reproduces the official loop exactly):
 
     * the clean probabilities ``softmax(f(x))`` are computed once, under ``no_grad``;
       the official loop recomputes them at every step, which in eval mode gives the same
@@ -134,6 +134,10 @@ def tpgd(
     * the start point is projected onto the box ∩ [0, 1]; the official code takes its
       first gradient at the unprojected ``x + σ·N(0, I)`` (which can leave [0, 1] at
       saturated pixels), so with this choice every iterate, x^0 included, is a valid image.
+      This does change the attack where pixels sit at 0 or 1: the first gradient is taken
+      at another point, and the iterates can then differ by up to 2ε (measured on digits,
+      whose many zero pixels make it visible; benchmarks/bench_train_paths.py). Away from
+      the image edges the two agree exactly.
 
     Args:
         model: classifier mapping ``[B, ...]`` inputs to ``[B, K]`` logits.
