@@ -42,13 +42,15 @@ def _fail(message: str, code: int) -> typer.Exit:
 
 def _user_errors(func: F) -> F:
     """Known errors become one line on stderr and a documented exit code."""
+    from trades_repro.checkpoints import CheckpointError
+    from trades_repro.evaluate import EvaluationError
     from trades_repro.train import TrainingError
 
     @wraps(func)
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
-        except (SpecError, DataError) as err:
+        except (SpecError, DataError, CheckpointError, EvaluationError) as err:
             raise _fail(str(err), EXIT_BAD_INPUT) from None
         except TrainingError as err:
             raise _fail(str(err), EXIT_FAILED) from None
@@ -107,22 +109,6 @@ AttacksOption = Annotated[list[str] | None, typer.Option(
     "square, autoattack, or the presets all / square-only.")]
 
 
-def _eval_errors(func: F) -> F:
-    """Bad checkpoints and impossible evaluations: one line on stderr, exit 2."""
-
-    @wraps(func)
-    def wrapper(*args, **kwargs):
-        from trades_repro.checkpoints import CheckpointError
-        from trades_repro.evaluate import EvaluationError
-
-        try:
-            return func(*args, **kwargs)
-        except (CheckpointError, EvaluationError) as err:
-            raise _fail(str(err), EXIT_BAD_INPUT) from None
-
-    return wrapper  # type: ignore[return-value]
-
-
 ThreadsOption = Annotated[int | None, typer.Option(
     help="CPU threads for torch [default: 1 on CPU].")]
 
@@ -161,7 +147,6 @@ def _print_record(console: Console, title: str, record) -> None:
 
 @app.command()
 @_user_errors
-@_eval_errors
 def evaluate(
     run_dir: Annotated[Path, typer.Argument(help="A run folder (runs/<digest>/).")],
     attacks: AttacksOption = None,
@@ -184,7 +169,6 @@ def evaluate(
 
 @app.command()
 @_user_errors
-@_eval_errors
 def diagnose(
     checkpoint: Annotated[Path, typer.Argument(help="safetensors or torch state dict.")],
     dataset: Annotated[str, typer.Option(help="digits, fashion_mnist, cifar10, ...")],
