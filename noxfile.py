@@ -27,3 +27,17 @@ def fast(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     session.install("ruff>=0.5")
     session.run("ruff", "check", "trades_repro", "tests", "noxfile.py", "benchmarks")
+
+
+BENCHMARKS = ("bench_train_paths.py", "bench_monitor.py", "bench_autoattack.py")
+
+
+@nox.session(python=False)
+def bench(session: nox.Session) -> None:
+    """Every benchmark: ratio tables printed, JSON records under benchmarks/results/.
+
+    `nox -s bench -- --quick` is the CPU smoke run (< 5 minutes); other arguments are
+    passed to every script (e.g. `--threads 2`).
+    """
+    for script in BENCHMARKS:
+        session.run("python", f"benchmarks/{script}", *session.posargs)

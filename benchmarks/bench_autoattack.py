@@ -1,32 +1,35 @@
-"""Standard-AutoAttack throughput (images/s) against batch size on the CPU, in one process.
+"""AutoAttack throughput (images/s) against batch size: standard cascade and Square alone.
+
+    python benchmarks/bench_autoattack.py [--quick] [--n 64] [--batch-sizes 8,16,32,64]
+        [--threads 1] [--device cpu|cuda]
 
 The workload must stay robust, or the cascade stops after APGD-CE and measures nothing: a
-small TRADES model is trained on digits first (~20 s), then pyautoattack's ``standard``
-cascade (APGD-CE, APGD-T, FAB-T, Square at 5,000 queries) runs on the same test images at
-each batch size, through the evaluation suite's own runner. Ratios are against the
-evaluation default (`EvalSpec.batch_size`, 500), which covers all images in one batch here.
-
-    python benchmarks/bench_autoattack.py [--n 64] [--batch-sizes 8,16,32,500] [--threads 1]
+small TRADES model is trained on digits first (~20 s on a CPU), then pyautoattack's
+``standard`` cascade (APGD-CE, APGD-T, FAB-T, Square at 5,000 queries) and Square alone (the
+masking verdict's second attack) run on the same test images at each batch size, called the
+way `trades_repro.evaluate` calls them (`device=` and `eps=` explicit). Ratios are against
+AutoAttack's own default batch (250 in `run_standard_evaluation`).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from common import header, provenance, write_record
+from rich.console import Console
+from rich.table import Table
 
 from trades_repro.checkpoints import build_arch, load_state_dict, load_weights
 from trades_repro.data import load_splits, to_float
-from trades_repro.evaluate import RUNNERS, EvalSettings
-from trades_repro.spec import DataSpec, EvalSpec, LandscapeSpec, parse_spec
+from trades_repro.spec import DataSpec, parse_spec
 from trades_repro.train import train
 
 EPS = 0.1
+AA_DEFAULT_BATCH = 250  # pyautoattack's run_standard_evaluation default
 SPEC = {  # the controls' base model (tests/_evalutil.py): robust enough to keep AA busy
     "name": "bench_autoattack", "seed": 0, "device": "cpu",
     "data": {"dataset": "digits", "validation": "test", "crop_padding": 1},
@@ -37,45 +40,71 @@ SPEC = {  # the controls' base model (tests/_evalutil.py): robust enough to keep
 }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=64, help="test digits to attack")
-    parser.add_argument("--batch-sizes", default="8,16,32,500")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    default = EvalSpec().batch_size
-    sizes = sorted({int(b) for b in args.batch_sizes.split(",")} | {default})
-    net, x, y = _workload(args.n)
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"load average {os.getloadavg()[0]:.2f} at start")
-    print(f"# standard AutoAttack, L-inf eps {EPS}, {args.n} digits, default batch {default}")
-    rates = {size: _throughput(net, x, y, size) for size in sizes}
-    print(f"{'batch':>6} {'images/s':>9} {'ratio':>6} {'AA acc':>7} {'seconds':>8}")
-    for size, (rate, acc, seconds) in rates.items():
-        print(f"{size:>6} {rate:>9.3f} {rate / rates[default][0]:>6.2f} {acc:>7.3f} "
-              f"{seconds:>8.1f}")
-
-
-def _workload(n: int):
+def workload(n: int, epochs: int):
+    raw = {**SPEC, "optim": {**SPEC["optim"], "epochs": epochs}}
     with tempfile.TemporaryDirectory() as runs:
-        run = train(parse_spec(SPEC), Path(runs), progress=False).run_dir
+        run = train(parse_spec(raw), Path(runs), progress=False).run_dir
         tensors = load_state_dict(run / "best.safetensors")
-    net = build_arch(parse_spec(SPEC).model, "digits", (1, 8, 8), 10)
-    net = load_weights(net, tensors, run / "best.safetensors", "small_cnn")
+    net = build_arch(parse_spec(raw).model, "digits", (1, 8, 8), 10)
+    net = load_weights(net, tensors, run / "best.safetensors", "small_cnn").eval()
     test = load_splits(DataSpec(dataset="digits", validation="test"), 0).test
     return net, to_float(test.images[:n]), test.labels[:n]
 
 
-def _throughput(net, x, y, batch_size: int) -> tuple[float, float, float]:
-    settings = EvalSettings(dataset="digits", n_examples=len(y), eps=EPS, step_size=EPS / 4,
-                            steps=10, random_start=True, batch_size=batch_size, seed=0,
-                            square_queries=5000, device="cpu", landscape=LandscapeSpec())
+def throughput(net, x, y, batch_size: int, attack: str, device: str) -> dict[str, float]:
+    from pyautoattack import AutoAttack
+
+    adversary = AutoAttack(net, device=device, eps=EPS, seed=0, version="standard")
+    adversary.verbose = False
+    if attack == "square":
+        adversary.attacks_to_run = ["square"]
     started = time.perf_counter()
-    result = RUNNERS["autoattack"](net, x, y, settings)
+    _, y_adv = adversary.run_standard_evaluation(x, y, batch_size=batch_size)
     seconds = time.perf_counter() - started
-    return len(y) / seconds, result.accuracy, seconds
+    robust = (y_adv.cpu() == y.cpu()).float().mean().item()
+    return {"images_per_s": len(y) / seconds, "seconds": seconds, "robust_acc": robust}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="16 digits, 3 batch sizes")
+    parser.add_argument("--n", type=int, default=64, help="test digits to attack")
+    parser.add_argument("--batch-sizes", default="8,16,32,64")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out-dir", type=Path, default=None)
+    args = parser.parse_args(argv)
+    n, epochs, sizes = args.n, 10, {int(b) for b in args.batch_sizes.split(",")}
+    if args.quick:
+        n, epochs, sizes = 16, 5, {4, 16}
+    sizes = sorted(sizes | {AA_DEFAULT_BATCH})
+    torch.set_num_threads(args.threads)
+    console = Console(width=110)
+    record = provenance(torch.device(args.device), {"threads": args.threads, "n": n,
+                                                    "eps": EPS, "train_epochs": epochs})
+    header(console, record)
+    net, x, y = workload(n, epochs)
+    figures: dict[str, dict[int, dict]] = {}
+    for attack in ("standard", "square"):
+        figures[attack] = {b: throughput(net, x, y, b, attack, args.device) for b in sizes}
+        _table(console, attack, figures[attack], n)
+    record["figures"] = {a: {str(b): f for b, f in v.items()} for a, v in figures.items()}
+    best = max(figures["standard"], key=lambda b: figures["standard"][b]["images_per_s"])
+    record["fastest_standard_batch"] = best
+    path = write_record("autoattack", record, **({"out_dir": args.out_dir} if args.out_dir
+                                                  else {}))
+    console.print(f"fastest standard batch here: {best}; record: {path}")
+    return record
+
+
+def _table(console: Console, attack: str, rows: dict[int, dict], n: int) -> None:
+    base = rows[AA_DEFAULT_BATCH]["images_per_s"]
+    table = Table("batch", "images/s", f"ratio vs {AA_DEFAULT_BATCH}", "robust acc", "seconds")
+    for size, f in rows.items():
+        table.add_row(str(size), f"{f['images_per_s']:.2f}", f"{f['images_per_s'] / base:.2f}",
+                      f"{f['robust_acc']:.3f}", f"{f['seconds']:.1f}")
+    console.print(f"\n[bold]{attack}[/bold] AutoAttack, L-inf eps {EPS}, {n} digits")
+    console.print(table)
 
 
 if __name__ == "__main__":

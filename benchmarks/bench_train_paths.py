@@ -1,35 +1,32 @@
-"""Throughput of one TRADES training step: our default path, our fidelity path, official TRADES.
+"""Throughput of one TRADES training step: the exact path, its fast knobs, official TRADES.
 
-    python benchmarks/bench_train_paths.py [--threads N] [--steps N] [--resnet-steps N]
-        [--rounds N] [--warmup N] [--resnet-warmup N] [--out FILE]
+    python benchmarks/bench_train_paths.py [--quick] [--threads N] [--steps N]
+        [--resnet-steps N] [--resnet-batch N] [--rounds N] [--knobs bf16,channels_last,compile]
 
-Three paths train copies of one seeded model (same initial weights, same SGD settings, same
-pre-drawn batches, same TPGD-10) in this one process:
+Paths train copies of one seeded model (same initial weights, SGD settings, pre-drawn
+batches and TPGD-10) in this one process:
 
-* ``default``: `train_step` with the spec's default `performance` (see `trades_repro.steps`);
-* ``fidelity``: `train_step` with `performance.fidelity: true` (official TRADES pass for pass);
-* ``official``: `official_step` below, a rewrite of official TRADES' `trades_loss`
-  (yaodongyu/TRADES, `trades.py`, the `l_inf` branch) followed by the official training loop's
-  `loss.backward(); optimizer.step()`. It is the baseline: every ratio is a path's images/s
-  over official's images/s in the same round.
+* ``official``, the baseline: `official_step` below, a rewrite of official TRADES'
+  `trades_loss` (yaodongyu/TRADES, `trades.py`, the `l_inf` branch) and its training loop's
+  `loss.backward(); optimizer.step()`;
+* ``exact``: `train_step` with the spec's default `performance` (official TRADES' results
+  with fewer passes, see `trades_repro.steps`) and the engine's optimiser;
+* each knob (``bf16``, ``channels_last``, ``compile``): the exact path with that
+  `performance` field switched on.
 
-After warm-up steps, each of `--rounds` rounds runs every path over the same batches, the paths
-taking turns step by step (order rotated), each step timed with `time.perf_counter`; the table
-shows medians over rounds. Before timing, one step from identical weights, batch and RNG stream
-checks that the three paths compute the same loss, and that fidelity's and official's TPGD
-return the same x_adv.
+After warm-up, each of `--rounds` rounds runs every path over the same batches, the paths
+taking turns step by step (order rotated), each step timed with `time.perf_counter` (the
+loss is read every step, so no lazy work is left). Tables show medians over rounds of
+images/s over official's images/s (and, for knobs, over exact's). Before timing, one step
+from identical weights, batch and RNG stream checks that exact's x_adv is official's bit
+for bit and the losses agree. A JSON record goes to `benchmarks/results/`.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import datetime
-import platform
-import shlex
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,18 +34,21 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import ROOT, header, provenance, summary, write_record
 from rich.console import Console
 from rich.table import Table
 from torch import Tensor, nn
 
-from trades_repro.attacks import tpgd
 from trades_repro.data import batches, load_splits
+from trades_repro.engine import build_optimizer
 from trades_repro.models import build_model
 from trades_repro.spec import ExperimentSpec, load_spec, parse_spec
-from trades_repro.steps import official_tpgd, train_step
+from trades_repro.steps import inner_max, train_step
 
-ROOT = Path(__file__).resolve().parents[1]
-BASELINE = "official"
+BASELINE, EXACT = "official", "exact"
+KNOBS = {"bf16": {"precision": "bf16"}, "channels_last": {"channels_last": True},
+         "compile": {"compile": True}}
+KNOB_DEFAULT = "bf16,channels_last"  # --quick: channels_last only (bf16 is slow on CPUs)
 Batch = tuple[Tensor, Tensor]
 StepFn = Callable[[nn.Module, torch.optim.Optimizer, Tensor, Tensor, torch.Generator], float]
 
@@ -61,7 +61,7 @@ def official_perturb(model: nn.Module, x_natural: Tensor, *, step_size: float, e
     """The `l_inf` inner loop of official `trades_loss`: eval mode, clean forward every step.
 
     One change: the 0.001·N(0, I) start is drawn from `generator` (official: the global CUDA
-    RNG), so that this loop and `official_tpgd` can be fed the same random stream.
+    RNG), so that this loop and `train_step` can be fed the same random stream.
     """
     model.eval()  # official: BN uses running statistics during the attack
     sum_kl = nn.KLDivLoss(reduction="sum")  # official: size_average=False, i.e. a sum
@@ -119,24 +119,37 @@ def official_step(spec: ExperimentSpec) -> StepFn:
 
 
 def ours_step(spec: ExperimentSpec) -> StepFn:
+    channels_last = spec.performance.channels_last
+
     def step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor,
              generator: torch.Generator) -> float:
-        return train_step(model, optimizer, x, y, spec, generator).loss
+        if channels_last:  # as `Session.prepare` does
+            x = x.contiguous(memory_format=torch.channels_last)
+        return float(train_step(model, optimizer, x, y, spec, generator).loss)
 
     return step
 
 
-def with_fidelity(spec: ExperimentSpec) -> ExperimentSpec:
+def with_performance(spec: ExperimentSpec, fields: dict) -> ExperimentSpec:
     raw = spec.model_dump(mode="json")
-    raw["performance"]["fidelity"] = True
-    return parse_spec(raw, source=f"{spec.name} + fidelity")
+    raw["performance"].update(fields)
+    return parse_spec(raw, source=f"{spec.name} + {fields}")
 
 
-def paths(spec: ExperimentSpec) -> dict[str, StepFn]:
-    if spec.performance.fidelity:
-        raise ValueError("paths: the base spec must use the default performance")
-    return {"default": ours_step(spec), "fidelity": ours_step(with_fidelity(spec)),
-            BASELINE: official_step(spec)}
+@dataclass(frozen=True)
+class Variant:
+    step: StepFn
+    spec: ExperimentSpec
+    official: bool = False
+
+
+def paths(spec: ExperimentSpec, knobs: list[str]) -> dict[str, Variant]:
+    out = {BASELINE: Variant(official_step(spec), spec, official=True),
+           EXACT: Variant(ours_step(spec), spec)}
+    for knob in knobs:
+        knob_spec = with_performance(spec, KNOBS[knob])
+        out[knob] = Variant(ours_step(knob_spec), knob_spec)
+    return out
 
 
 # ------------------------------------------------------------------------------ workloads
@@ -192,67 +205,69 @@ def optimizer_for(model: nn.Module, spec: ExperimentSpec) -> torch.optim.Optimiz
 
 
 @dataclass(frozen=True)
-class XAdvCheck:
-    fidelity_equal: bool  # fidelity's TPGD == official's, bit for bit
-    default_max_diff: float  # max |default TPGD - official TPGD|
-    start_outside: int  # pixels where x + 0.001·N(0, I) leaves [0, 1] (default projects them)
-    pixels: int
-
-
-@dataclass(frozen=True)
 class Result:
     workload: Workload
     first_loss: dict[str, float]  # one step from identical weights, batch and RNG seed
-    x_adv: XAdvCheck
+    x_adv_equal: bool  # exact's TPGD == official's, bit for bit, from one RNG stream
     ips: dict[str, list[float]]  # images/s per round
     ratio: dict[str, list[float]]  # images/s over official's, per round
+    vs_exact: dict[str, list[float]]  # images/s over exact's, per round
 
 
-def first_step_losses(w: Workload, model: nn.Module) -> dict[str, float]:
+def prepared(w: Workload, model: nn.Module, path: Variant) -> tuple:
+    """A path's own model copy, optimiser (the engine's for ours) and generator."""
+    net = copy.deepcopy(model)
+    if path.spec.performance.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    optimizer = (optimizer_for(net, w.spec) if path.official
+                 else build_optimizer(net, w.spec.optim, torch.device("cpu")))
+    module = torch.compile(net) if path.spec.performance.compile else net
+    return module, optimizer, _seeded(w)
+
+
+def first_step_losses(w: Workload, model: nn.Module, steps: dict[str, Variant]) -> dict:
     x, y = w.batches[0]
-    losses = {}
-    for name, step in paths(w.spec).items():
-        net = copy.deepcopy(model)
-        losses[name] = step(net, optimizer_for(net, w.spec), x, y, _seeded(w))
-    return losses
+    return {name: path.step(*_args(prepared(w, model, path), x, y))
+            for name, path in steps.items()}
 
 
-def x_adv_check(w: Workload, model: nn.Module) -> XAdvCheck:
-    """TPGD of the three paths from one model, batch and RNG seed, compared with official's."""
-    a, x = w.spec.method.attack, w.batches[0][0]
-    budget = {"eps": a.eps, "step_size": a.step_size, "steps": a.steps, "init_std": a.init_std}
-    runs = {}
-    for name, attack in (("default", tpgd), ("fidelity", official_tpgd)):
-        runs[name] = attack(copy.deepcopy(model), x, generator=_seeded(w), **budget)
+def _args(run: tuple, x: Tensor, y: Tensor) -> tuple:
+    module, optimizer, generator = run
+    return module, optimizer, x, y, generator
+
+
+def x_adv_equal(w: Workload, model: nn.Module) -> bool:
+    """The exact path's inner max and official's TPGD from one model, batch and seed."""
+    a, (x, y) = w.spec.method.attack, w.batches[0]
+    ours = inner_max(copy.deepcopy(model), x, y, w.spec, _seeded(w))
     official = official_perturb(copy.deepcopy(model), x, step_size=a.step_size, epsilon=a.eps,
                                 perturb_steps=a.steps, generator=_seeded(w))
-    start = x + a.init_std * torch.randn(x.shape, generator=_seeded(w))
-    return XAdvCheck(torch.equal(runs["fidelity"], official),
-                     (runs["default"] - official).abs().max().item(),
-                     int(((start < 0) | (start > 1)).sum()), x.numel())
+    return torch.equal(ours, official)
 
 
 def _seeded(w: Workload) -> torch.Generator:
     return torch.Generator().manual_seed(w.spec.seed)
 
 
-def benchmark(w: Workload, *, rounds: int, warmup: int) -> Result:
+def benchmark(w: Workload, *, rounds: int, warmup: int, knobs: list[str]) -> Result:
     """Correctness check, `warmup` steps per path, then `rounds` timed passes over w.batches.
 
     Within a round the paths take turns batch by batch; each keeps its own model, optimiser and
     generator throughout, so each trains exactly as it would alone.
     """
     model = initial_model(w)
-    first = first_step_losses(w, model)
-    check = x_adv_check(w, model)
-    steps, runs = paths(w.spec), {}
-    for name in steps:
-        net = copy.deepcopy(model)
-        runs[name] = (net, optimizer_for(net, w.spec), _seeded(w))
-        _timed(steps[name], *runs[name], w.batches[:warmup])
-    ips = _rounds(steps, runs, w.batches, rounds)
-    ratio = {n: [a / b for a, b in zip(v, ips[BASELINE], strict=True)] for n, v in ips.items()}
-    return Result(w, first, check, ips, ratio)
+    steps = paths(w.spec, knobs)
+    first = first_step_losses(w, model, steps)
+    equal = x_adv_equal(w, model)
+    runs = {name: prepared(w, model, path) for name, path in steps.items()}
+    for name, path in steps.items():
+        _timed(path.step, *runs[name], w.batches[:warmup])
+    ips = _rounds({n: p.step for n, p in steps.items()}, runs, w.batches, rounds)
+    return Result(w, first, equal, ips, _over(ips, BASELINE), _over(ips, EXACT))
+
+
+def _over(ips: dict[str, list[float]], base: str) -> dict[str, list[float]]:
+    return {n: [a / b for a, b in zip(v, ips[base], strict=True)] for n, v in ips.items()}
 
 
 def _rounds(steps: dict[str, StepFn], runs: dict[str, tuple], drawn: list[Batch],
@@ -283,91 +298,76 @@ def _timed(step: StepFn, model: nn.Module, optimizer: torch.optim.Optimizer,
 # ------------------------------------------------------------------------------- reporting
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def git_state() -> str:
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
-                              check=False).stdout.strip()
-
-    sha = git("rev-parse", "--short", "HEAD") or "unknown"
-    return f"{sha}{' (dirty)' if git('status', '--porcelain') else ''}"
-
-
-def load_average() -> str:
-    path = Path("/proc/loadavg")  # other processes on the cores distort every number here
-    return " ".join(path.read_text().split()[:3]) if path.exists() else "n/a"
-
-
-def header(console: Console, args: argparse.Namespace) -> None:
-    console.print(f"command: python {shlex.join(sys.argv)}")
-    console.print(f"date: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}")
-    console.print(f"device: CPU {cpu_name()} ({torch.get_num_threads()} torch threads; "
-                  f"--threads {args.threads}); load average at start: {load_average()}")
-    console.print(f"torch {torch.__version__}, python {platform.python_version()}, "
-                  f"git {git_state()}")
-
-
-def report(console: Console, res: Result) -> None:
+def report(console: Console, res: Result) -> dict:
+    """Print the workload's table; return its figures for the JSON record."""
     w, a = res.workload, res.workload.spec.method.attack
     x, _ = w.batches[0]
     console.print(f"\n[bold]{w.name}[/bold]: {w.spec.model.arch}, batch {len(x)} x "
                   f"{'x'.join(map(str, w.shape))}, TPGD-{a.steps}, {len(w.batches)} steps "
                   f"x {len(res.ips[BASELINE])} rounds per path")
-    table = Table("path", "first-step loss", "|Δ| vs official", "images/s", "ms/step",
-                  "ratio vs official", "ratio range")
+    table = Table("path", "first-step loss", "|Δ| vs official", "images/s",
+                  "ratio vs official", "range", "ratio vs exact")
     for name, ips in res.ips.items():
-        loss, median = res.first_loss[name], statistics.median(ips)
+        loss, r = res.first_loss[name], summary(res.ratio[name])
         table.add_row(name, f"{loss:.7f}", f"{abs(loss - res.first_loss[BASELINE]):.1e}",
-                      f"{median:.1f}", f"{1000 * len(x) / median:.0f}",
-                      f"{statistics.median(res.ratio[name]):.2f}",
-                      f"{min(res.ratio[name]):.2f}–{max(res.ratio[name]):.2f}")
+                      f"{statistics.median(ips):.1f}", f"{r['median']:.2f}",
+                      f"{r['min']:.2f}–{r['max']:.2f}",
+                      f"{statistics.median(res.vs_exact[name]):.2f}")
     console.print(table)
-    c = res.x_adv
-    console.print(f"first step, same RNG stream: fidelity x_adv == official x_adv: "
-                  f"{c.fidelity_equal}; default x_adv max |Δ| vs official: "
-                  f"{c.default_max_diff:.1e} ({c.start_outside} of {c.pixels} start pixels "
-                  "outside [0, 1], which default projects and official does not)")
+    console.print(f"first step, same RNG stream: exact x_adv == official x_adv (bit for "
+                  f"bit): {res.x_adv_equal}")
+    return {"name": w.name, "arch": w.spec.model.arch, "batch": len(x), "shape": w.shape,
+            "tpgd_steps": a.steps, "steps_per_round": len(w.batches),
+            "rounds": len(res.ips[BASELINE]), "x_adv_equal": res.x_adv_equal,
+            "first_step_loss": res.first_loss,
+            "images_per_s": {n: summary(v) for n, v in res.ips.items()},
+            "ratio_vs_official": {n: summary(v) for n, v in res.ratio.items()},
+            "ratio_vs_exact": {n: summary(v) for n, v in res.vs_exact.items()}}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--quick", action="store_true", help="CPU smoke sizes (~1 minute)")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per round, digits")
     parser.add_argument("--resnet-steps", type=int, default=1,
                         help="timed steps per round, ResNet-18")
+    parser.add_argument("--resnet-batch", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds (median reported)")
     # The first-step check has already run every path once on the same shapes; ResNet-18
-    # steps take seconds, so by default only the digits workload adds warm-up steps.
+    # steps take seconds, so only the digits workload adds warm-up steps.
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per path, digits")
-    parser.add_argument("--resnet-warmup", type=int, default=0,
-                        help="untimed steps per path, ResNet-18")
-    parser.add_argument("--out", type=Path, help="also write the printed text to this file")
-    return parser.parse_args(argv)
+    parser.add_argument("--knobs", default=KNOB_DEFAULT,
+                        help=f"comma-separated, of {sorted(KNOBS)} ('' for none)")
+    parser.add_argument("--out-dir", type=Path, default=None, help="JSON record folder")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.steps, args.rounds, args.resnet_batch, args.warmup = 6, 2, 4, 1
+        args.knobs = "channels_last" if args.knobs == KNOB_DEFAULT else args.knobs
+    args.knobs = [k for k in args.knobs.split(",") if k]
+    unknown = set(args.knobs) - set(KNOBS)
+    if unknown:
+        parser.error(f"unknown knobs: {sorted(unknown)}")
+    return args
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    console = Console(record=True, width=110)
-    header(console, args)
+    console = Console(width=110)
+    record = provenance(torch.device("cpu"), {"threads": args.threads, "quick": args.quick,
+                                              "knobs": args.knobs})
+    header(console, record)
     start = time.perf_counter()
     runs = [(digits_workload(max(args.steps, args.warmup)), args.warmup),
-            (resnet_workload(max(args.resnet_steps, args.resnet_warmup)), args.resnet_warmup)]
-    for w, warmup in runs:
-        report(console, benchmark(w, rounds=args.rounds, warmup=warmup))
-    console.print(f"\nwall time: {time.perf_counter() - start:.0f} s; "
-                  f"load average at end: {load_average()}")
-    if args.out is not None:
-        args.out.write_text(console.export_text())
+            (resnet_workload(args.resnet_steps, args.resnet_batch), 0)]
+    record["workloads"] = [report(console, benchmark(w, rounds=args.rounds, warmup=warmup,
+                                                     knobs=args.knobs)) for w, warmup in runs]
+    record["wall_time_s"] = round(time.perf_counter() - start, 1)
+    path = write_record("train_paths", record, **({"out_dir": args.out_dir}
+                                                    if args.out_dir else {}))
+    console.print(f"\nwall time: {record['wall_time_s']:.0f} s; record: {path}")
+    return record
 
 
 if __name__ == "__main__":

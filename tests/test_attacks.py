@@ -113,7 +113,10 @@ ATTACKS = ["pgd", "tpgd"]
 def test_iterates_stay_in_box_and_follow_the_recorded_signs(
     attack: str, seed: int, eps: float, step_ratio: float, steps: int
 ) -> None:
-    """Runs with 0..k steps and one seed give x^0..x^k of one k-step run (same start)."""
+    """Runs with 0..k steps and one seed give x^0..x^k of one k-step run (same start).
+
+    TPGD's x^0 is official TRADES' unprojected x + σ·N(0, I): only x^1.. must be in the box.
+    """
     model, (x, y) = Mlp(5, 4, seed).double().eval(), _batch(seed)
     alpha = step_ratio * eps
     iterates = [_run(attack, model, x, y, seed, eps=eps, step_size=alpha, steps=j)
@@ -122,7 +125,8 @@ def test_iterates_stay_in_box_and_follow_the_recorded_signs(
                     record=True)
     lo, hi = (x - eps).clamp(min=0), (x + eps).clamp(max=1)
     for j, x_j in enumerate(iterates):
-        assert ((x_j >= lo) & (x_j <= hi)).all(), f"x^{j} left the box"
+        if j > 0 or attack == "pgd":
+            assert ((x_j >= lo) & (x_j <= hi)).all(), f"x^{j} left the box"
         torch.testing.assert_close(trace[j], _grad(attack, model, x, y, x_j))
     for j in range(steps):
         stepped = (iterates[j] + alpha * trace[j].sign()).clamp(lo, hi)
@@ -167,16 +171,28 @@ def _official_tpgd(model: nn.Module, x: Tensor, start: Tensor, eps: float, step_
     return x_adv
 
 
-def test_tpgd_matches_the_official_loop_in_eval_mode() -> None:
+@pytest.mark.parametrize("saturated", [False, True], ids=["interior", "saturated"])
+def test_tpgd_matches_the_official_loop_in_eval_mode(saturated: bool) -> None:
+    """Bit for bit, also where pixels sit at 0 or 1 and the start noise leaves [0, 1]."""
     model, (x, _) = Mlp(5, 4, 4, batchnorm=True).double(), _batch(4, b=6)
     with torch.no_grad():
         model(torch.rand(32, 5, dtype=f64))  # give BatchNorm non-trivial running statistics
-    x = 0.1 + 0.8 * x  # 0.001 start noise cannot leave the box: both start points agree
+    x = (x.round() if saturated else 0.1 + 0.8 * x)  # round: every pixel at 0 or 1
     x_adv = tpgd(model, x, eps=8 / 255, step_size=2 / 255, steps=10,
                  generator=torch.Generator().manual_seed(5))
     noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(5), dtype=f64)
     official = _official_tpgd(model.eval(), x, x + 0.001 * noise, 8 / 255, 2 / 255, 10)
     torch.testing.assert_close(x_adv, official, rtol=0, atol=0)
+
+
+def test_tpgd_project_start_puts_the_start_in_the_box() -> None:
+    model, (x, _) = Mlp(5, 4, 4).double(), _batch(4, b=6)
+    x = x.round()  # saturated pixels: about half the start noise leaves [0, 1]
+    raw, projected = (tpgd(model, x, eps=8 / 255, step_size=2 / 255, steps=0, project_start=p,
+                           generator=torch.Generator().manual_seed(5)) for p in (False, True))
+    assert not ((raw >= 0) & (raw <= 1)).all()
+    assert ((projected >= 0) & (projected <= 1)).all()
+    torch.testing.assert_close(projected, project_linf(raw, x, 8 / 255), rtol=0, atol=0)
 
 
 def _bn_state(model: nn.Module) -> dict[str, Tensor]:

@@ -33,6 +33,7 @@ def _rows(images: torch.Tensor, labels: torch.Tensor) -> list[tuple]:
 
 
 def _digits(seed: int = 0, **fields) -> data.Splits:
+    fields.setdefault("validation", "holdout")  # these tests are about the holdout split
     return data.load_splits(DataSpec(dataset="digits", **fields), seed=seed)
 
 

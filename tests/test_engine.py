@@ -17,7 +17,7 @@ from trades_repro import train as trainlib
 from trades_repro.awp import TradesAWP
 from trades_repro.engine import lr_at
 from trades_repro.policies import select_checkpoints
-from trades_repro.spec import OptimSpec, parse_spec
+from trades_repro.spec import OptimSpec, SpecError, parse_spec
 
 
 def run(raw: dict, tmp_path: Path) -> store.RunResult:
@@ -207,41 +207,62 @@ def test_after_step_gradient_leaves_batchnorm_statistics_alone():
 # ------------------------------------------------------------------ fast paths
 
 
-def test_fidelity_loss_and_gradient_equal_the_default_but_batchnorm_moves_more():
+def _three_forward_reference(model, x, x_adv, y):
+    """Official TRADES' outer loss: clean, adversarial, clean again, all in train mode."""
+    model.train()
+    ce = torch.nn.functional.cross_entropy(model(x), y)
+    logits_adv = model(x_adv)
+    _, kl = steps.trades_terms(model(x), logits_adv, y)
+    return ce + 3 * kl
+
+
+def test_two_forwards_give_official_loss_gradient_and_batchnorm_buffers():
     torch.manual_seed(0)
     spec = parse_spec(digits())
     base = engine.build_model(spec.model, in_channels=1, num_classes=10, image_size=8).double()
     x, y = torch.rand(16, 1, 8, 8, dtype=torch.float64), torch.randint(0, 10, (16,))
     x_adv = (x + 0.05 * torch.randn_like(x)).clamp(0, 1)
-    results = []
-    for fidelity in (False, True):
-        model = copy.deepcopy(base)
-        ce, kl, _, _ = steps.outer_terms(model, x, x_adv, y, fidelity)
-        grads = torch.autograd.grad(ce + 3 * kl, list(model.parameters()))
-        results.append((ce + 3 * kl, grads, model.state_dict()))
-    (loss_a, grads_a, bn_a), (loss_b, grads_b, bn_b) = results
-    assert torch.allclose(loss_a, loss_b, rtol=0, atol=1e-12)
-    assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(grads_a, grads_b, strict=True))
-    assert bn_a["features.1.num_batches_tracked"] == 2 and bn_b[
-        "features.1.num_batches_tracked"] == 3
+    ours, official = copy.deepcopy(base), copy.deepcopy(base)
+    out = steps.outer_terms(ours, x, x_adv, y)
+    loss = out.ce + 3 * out.kl
+    grads = torch.autograd.grad(loss, list(ours.parameters()))
+    out.bn_repeat.apply()  # after backward: autograd saved the running statistics
+    ref = _three_forward_reference(official, x, x_adv, y)
+    ref_grads = torch.autograd.grad(ref, list(official.parameters()))
+    assert torch.allclose(loss, ref, rtol=0, atol=1e-12)
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-12)
+               for a, b in zip(grads, ref_grads, strict=True))
+    theirs = official.state_dict()
+    for key, value in ours.state_dict().items():
+        assert torch.allclose(value, theirs[key], rtol=0, atol=1e-12), key
+    assert theirs["features.1.num_batches_tracked"] == 3
 
 
-def test_official_tpgd_matches_ours_away_from_the_image_edges():
-    torch.manual_seed(0)
-    spec = parse_spec(digits())
-    model = engine.build_model(spec.model, in_channels=1, num_classes=10, image_size=8).eval()
-    x = 0.2 + 0.6 * torch.rand(8, 1, 8, 8)  # no saturated pixels: projections agree
-    kwargs = {"eps": 0.1, "step_size": 0.025, "steps": 5, "init_std": 0.001}
-    ours = steps.tpgd(model, x, generator=torch.Generator().manual_seed(1), **kwargs)
-    official = steps.official_tpgd(model, x, generator=torch.Generator().manual_seed(1),
-                                   **kwargs)
-    assert torch.allclose(ours, official, atol=1e-6)
+def test_clean_stats_repeat_refuses_cumulative_batchnorm_and_a_missing_clean_forward():
+    with pytest.raises(ValueError, match="momentum=None"):
+        steps.CleanStatsRepeat(torch.nn.BatchNorm1d(3, momentum=None).train())
+    with pytest.raises(RuntimeError, match="clean_done"):
+        steps.CleanStatsRepeat(torch.nn.BatchNorm1d(3).train()).apply()
+
+
+def test_the_retired_fidelity_flag_is_one_clear_error():
+    with pytest.raises(SpecError, match="performance.*'fidelity' was retired"):
+        parse_spec(digits(performance={"fidelity": True}))
+
+
+def test_init_projected_reaches_tpgd(monkeypatch):
+    calls = []
+    monkeypatch.setattr(steps, "tpgd", lambda *a, **k: calls.append(k) or a[1])
+    for projected in (False, True):
+        spec = parse_spec(digits(method={"attack": {"init_projected": projected}}))
+        steps.inner_max(None, torch.zeros(1), torch.zeros(1), spec, None)
+    assert [c["project_start"] for c in calls] == [False, True]
 
 
 @pytest.mark.parametrize(
     "performance",
-    [{"precision": "bf16"}, {"channels_last": True}, {"fidelity": True}, {"tf32": True}],
-    ids=["bf16", "channels_last", "fidelity", "tf32"],
+    [{"precision": "bf16"}, {"channels_last": True}, {"cudnn_benchmark": True}, {"tf32": True}],
+    ids=["bf16", "channels_last", "cudnn_benchmark", "tf32"],
 )
 def test_performance_paths_run_on_cpu(tmp_path, performance):
     result = run(digits(optim={"epochs": 1}, performance=performance), tmp_path)
@@ -255,3 +276,17 @@ def test_compile_path_wraps_the_model_and_saves_plain_weights(monkeypatch, tmp_p
     assert len(compiled) == 1
     saved = torch.load(result.run_dir / store.LAST_FILE, weights_only=True)
     assert not any(key.startswith("_orig_mod") for key in saved["model"])
+
+
+def test_train_step_returns_device_tensors_and_the_engine_uses_foreach_sgd():
+    """No host sync per step: the loop sums these on the device and reads them per epoch."""
+    spec = parse_spec(digits())
+    torch.manual_seed(0)
+    model = engine.build_model(spec.model, in_channels=1, num_classes=10, image_size=8)
+    optimizer = engine.build_optimizer(model, spec.optim, torch.device("cpu"))
+    assert optimizer.defaults["foreach"] is True
+    x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    out = steps.train_step(model, optimizer, x, y, spec, torch.Generator().manual_seed(1))
+    for value in (out.loss, out.clean_correct, out.adv_correct):
+        assert isinstance(value, torch.Tensor) and value.dim() == 0
+    assert not out.loss.requires_grad and out.batch_metrics is None

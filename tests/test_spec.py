@@ -82,6 +82,7 @@ def test_shipped_paper_spec_is_the_default_protocol():
     assert load_spec(SPEC_DIR / "cifar100_default.yaml") == ExperimentSpec(
         name="cifar100_default", data={"download": True}
     )
+    assert ExperimentSpec().data.validation == "test"  # Fig. 4: no holdout in the paper
 
 
 @pytest.mark.parametrize(

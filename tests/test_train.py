@@ -25,6 +25,7 @@ TINY = {
     "seed": 7,
     "data": {
         "dataset": "synthetic",
+        "validation": "holdout",  # 64 training images: 2 batches per epoch
         "val_size": 32,
         "crop_padding": 1,
         "synthetic": {"n_train": 96, "n_test": 32, "num_classes": 3, "image_size": 8},

@@ -103,8 +103,8 @@ class Session:
         return x
 
     def batch_record(self, epoch: int, step, noised: bool) -> store.BatchRecord:
-        return store.BatchRecord(epoch=epoch, step=self.state.global_step, loss=step.loss,
-                                 noised=noised, **step.batch_metrics)
+        return store.BatchRecord(epoch=epoch, step=self.state.global_step,
+                                 loss=float(step.loss), noised=noised, **step.batch_metrics)
 
     def commit_epoch(self, record: store.EpochRecord) -> None:
         """Checkpoints and batch log, then last.pt (the commit point), then metrics.jsonl."""
@@ -169,8 +169,7 @@ def build_session(spec: ExperimentSpec, run_dir: Path) -> Session:
     session = Session(
         spec, run_dir, device, splits, net,
         torch.compile(net) if spec.performance.compile else net,
-        torch.optim.SGD(net.parameters(), lr=spec.optim.lr, momentum=spec.optim.momentum,
-                        nesterov=spec.optim.nesterov, weight_decay=spec.optim.weight_decay),
+        build_optimizer(net, spec.optim, device),
         _awp(spec, net),
         torch.Generator().manual_seed(spec.seed + 1),
         torch.Generator(device=device).manual_seed(spec.seed + 2),
@@ -184,6 +183,17 @@ def build_session(spec: ExperimentSpec, run_dir: Path) -> Session:
     return session
 
 
+def build_optimizer(net: nn.Module, optim: OptimSpec, device: torch.device) -> torch.optim.SGD:
+    """App. B's SGD; fused on CUDA (one kernel for all parameters), foreach elsewhere.
+
+    Both implement torch's SGD update rule; on CPU the foreach path gives the same numbers as
+    official TRADES' plain `optim.SGD` (tests/test_exact_path.py).
+    """
+    kernel = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.SGD(net.parameters(), lr=optim.lr, momentum=optim.momentum,
+                           nesterov=optim.nesterov, weight_decay=optim.weight_decay, **kernel)
+
+
 def _to(images: datalib.ImageSet, device: torch.device) -> datalib.ImageSet:
     """Keep the dataset on the device: batches are then index + crop/flip, no host copies."""
     return datalib.ImageSet(images.images.to(device), images.labels.to(device))
@@ -193,7 +203,7 @@ def _backend_flags(spec: ExperimentSpec, device: torch.device) -> None:
     torch.backends.cuda.matmul.allow_tf32 = spec.performance.tf32
     torch.backends.cudnn.allow_tf32 = spec.performance.tf32
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = not spec.performance.fidelity
+        torch.backends.cudnn.benchmark = spec.performance.cudnn_benchmark
 
 
 def _build(spec: ExperimentSpec, splits: datalib.Splits) -> nn.Module:

@@ -71,6 +71,28 @@ def sgcs(grads: Tensor) -> Tensor:
     return off_diagonal / (n * (n - 1))
 
 
+def attack_sgcs(trace: Tensor) -> Tensor:
+    """SGCS of a k-step attack from its recorded trace, over the k *step* gradients (Eq. 3).
+
+    ``pgd(..., record=True)`` returns k + 1 gradients, at x^0 … x^k; the k steps were taken
+    along the signs of the first k (x^{i+1} = Π(x^i + α·sign ∇ℓ(x^i))), and Eq. 3 averages
+    over those k(k − 1) ordered pairs. The last gradient, at x^k, moved nothing: it is FOSC's
+    (Eq. 2), not SGCS's.
+
+    Args:
+        trace: ``[k + 1, B, ...]`` with k ≥ 2.
+
+    Returns:
+        Per-example SGCS ``[B]``.
+
+    Example:
+        >>> trace = torch.tensor([[[1.0]], [[1.0]], [[-1.0]]])  # two aligned steps, then x^k
+        >>> attack_sgcs(trace)
+        tensor([1.])
+    """
+    return sgcs(trace[:-1])
+
+
 def correct(logits: Tensor, y: Tensor) -> Tensor:
     """Boolean ``[B]``: whether the arg-max of ``logits`` ``[B, K]`` equals ``y`` ``[B]``.
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 SPEC_VERSION = 1  # bump when a field's meaning changes; it is part of the digest
 
@@ -59,7 +59,9 @@ class DataSpec(_Frozen):
     dataset: DatasetName = "cifar100"  # §3.1: CIFAR-100 is the paper's default
     root: str | None = None  # None: the dataset's conventional place (see data.py)
     download: bool = False  # never reach the network unless the user says so
-    validation: Literal["holdout", "test"] = "holdout"  # paper says "validation set", no split
+    # Fig. 4's "50,000/256 = 195 steps" per epoch: the paper trained on every training image
+    # and so validated on the test set; "holdout" carves `val_size` images out of train instead
+    validation: Literal["holdout", "test"] = "test"
     val_size: PositiveInt = 1000  # held-out images carved from train by the run's seed
     train_subset: PositiveInt | None = None  # CPU tiers train on a seeded subset
     augment: bool = True  # App. B: random crop with padding + horizontal flip
@@ -80,6 +82,9 @@ class InnerAttackSpec(_Frozen):
     step_size: Radius = 2 / 255  # App. B: α = 2/255 (official TRADES code uses 0.007)
     steps: PositiveInt = 10  # App. B: 10-step TPGD
     init_std: Annotated[float, Field(ge=0)] = 0.001  # official TRADES: x + 0.001·N(0, I)
+    # Official TRADES takes the first gradient at the unprojected x + σ·N(0, I); True projects
+    # the start onto the box ∩ [0, 1] first (a different attack at saturated pixels).
+    init_projected: bool = False
 
 
 class AWPSpec(_Frozen):
@@ -145,15 +150,29 @@ class HealingSpec(_Frozen):
 
 
 class PerformanceSpec(_Frozen):
-    """How fast, not what: precision and kernels (still in the digest: they change numbers)."""
+    """How fast, not what: precision and kernels (still in the digest: they change numbers).
+
+    Every setting trains official TRADES' step (see `trades_repro.steps`); the knobs only
+    change rounding. The retired `fidelity` flag is refused with a one-line error: the
+    default path now *is* the official loop, pass for pass in its results.
+    """
 
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast for training fwd/bwd only
     tf32: bool = False  # TF32 matmul/cuDNN on Ampere+; attacks and FOSC stay fp32 by default
     channels_last: bool = False  # NHWC memory format for convolutions on GPU
     compile: bool = False  # torch.compile the model (first epoch pays compilation)
-    # Reproduce official TRADES' passes exactly (clean forward recomputed at every TPGD step,
-    # unprojected start, three train-mode forwards); off: same loss with fewer passes.
-    fidelity: bool = False
+    # cuDNN autotuning: faster convolutions, but the chosen kernels (and so the last bits of
+    # every result) may change from run to run; official TRADES leaves it off.
+    cudnn_benchmark: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _retired_fields(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and "fidelity" in raw:
+            raise ValueError("'fidelity' was retired: the default training step is official "
+                             "TRADES exactly (same iterates, loss, gradients and BatchNorm "
+                             "statistics); delete the field")
+        return raw
 
 
 AttackName = Literal["pgd10", "apgd-ce", "apgd-t", "fab-t", "square", "autoattack"]
@@ -226,11 +245,109 @@ def parse_spec(raw: dict[str, Any], source: str = "<spec>") -> ExperimentSpec:
     try:
         return ExperimentSpec.model_validate(raw)
     except ValidationError as err:
-        first = err.errors()[0]
-        field = ".".join(str(part) for part in first["loc"]) or "<root>"
-        more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
-        raise SpecError(f"{source}: field '{field}': {first['msg']}{more}") from None
+        raise SpecError(validation_message(err, source)) from None
+
+
+def validation_message(err: ValidationError, source: str) -> str:
+    """One line naming the source and the first bad field, e.g. "f.yaml: field 'a.b': …"."""
+    first = err.errors()[0]
+    field = ".".join(str(part) for part in first["loc"]) or "<root>"
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{source}: field '{field}': {first['msg']}{more}"
 
 
 def _first_line(err: Exception) -> str:
     return str(getattr(err, "problem", None) or err).splitlines()[0]
+
+
+# ----------------------------------------------------------------------------- sweeps
+
+
+def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``raw["a"]["b"] = value`` for ``dotted = "a.b"``, creating mappings on the way."""
+    *parents, leaf = dotted.split(".")
+    node = raw
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise SpecError(f"field '{dotted}': '{part}' is not a section")
+        node = child
+    node[leaf] = value
+
+
+class Sweep(_Frozen):
+    """A grid of experiments as data: a base spec, fixed overrides, a grid and seeds.
+
+    ``base`` is a spec YAML path, relative to the file that names it. ``set`` applies dotted
+    overrides (``method.beta: 1``) to every spec; ``grid`` expands the Cartesian product of
+    its dotted fields' values (β × batch size × LR × dataset …); ``seeds`` is a count
+    (seeds 0..n−1) or an explicit list. Every expanded spec is validated like a spec file.
+    """
+
+    base: str
+    set: dict[str, Any] = {}
+    grid: dict[str, Annotated[tuple[Any, ...], Field(min_length=1)]] = {}
+    seeds: PositiveInt | Annotated[tuple[Annotated[int, Field(ge=0)], ...], Field(min_length=1)] = 1
+    note: str | None = None  # what this sweep shortens or changes, and why
+
+    def seed_list(self) -> tuple[int, ...]:
+        return tuple(range(self.seeds)) if isinstance(self.seeds, int) else self.seeds
+
+    def cells(self) -> list[dict[str, Any]]:
+        """The grid's points as {dotted field: value}, in row-major order of `grid`."""
+        import itertools
+
+        keys = list(self.grid)
+        return [dict(zip(keys, values, strict=True))
+                for values in itertools.product(*(self.grid[k] for k in keys))]
+
+    def expand(self, relative_to: Path) -> list[ExperimentSpec]:
+        """Every (grid cell × seed) as a validated spec; `base` is read relative to the folder
+        `relative_to`."""
+        base_path = (relative_to / self.base).resolve()
+        raw_base = _read_raw(base_path)
+        specs = []
+        for cell in self.cells():
+            for seed in self.seed_list():
+                raw = json.loads(json.dumps(raw_base))  # each spec its own copy
+                for dotted, value in {**self.set, **cell, "seed": seed}.items():
+                    set_dotted(raw, dotted, value)
+                where = ", ".join(f"{k}={v}" for k, v in {**cell, "seed": seed}.items())
+                specs.append(parse_spec(raw, source=f"{base_path} ({where})"))
+        return specs
+
+
+def _read_raw(path: Path) -> dict[str, Any]:
+    """The base spec as plain data (validated once per file version; claims expand hundreds
+    of sweeps over a handful of bases, and pure-Python YAML parsing is slow)."""
+    stat = path.stat() if path.is_file() else None
+    key = (str(path), stat and (stat.st_mtime_ns, stat.st_size))
+    if key not in _RAW_BASES:
+        load_spec(path)  # validates the base itself, with its own error messages
+        _RAW_BASES[key] = yaml.safe_load(path.read_text())
+    return json.loads(json.dumps(_RAW_BASES[key]))  # a fresh copy for every expansion
+
+
+_RAW_BASES: dict[tuple[str, Any], dict[str, Any]] = {}
+
+
+def load_sweep(path: str | Path) -> tuple[Sweep, list[ExperimentSpec]]:
+    """Read a sweep YAML (a mapping with ``base``) and expand it; errors name the file."""
+    path = Path(path)
+    raw = yaml.safe_load(path.read_text()) if path.is_file() else None
+    if not isinstance(raw, dict) or "base" not in raw:
+        raise SpecError(f"{path}: not a sweep file (a YAML mapping with 'base')")
+    try:
+        sweep = Sweep.model_validate(raw)
+    except ValidationError as err:
+        raise SpecError(validation_message(err, str(path))) from None
+    return sweep, sweep.expand(path.parent)
+
+
+def is_sweep_file(path: str | Path) -> bool:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(raw, dict) and "base" in raw

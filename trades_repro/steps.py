@@ -1,17 +1,17 @@
 """One optimiser step of each training variant, and App. G's per-step gradient metrics.
 
-Default path vs `performance.fidelity` (official TRADES `trades.py` pass for pass):
+The TRADES step gives official TRADES' results (`trades.py` and its training loop: the same
+TPGD iterates, loss, gradients, weights and BatchNorm buffers; `tests/test_exact_path.py`)
+with fewer passes:
 
-* inner max: the default TPGD computes the clean distribution once and projects its start
-  onto the box ∩ [0, 1]; fidelity recomputes the clean forward at every step (identical in
-  eval mode) and takes the first gradient at the unprojected `x + 0.001·N(0, I)`, as the
-  official loop does;
-* outer loss: the default runs two train-mode forwards (clean, adversarial) and uses the clean
-  logits both for CE and as the KL target; fidelity runs three (clean for CE, adversarial,
-  clean again for the KL target). In train mode BatchNorm normalises with batch statistics,
-  so the third forward returns the same logits: loss and gradients are the same. What
-  differs is BatchNorm's running statistics, which take three momentum updates per step
-  instead of two, and so the eval-mode model that validation and attacks see.
+* inner max: :func:`~trades_repro.attacks.tpgd` computes the eval-mode clean distribution
+  once instead of at each of the 10 steps (11 forwards and 10 backwards instead of 20 + 10);
+* outer loss: official TRADES runs three train-mode forwards: clean (for CE), adversarial,
+  and clean again (for the KL target). In train mode BatchNorm normalises with the batch's
+  own statistics, so the third forward returns the first one's logits: reusing them gives
+  the same loss and gradient. The third forward's only other effect is one more momentum
+  update of BatchNorm's running statistics with the clean batch's statistics, and one more
+  `num_batches_tracked`; :class:`CleanStatsRepeat` applies exactly that without the forward.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
-from trades_repro.attacks import pgd, project_linf, tpgd
+from trades_repro.attacks import pgd, tpgd
 from trades_repro.awp import TradesAWP
 from trades_repro.losses import trades_terms
 from trades_repro.spec import ExperimentSpec
@@ -35,9 +36,11 @@ class NonFiniteLoss(RuntimeError):
 
 @dataclass(frozen=True)
 class StepResult:
-    loss: float
-    clean_correct: int
-    adv_correct: int
+    """One step's figures as 0-dim device tensors: reading them is the caller's host sync."""
+
+    loss: Tensor
+    clean_correct: Tensor
+    adv_correct: Tensor
     batch_metrics: dict[str, float] | None  # App. G metrics when monitored
 
 
@@ -48,62 +51,95 @@ def inner_max(model: nn.Module, x: Tensor, y: Tensor, spec: ExperimentSpec,
     if spec.method.name == "trades_pgd_inner":
         return pgd(model, x, y, eps=a.eps, step_size=a.step_size, steps=a.steps,
                    random_start=True, generator=generator)
-    if spec.performance.fidelity:
-        return official_tpgd(model, x, eps=a.eps, step_size=a.step_size, steps=a.steps,
-                             init_std=a.init_std, generator=generator)
     return tpgd(model, x, eps=a.eps, step_size=a.step_size, steps=a.steps,
-                init_std=a.init_std, generator=generator)
+                init_std=a.init_std, project_start=a.init_projected, generator=generator)
 
 
-def official_tpgd(model: nn.Module, x: Tensor, *, eps: float, step_size: float, steps: int,
-                  init_std: float, generator: torch.Generator | None) -> Tensor:
-    """TPGD exactly as official TRADES runs it (eval mode, clean forward at every step)."""
-    was_training = model.training
-    model.eval()
-    x_adv = x.detach() + init_std * torch.randn(x.shape, generator=generator,
-                                                dtype=x.dtype, device=x.device)
-    for _ in range(steps):
-        x_adv.requires_grad_(True)
-        with torch.enable_grad():
-            kl = F.kl_div(F.log_softmax(model(x_adv), 1), F.softmax(model(x), 1),
-                          reduction="sum")
-            (grad,) = torch.autograd.grad(kl, [x_adv])
-        x_adv = project_linf(x_adv.detach() + step_size * grad.sign(), x, eps)
-    model.train(was_training)
-    return x_adv.detach()
+class CleanStatsRepeat:
+    """Official TRADES' third (clean) forward, as far as BatchNorm's buffers see it.
+
+    A train-mode BatchNorm with momentum m moves its running statistic r to
+    (1 − m)·r + m·s, where s is the batch's statistic. Official TRADES updates with the clean
+    batch (r1), the adversarial batch (r2), then the clean batch again at the same weights,
+    so with the same s: r3 = (1 − m)·r2 + m·s. The clean batch's term m·s is read off the
+    first update, m·s = r1 − (1 − m)·r0, so no third forward is needed. The update must be
+    applied after backward: autograd saved the running statistics with the forward.
+
+    Use: construct before the clean forward, call :meth:`clean_done` right after it, and
+    :meth:`apply` after backward.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        layers = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.training
+                  and m.track_running_stats]
+        if any(m.momentum is None for m in layers):
+            raise ValueError("CleanStatsRepeat: BatchNorm momentum=None (cumulative average) "
+                             "is not supported")
+        self._stats = [t for m in layers for t in (m.running_mean, m.running_var)]
+        self._keep = [1.0 - m.momentum for m in layers for _ in range(2)]
+        self._counts = [m.num_batches_tracked for m in layers]
+        self._before = torch._foreach_mul(self._stats, self._keep) if layers else []  # (1-m)·r0
+        self._term: list[Tensor] | None = None
+
+    def clean_done(self) -> None:
+        """Record m·s of the clean batch (call right after its train-mode forward)."""
+        self._term = torch._foreach_sub(self._stats, self._before) if self._stats else []
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        """r ← (1 − m)·r + m·s and num_batches_tracked + 1, in every BatchNorm layer."""
+        if self._term is None:
+            raise RuntimeError("CleanStatsRepeat.apply: clean_done() was not called")
+        if self._stats:  # one foreach kernel per op for all layers: no per-layer launches
+            torch._foreach_mul_(self._stats, self._keep)
+            torch._foreach_add_(self._stats, self._term)
+            torch._foreach_add_(self._counts, 1)
+        self._term = None
 
 
-def outer_terms(model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor,
-                fidelity: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(CE, KL, clean logits, adversarial logits) in train mode; see the module docstring."""
+@dataclass(frozen=True)
+class Outer:
+    """The outer loss's terms and logits, and the pending third BatchNorm update."""
+
+    ce: Tensor
+    kl: Tensor
+    logits_nat: Tensor
+    logits_adv: Tensor
+    bn_repeat: CleanStatsRepeat
+
+
+def outer_terms(model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor) -> Outer:
+    """CE and KL of Eq. 1 from two train-mode forwards; see the module docstring."""
     model.train()
+    repeat = CleanStatsRepeat(model)
     logits_nat = model(x)
+    repeat.clean_done()
     logits_adv = model(x_adv)
-    if not fidelity:
-        ce, kl = trades_terms(logits_nat, logits_adv, y)
-        return ce, kl, logits_nat, logits_adv
-    ce = F.cross_entropy(logits_nat, y)
-    _, kl = trades_terms(model(x), logits_adv, y)  # official: a third forward as KL target
-    return ce, kl, logits_nat, logits_adv
+    ce, kl = trades_terms(logits_nat, logits_adv, y)
+    return Outer(ce, kl, logits_nat, logits_adv, repeat)
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor,
                spec: ExperimentSpec, generator: torch.Generator,
                awp: TradesAWP | None = None) -> StepResult:
-    """Inner max → (AWP perturb) → Eq. 1 outer loss → SGD step → (AWP restore)."""
+    """Inner max → (AWP perturb) → Eq. 1 outer loss → SGD step → (AWP restore).
+
+    No host sync unless App. G's metrics are monitored: the loss and hit counts come back
+    as device tensors, and the caller checks finiteness (see `train.train_epoch`).
+    """
     x_adv = inner_max(model, x, y, spec, generator)
     diff = awp.compute(x, x_adv, y) if awp is not None else None
     if diff is not None:
         awp.perturb(diff)
     beta, monitored = spec.method.beta, spec.monitor.batch_metrics
     with _autocast(spec, x):
-        ce, kl, logits_nat, logits_adv = outer_terms(model, x, x_adv, y,
-                                                     spec.performance.fidelity)
-    loss = ce + beta * kl
-    if not torch.isfinite(loss):
-        raise NonFiniteLoss(f"non-finite training loss ({loss.item()})")
+        out = outer_terms(model, x, x_adv, y)
+    loss = out.ce + beta * out.kl
     optimizer.zero_grad(set_to_none=True)
-    metrics = _backward_with_norms(model, ce, beta * kl) if monitored else loss.backward()
+    metrics = _backward_with_norms(model, out.ce, beta * out.kl) if monitored else None
+    if not monitored:
+        loss.backward()
+    out.bn_repeat.apply()
     optimizer.step()
     if diff is not None:
         awp.restore(diff)
@@ -111,11 +147,12 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y:
         after = _full_grad_after_step(model, x, x_adv, y, spec)
         metrics["grad_cosine_similarity"] = F.cosine_similarity(
             metrics.pop("_grad_before"), after, dim=0).item()
-    return StepResult(loss.item(), _hits(logits_nat, y), _hits(logits_adv, y), metrics)
+    return StepResult(loss.detach(), _hits(out.logits_nat, y), _hits(out.logits_adv, y),
+                      metrics)
 
 
-def _hits(logits: Tensor, y: Tensor) -> int:
-    return int((logits.detach().argmax(1) == y).sum().item())
+def _hits(logits: Tensor, y: Tensor) -> Tensor:
+    return (logits.detach().argmax(1) == y).sum()
 
 
 def _autocast(spec: ExperimentSpec, x: Tensor):
@@ -167,8 +204,9 @@ def _full_grad_after_step(model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor,
     """
     buffers = {name: b.clone() for name, b in model.named_buffers()}
     with _autocast(spec, x):
-        ce, kl, _, _ = outer_terms(model, x, x_adv, y, spec.performance.fidelity)
-    grads = torch.autograd.grad(ce + spec.method.beta * kl, _params(model), allow_unused=True)
+        out = outer_terms(model, x, x_adv, y)
+    grads = torch.autograd.grad(out.ce + spec.method.beta * out.kl, _params(model),
+                                allow_unused=True)
     with torch.no_grad():
         for name, b in model.named_buffers():
             b.copy_(buffers[name])

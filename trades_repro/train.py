@@ -20,7 +20,7 @@ from trades_repro import store
 from trades_repro.attacks import pgd
 from trades_repro.awp import awp_active
 from trades_repro.engine import RunState, Session, TrainingError, build_session, lr_at
-from trades_repro.metrics import correct, fosc, sgcs
+from trades_repro.metrics import attack_sgcs, correct, fosc
 from trades_repro.policies import update_policies
 from trades_repro.progress import progress_bar
 from trades_repro.spec import ExperimentSpec
@@ -77,7 +77,7 @@ def train_epoch(session: Session, epoch: int) -> dict:
     spec, state = session.spec, session.state
     awp = session.awp if spec.method.name == "trades_awp" and awp_active(
         epoch, spec.method.awp.warmup) else None
-    totals = {"loss": 0.0, "clean": 0, "adv": 0, "n": 0}
+    totals = _Totals(session.device)
     app_g: list[dict] = []
     noised: list[int] = []
     for index, (x, y) in enumerate(session.batches()):
@@ -90,18 +90,41 @@ def train_epoch(session: Session, epoch: int) -> dict:
         step = train_step(session.model, session.optimizer, session.prepare(x), y, spec,
                           session.attack_gen, awp)
         state.global_step += 1
-        _accumulate(totals, step, len(y))
-        if step.batch_metrics is not None:
+        totals.add(step, len(y))
+        if step.batch_metrics is not None:  # App. G syncs each step anyway: check it now
+            totals.check_finite()
             app_g.append(session.batch_record(epoch, step, noise_now))
     session.pending_batches = app_g
-    return _epoch_fields(totals, app_g, noised)
+    return _epoch_fields(totals.read(), app_g, noised)
 
 
-def _accumulate(totals: dict, step, n: int) -> None:
-    totals["loss"] += step.loss * n
-    totals["clean"] += step.clean_correct
-    totals["adv"] += step.adv_correct
-    totals["n"] += n
+class _Totals:
+    """An epoch's loss and hit counts, summed on the device: one host sync per epoch.
+
+    A non-finite loss is noticed at the epoch's end (or at once when App. G's metrics are
+    monitored); the epoch is then discarded, so no state from after the bad step is kept.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.hits = torch.zeros(2, dtype=torch.int64, device=device)  # clean, adversarial
+        self.finite = torch.ones((), dtype=torch.bool, device=device)
+        self.n = 0
+
+    def add(self, step, n: int) -> None:
+        self.loss += step.loss.double() * n
+        self.hits += torch.stack([step.clean_correct, step.adv_correct])
+        self.finite &= torch.isfinite(step.loss)
+        self.n += n
+
+    def check_finite(self) -> None:
+        if not self.finite.item():
+            raise NonFiniteLoss("non-finite training loss")
+
+    def read(self) -> dict:
+        self.check_finite()
+        clean, adv = self.hits.tolist()
+        return {"loss": self.loss.item(), "clean": clean, "adv": adv, "n": self.n}
 
 
 def _epoch_fields(totals: dict, app_g: list, noised: list[int]) -> dict:
@@ -133,21 +156,20 @@ def validate(model: nn.Module, val: datalib.ImageSet, spec: ExperimentSpec,
     gen = torch.Generator(device=device).manual_seed(spec.seed * 100_003 + epoch)  # per epoch
     was_training = model.training
     model.eval()
-    clean = robust = 0
-    fosc_sum = sgcs_sum = 0.0
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # clean, robust, FOSC, SGCS
     for x, y in datalib.batches(val, EVAL_BATCH, generator=None, shuffle=False,
                                 augment=False, padding=0, device=device):
-        with torch.no_grad():
-            clean += correct(model(x), y).sum().item()
         out = pgd(model, x, y, eps=attack.eps, step_size=attack.step_size, steps=attack.steps,
                   random_start=attack.random_start, record=record, generator=gen)
         x_adv, trace = out if record else (out, None)
         with torch.no_grad():
-            robust += correct(model(x_adv), y).sum().item()
+            sums[0] += correct(model(x), y).sum()
+            sums[1] += correct(model(x_adv), y).sum()
         if monitor.fosc:
-            fosc_sum += fosc(x_adv, x, trace[-1], attack.eps).sum().item()
+            sums[2] += fosc(x_adv, x, trace[-1], attack.eps).sum()
         if monitor.sgcs:
-            sgcs_sum += sgcs(trace).sum().item()
+            sums[3] += attack_sgcs(trace).sum()  # Eq. 3: the k step gradients
+    clean, robust, fosc_sum, sgcs_sum = sums.tolist()  # the one host sync of validation
     model.train(was_training)
     n = len(val.labels)
     return {
