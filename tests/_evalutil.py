@@ -96,3 +96,37 @@ class RandomDither(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         phase = 2 * math.pi * torch.rand(x.shape, generator=self.generator).to(x)
         return self.net(x + self.amplitude * torch.sin(self.omega * x + phase))
+
+
+def prototype_linear() -> nn.Sequential:
+    """Nearest class mean on the digits as a linear layer: ~90 % clean accuracy, no training.
+
+    logit_k = s·(x·μ_k − ‖μ_k‖²/2), the nearest-mean rule; s = 10 keeps its gradients finite.
+    """
+    train = load_splits(DataSpec(dataset="digits", validation="test"), 0).train
+    x, y = to_float(train.images).flatten(1), train.labels
+    means = torch.stack([x[y == k].mean(0) for k in range(10)])
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    with torch.no_grad():
+        net[1].weight.copy_(10 * means)
+        net[1].bias.copy_(-5 * (means**2).sum(1))
+    return net
+
+
+class ClassMasked(nn.Module):
+    """Control (d), graded: control (b)'s saturation only where the prediction is in `classes`.
+
+    Masking a known share of the classes masks a known share of the inputs; the true margin
+    grows with it, so the paired verdict must move from clear to inconclusive to flagged.
+    All ten classes is exactly `Saturated`.
+    """
+
+    def __init__(self, net: nn.Module, classes: list[int], temperature: float = 1e8) -> None:
+        super().__init__()
+        self.net, self.temperature = net, temperature
+        self.register_buffer("classes", torch.tensor(classes, dtype=torch.long))
+
+    def forward(self, x: Tensor) -> Tensor:
+        logits = self.net(x)
+        masked = torch.isin(logits.argmax(1), self.classes)[:, None]
+        return torch.where(masked, logits * self.temperature, logits)

@@ -69,3 +69,10 @@ def test_dataset_root_without_files(tmp_path, dataset):
     result = runner.invoke(app, ["train", str(path), "--runs-dir", str(tmp_path / "runs")])
     assert_one_line_error(result, "data.root", str(empty))
     assert not (tmp_path / "runs").exists()  # nothing written for a run that never started
+
+
+def test_exit_codes_are_documented_in_help():
+    text = " ".join(runner.invoke(app, ["diagnose", "--help"], terminal_width=200).stdout.split())
+    for needle in ("Exit 0 not overestimated", "1 overestimated", "2 bad input",
+                   "3 inconclusive", "4 the evaluation itself failed"):
+        assert needle in text, needle

@@ -126,10 +126,13 @@ def test_diagnose_prints_the_table_and_verdict_and_exits_0(checkpoint):
     result = _diagnose(checkpoint, "--model", "small_cnn", "--width", "16", *FAST)
     assert result.exit_code == 0, result.output
     for row in ("clean", "pgd10 (PGD-10)", "square (Square)", "FOSC", "SGCS",
-                "landscape roughness", "autoattack"):
+                "landscape roughness", "autoattack", "adversarial re-check"):
         assert row in result.stdout
+    assert "settings: n=30, eps=0.1, seed 0, Square (300 queries, reduced from AutoAttack's" \
+        in result.stdout
     assert "verdict: no overestimation detected" in result.stdout
     assert "(rule pgd10_minus_square_v1)" in result.stdout
+    assert "(rule pgd10_minus_square_v2)" in result.stdout
 
 
 @pytest.mark.slow
@@ -150,8 +153,10 @@ def test_diagnose_flags_a_masked_factory_model_with_exit_1(tmp_path, monkeypatch
                        "--out", str(tmp_path / "out"))
     assert result.exit_code == 1, result.output
     record = json.loads(result.stdout)
-    primary = record["verdicts"][0]
-    assert primary["rule"] == "pgd10_minus_square_v1" and primary["flagged"] is True
-    assert primary["margin"] >= 0.08
+    verdicts = {v["rule"]: v for v in record["verdicts"]}
+    v1, v2 = verdicts["pgd10_minus_square_v1"], verdicts["pgd10_minus_square_v2"]
+    assert v1["flagged"] is True and v1["margin"] >= 0.08
+    assert v2["outcome"] == "flagged" and v2["ci_low"] >= 0.08
+    assert "zero_gradients" in {f["check"] for f in record["preflight"]["checks"]}
     assert (tmp_path / "out" / store.EVAL_FILE).is_file()
-    assert (tmp_path / "out" / "landscape_masked.png").is_file()
+    assert list((tmp_path / "out").glob("landscape_masked_*.png"))

@@ -8,13 +8,14 @@ import warnings
 import pytest
 import torch
 from _evalutil import trained_run
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from trades_repro import evaluate as ev
 from trades_repro import store
 from trades_repro.cli import app
-from trades_repro.diagnose import read_eval, run_checkpoints
+from trades_repro.diagnose import read_eval, run_checkpoints, run_records
+from trades_repro.evalfile import EvalFileError, locked
 from trades_repro.spec import LandscapeSpec
 
 runner = CliRunner()
@@ -43,8 +44,9 @@ def test_primary_rule_flags_a_gap_of_eight_points_or_more(pgd, square, flagged):
 
 
 def test_rules_live_in_one_table_and_name_their_attack():
-    assert [r.name for r in ev.VERDICT_RULES] == ["pgd10_minus_square_v1",
-                                                  "pgd10_minus_autoattack_v1"]
+    assert [r.name for r in ev.VERDICT_RULES] == [
+        "pgd10_minus_square_v1", "pgd10_minus_autoattack_v1",
+        "pgd10_minus_square_v2", "pgd10_minus_autoattack_v2"]
     assert all(r.threshold == 0.08 and r.attack in ev.ALL_ATTACKS for r in ev.VERDICT_RULES)
     missing = ev.apply_rule(ev.VERDICT_RULES[1], _pair(60, 50))  # no AutoAttack result
     assert missing.flagged is None and missing.margin is None
@@ -89,8 +91,12 @@ def _settings(**changes) -> ev.EvalSettings:
 
 
 def _data():
-    gen = torch.Generator().manual_seed(0)
-    return torch.rand(12, 1, 4, 4, generator=gen), torch.randint(0, 10, (12,), generator=gen)
+    """Images labelled by the model itself (pre-flight wants accuracy above chance), 2 wrong."""
+    x = torch.rand(12, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = _Linear()(x).argmax(1)
+    y[:2] = (y[:2] + 1) % 10
+    return x, y
 
 
 def test_record_holds_every_number_and_its_settings():
@@ -106,6 +112,10 @@ def test_record_holds_every_number_and_its_settings():
     assert record.attacks["square"].params["queries"] == 50
     assert record.attacks["pgd10"].fosc_mean >= 0 and record.attacks["pgd10"].sgcs_mean <= 1
     assert [v.rule for v in record.verdicts] == [r.name for r in ev.VERDICT_RULES]
+    assert record.preflight.n_classes == 10 and not record.preflight.randomized
+    assert record.preflight.clean_correct == 10 and record.clean.n_robust == 10
+    assert set(record.adversarial) == set(ev.ALL_ATTACKS)
+    assert all(c.ok and c.max_linf <= 0.1 + 1e-6 for c in record.adversarial.values())
     assert record.landscape is not None and record.landscape.files == []
 
 
@@ -171,9 +181,12 @@ def test_evaluate_cli_writes_a_valid_resumable_eval_json(tmp_path_factory):
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     evals = read_eval(run / store.EVAL_FILE)
-    record = evals.checkpoints[store.BEST_FILE]
+    (record,) = [r for r in run_records(run) if r.settings.n_examples == 40]
     assert record.complete and record.policies[0] == "best_pgd10"
-    assert record.settings.n_examples == 40 and record.settings.device == "cpu"
+    assert evals.checkpoints[record.key] == record and evals.schema_version == 2
+    assert record.settings.device == "cpu" and record.settings.n_classes == 10
+    assert set(record.settings.versions) == {"torch", "pyautoattack", "trades_repro"}
+    assert "small_cnn" in record.settings.model
     assert record.sha256 == __import__("hashlib").sha256(
         (run / store.BEST_FILE).read_bytes()).hexdigest()
     assert {"torch", "git_sha", "pyautoattack", "device"} <= set(evals.provenance)
@@ -182,6 +195,53 @@ def test_evaluate_cli_writes_a_valid_resumable_eval_json(tmp_path_factory):
     assert "pgd10_minus_square_v1" in result.stdout
     again = runner.invoke(app, args + ["--attacks", "apgd-ce"])
     assert again.exit_code == 0, again.output
-    resumed = read_eval(run / store.EVAL_FILE).checkpoints[store.BEST_FILE]
+    resumed = read_eval(run / store.EVAL_FILE).checkpoints[record.key]
     assert resumed.attacks["square"] == record.attacks["square"]
     assert set(resumed.attacks) == {"pgd10", "square", "apgd-ce"}
+    other = runner.invoke(app, ["evaluate", str(run), "--attacks", "pgd10", "--n-examples", "20",
+                                "--seed", "3", "--quiet"])
+    assert other.exit_code == 0, other.output
+    both = {(r.settings.n_examples, r.settings.seed): r for r in run_records(run)}
+    assert both[(40, 0)] == resumed, "another key must not replace a finished evaluation"
+    assert both[(20, 3)].complete and len(both) == 2 and not both[(20, 3)].attacks.keys() - {
+        "pgd10"}
+
+
+def test_version_1_eval_files_are_rekeyed_not_lost(tmp_path):
+    x, y = _data()
+    record = ev.evaluate_model(_Linear(), x, y, _settings(), ("pgd10",),
+                               identity=("m.safetensors", "a" * 64, []))
+    old = {"schema_version": 1, "source": "run", "checkpoints": {"m.safetensors": record}}
+    path = tmp_path / store.EVAL_FILE
+    path.write_text(ev.EvalFile.model_validate(old).model_dump_json())
+    evals = read_eval(path)
+    assert evals.schema_version == 2 and evals.checkpoints == {record.key: record}
+
+
+def test_a_second_writer_is_refused_while_the_lock_is_held(tmp_path):
+    path = tmp_path / store.EVAL_FILE
+    with locked(path):
+        with pytest.raises(EvalFileError, match="being written by pid"):
+            with locked(path):
+                pass
+    with locked(path):  # released: the next evaluation may write
+        pass
+
+
+def test_adversarial_examples_are_rechecked_independently_and_saved(tmp_path):
+    x, y = _data()
+    net, settings = _Linear(), _settings()
+    result, x_adv = ev.RUNNERS["pgd10"](net, x, y, settings, False)
+    good = ev.recheck(net, x, y, x_adv, result, settings, False, tmp_path / "adv.safetensors")
+    assert good.ok and good.disagreements == 0 and good.file == "adv.safetensors"
+    saved = load_file(tmp_path / "adv.safetensors")
+    assert torch.equal(saved["x_adv"], x_adv) and torch.equal(saved["y"], y)
+    too_far = ev.recheck(net, x, y, (x + 0.2).clamp(0, 1), result, settings, False, None)
+    assert not too_far.ok and too_far.max_linf > 0.1 + 1e-6
+    outside = ev.recheck(net, x, y, x_adv + 2, result, settings, False, None)
+    assert not outside.ok and not outside.in_box
+    lying = result.model_copy(update={"robust": "".join("1" if c == "0" else "0"
+                                                        for c in result.robust)})
+    wrong = ev.recheck(net, x, y, x_adv, lying, settings, False, None)
+    assert not wrong.ok and wrong.disagreements == 12
+    assert ev.recheck(net, x, y, x_adv, lying, settings, True, None).ok  # randomized: expected

@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from trades_repro.errors import BadInput
 from trades_repro.models import build_model, dataset_stats
 from trades_repro.spec import ModelSpec
 
@@ -35,7 +36,7 @@ _NESTED_KEYS = ("state_dict", "model", "net", "model_state_dict")
 _PARALLEL_PREFIX = "module."
 
 
-class CheckpointError(ValueError):
+class CheckpointError(BadInput):
     """A checkpoint, factory or architecture that cannot be used; one line naming the file."""
 
 
@@ -137,6 +138,9 @@ def load_factory(target: str) -> Callable[[], nn.Module]:
     except ImportError as err:
         raise CheckpointError(f"--factory {target!r}: cannot import {module_name!r} "
                               f"({_first(err)}); is it on PYTHONPATH?") from None
+    except Exception as err:  # noqa: BLE001 - the user's module failed while importing
+        raise CheckpointError(f"--factory {target!r}: importing {module_name!r} raised "
+                              f"{type(err).__name__}: {_first(err)}") from None
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise CheckpointError(f"--factory {target!r}: {module_name} has no callable {attr!r}")
@@ -144,7 +148,13 @@ def load_factory(target: str) -> Callable[[], nn.Module]:
 
 
 def call_factory(factory: Callable[[], nn.Module], target: str) -> nn.Module:
-    net = factory()
+    """Call the user's factory; an exception there is the input failing (exit 2), named."""
+    try:
+        net = factory()
+    except Exception as err:  # noqa: BLE001 - user code: any error is theirs to fix
+        raise CheckpointError(f"--factory {target!r} raised {type(err).__name__}: "
+                              f"{_first(err)} (it must build the network with no "
+                              "arguments)") from None
     if not isinstance(net, nn.Module):
         raise CheckpointError(f"--factory {target!r} returned {type(net).__name__}, "
                               "not a torch.nn.Module")

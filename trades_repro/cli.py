@@ -1,18 +1,23 @@
 """`trades-repro`: a thin Typer front end; every command parses paths, then calls the library.
 
-Exit codes: 0 ok, 1 the run itself failed (e.g. a non-finite loss), 2 bad input (one line on
-stderr, no traceback).
+Exit codes (every command wrapped by `_user_errors`; see `trades_repro.errors`):
+0 ok (``diagnose``: not overestimated); 1 the run failed (a non-finite loss) or, for
+``diagnose``, robustness overestimated; 2 bad input (one line on stderr, no traceback);
+3 inconclusive (no verdict could be decided); 4 the command itself failed unexpectedly (one
+line on stderr naming a log file that holds the traceback).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
 from typing import Annotated, TypeVar
 
+import click
 import torch
 import typer
 from rich.console import Console
@@ -20,7 +25,7 @@ from rich.console import Console
 from trades_repro.data import DataError
 from trades_repro.spec import ExperimentSpec, SpecError, load_spec
 
-EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
+EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INCONCLUSIVE, EXIT_CRASHED = 1, 2, 3, 4
 
 app = typer.Typer(
     name="trades-repro",
@@ -40,22 +45,53 @@ def _fail(message: str, code: int) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _user_errors(func: F) -> F:
-    """Known errors become one line on stderr and a documented exit code."""
+def _bad_input_errors() -> tuple[type[Exception], ...]:
+    """Exception types that mean bad input (exit 2). A module with its own error type adds it
+    here, or subclasses `trades_repro.errors.BadInput` (always included)."""
     from trades_repro.checkpoints import CheckpointError
+    from trades_repro.errors import BadInput
     from trades_repro.evaluate import EvaluationError
+
+    return (BadInput, SpecError, DataError, CheckpointError, EvaluationError)
+
+
+def _user_errors(func: F) -> F:
+    """Known errors become one line on stderr and a documented exit code (module docstring);
+    anything unexpected exits 4 with its traceback in a log file, never 0 or 1."""
+    from trades_repro.errors import Inconclusive
     from trades_repro.train import TrainingError
 
     @wraps(func)
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
-        except (SpecError, DataError, CheckpointError, EvaluationError) as err:
+        except (typer.Exit, typer.Abort, click.exceptions.ClickException):
+            raise  # the command's own exit code, or click's usage error (2)
+        except _bad_input_errors() as err:
             raise _fail(str(err), EXIT_BAD_INPUT) from None
         except TrainingError as err:
             raise _fail(str(err), EXIT_FAILED) from None
+        except Inconclusive as err:
+            raise _fail(f"inconclusive: {err}", EXIT_INCONCLUSIVE) from None
+        except Exception as err:  # noqa: BLE001 - the one place that catches everything
+            log = _traceback_log(func.__name__)
+            message = (str(err).strip().splitlines() or [""])[0]
+            raise _fail(f"{func.__name__} failed unexpectedly: {type(err).__name__}: {message} "
+                        f"(traceback in {log})", EXIT_CRASHED) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _traceback_log(command: str) -> Path:
+    """Write the current exception's traceback to a fresh file in the temp folder."""
+    import tempfile
+    import traceback
+
+    handle, name = tempfile.mkstemp(prefix=f"trades-repro-{command}-", suffix=".log")
+    with os.fdopen(handle, "w") as log:
+        log.write(f"trades-repro {command} {' '.join(sys.argv[1:])}\n")
+        traceback.print_exc(file=log)
+    return Path(name)
 
 
 @app.command()
@@ -91,11 +127,26 @@ def spec_schema() -> None:
 
 @spec_app.command("show")
 @_user_errors
-def spec_show(spec_file: Annotated[Path, typer.Argument(help="Experiment spec (YAML).")]) -> None:
-    """Print the resolved spec (every default filled in) and its digest."""
+def spec_show(spec_file: Annotated[Path, typer.Argument(
+        help="Experiment spec or sweep (YAML).")]) -> None:
+    """Print the resolved spec (every default filled in) and its digest; for a sweep, every
+    expanded run's grid point, seed and digest."""
+    from trades_repro.spec import is_sweep_file, load_sweep
+
+    if is_sweep_file(spec_file):
+        sweep, specs = load_sweep(spec_file)
+        typer.echo(f"sweep of {sweep.base}: {len(specs)} runs")
+        for spec, (cell, seed) in zip(specs, _sweep_points(sweep), strict=True):
+            point = " ".join(f"{k}={v}" for k, v in cell.items())
+            typer.echo(f"{spec.digest()}  seed={seed} {point}".rstrip())
+        return
     spec = load_spec(spec_file)
     typer.echo(json.dumps(spec.model_dump(mode="json"), indent=2, sort_keys=True))
     typer.echo(f"digest: {spec.digest()}")
+
+
+def _sweep_points(sweep):
+    return [(cell, seed) for cell in sweep.cells() for seed in sweep.seed_list()]
 
 
 def main() -> None:  # pragma: no cover - console-script convenience
@@ -131,8 +182,8 @@ def _progress(quiet: bool) -> Callable[[str], None]:
 def _print_record(console: Console, title: str, record) -> None:
     from rich.table import Table
 
-    from trades_repro.diagnose import table_rows
-    from trades_repro.evaluate import PRIMARY_RULE, verdict_line
+    from trades_repro.diagnose import settings_line, table_rows
+    from trades_repro.evaluate import DIAGNOSE_RULE, verdict_line
 
     table = Table(title=title, title_justify="left")
     for column in ("metric", "value", "note"):
@@ -140,9 +191,25 @@ def _print_record(console: Console, title: str, record) -> None:
     for row in table_rows(record):
         table.add_row(*row)
     console.print(table)
-    for verdict in record.verdicts:
-        prefix = "verdict: " if verdict.rule == PRIMARY_RULE.name else "also: "
-        console.print(prefix + verdict_line(verdict), highlight=False, soft_wrap=True)
+    console.print(settings_line(record), highlight=False, soft_wrap=True)
+    if record.checklist:
+        rows = Table(title="masking checklist", title_justify="left")
+        for column in ("item", "status", "detail", "cost"):
+            rows.add_column(column)
+        for row in record.checklist:
+            rows.add_row(row.item, row.status, row.detail, f"{row.seconds:.1f} s")
+        console.print(rows)
+    first = sorted(record.verdicts, key=lambda v: v.rule != DIAGNOSE_RULE.name)  # exit's first
+    for verdict in first:
+        prefix = "verdict: " if verdict.rule == DIAGNOSE_RULE.name else "also: "
+        line = verdict_line(verdict, record.attacks.get(verdict.attack))
+        console.print(prefix + line, highlight=False, soft_wrap=True)
+
+
+SeedOption = Annotated[int | None, typer.Option(
+    help="Seed of PGD's and AutoAttack's random starts [default: the spec's, or 0].")]
+SaveAdvOption = Annotated[bool, typer.Option(
+    "--save-adversarial", help="Keep each attack's adversarial examples (.safetensors).")]
 
 
 @app.command()
@@ -152,18 +219,24 @@ def evaluate(
     attacks: AttacksOption = None,
     n_examples: Annotated[int | None, typer.Option(help="First N test images.")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
+    seed: SeedOption = None,
+    save_adversarial: SaveAdvOption = False,
     threads: ThreadsOption = None,
     quiet: Annotated[bool, typer.Option(help="No progress lines.")] = False,
 ) -> None:
-    """Evaluate the run's selected checkpoint(s) into RUN_DIR/eval.json (resumable)."""
+    """Evaluate the run's selected checkpoint(s) into RUN_DIR/eval.json (resumable).
+
+    Exit 0 done, 2 bad input, 4 the evaluation failed (traceback in a log file).
+    """
     from trades_repro.diagnose import evaluate_run, parse_attacks
 
     _set_threads(threads, device)
     chosen = parse_attacks(attacks) if attacks else None
-    evals = evaluate_run(run_dir, attacks=chosen, n_examples=n_examples, device=device,
-                         report=_progress(quiet))
-    for file, record in evals.checkpoints.items():
-        _print_record(Console(), f"{file} ({', '.join(record.policies)})", record)
+    records = evaluate_run(run_dir, attacks=chosen, n_examples=n_examples, device=device,
+                           seed=seed, save_adversarial=save_adversarial,
+                           report=_progress(quiet))
+    for record in records:
+        _print_record(Console(), f"{record.checkpoint} ({', '.join(record.policies)})", record)
     typer.echo(str(run_dir / "eval.json"))
 
 
@@ -181,30 +254,232 @@ def diagnose(
     eps: Annotated[str, typer.Option(help="L-inf radius, e.g. 8/255 or 0.2.")] = "8/255",
     n_examples: Annotated[int | None, typer.Option(help="First N test images.")] = None,
     attacks: AttacksOption = None,
-    square_queries: Annotated[int, typer.Option(help="Square's query budget.")] = 5000,
+    square_queries: Annotated[int, typer.Option(
+        help="Square's query budget (AutoAttack's standard: 5000).")] = 5000,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     data_root: Annotated[str | None, typer.Option(help="Dataset folder.")] = None,
     out: Annotated[Path | None, typer.Option(help="Write eval.json + landscape here.")] = None,
+    seed: SeedOption = None,
+    save_adversarial: SaveAdvOption = False,
+    checklist: Annotated[bool, typer.Option(
+        "--checklist", help="Also run the masking checklist (PGD-100x5, margin loss, FGSM, "
+        "eps sweep, noise, Square-only images); its rows do not change the exit code.")]
+    = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON, no table.")] = False,
     threads: ThreadsOption = None,
     quiet: Annotated[bool, typer.Option(help="No progress lines.")] = False,
 ) -> None:
-    """Is this checkpoint's PGD robustness real? Exit 0 no, 1 overestimated, 2 bad input."""
+    """Is this checkpoint's PGD robustness real? Rule pgd10_minus_square_v2 decides.
+
+    Exit 0 not overestimated (the 95% interval lies below 8 points), 1 overestimated (it lies
+    at or above), 2 bad input (also: the model does not fit the dataset, or outputs
+    probabilities), 3 inconclusive (the interval straddles the threshold, a masking check
+    fired, or no verdict), 4 the evaluation itself failed (traceback in a log file).
+    """
     from trades_repro.diagnose import diagnose as run_diagnosis
     from trades_repro.diagnose import parse_attacks, parse_eps
-    from trades_repro.evaluate import PRIMARY_RULE
+    from trades_repro.errors import Inconclusive
+    from trades_repro.evaluate import DIAGNOSE_RULE, verdict_line
 
     _set_threads(threads, device)
     record = run_diagnosis(
         checkpoint, dataset=dataset, arch=model, factory=factory, width=width,
         normalize=normalize, eps=parse_eps(eps), n_examples=n_examples,
         attacks=parse_attacks(attacks) if attacks else None, device=device,
-        data_root=data_root, square_queries=square_queries, out=out,
+        data_root=data_root, square_queries=square_queries, seed=seed or 0, out=out,
+        save_adversarial=save_adversarial, checklist=checklist,
         report=_progress(quiet or json_output))
     if json_output:
         typer.echo(record.model_dump_json(indent=2))
     else:
         _print_record(Console(), f"{checkpoint} on {dataset}", record)
-    primary = next(v for v in record.verdicts if v.rule == PRIMARY_RULE.name)
-    if primary.flagged:
+    verdict = next(v for v in record.verdicts if v.rule == DIAGNOSE_RULE.name)
+    if verdict.outcome == "flagged":
         raise typer.Exit(EXIT_FAILED)
+    if verdict.outcome != "clear":
+        raise Inconclusive(verdict_line(verdict, record.attacks.get(verdict.attack)))
+
+
+# ------------------------------------------------------------------- claims and verification
+
+claims_app = typer.Typer(help="The paper's claims as data.", no_args_is_help=True)
+app.add_typer(claims_app, name="claims")
+
+ClaimsDir = Annotated[Path, typer.Option(help="Folder of claims files (arms.yaml + one per "
+                                         "paper artefact).")]
+RunsDir = Annotated[Path, typer.Option(help="Folder that holds run folders.")]
+TierOption = Annotated[str, typer.Option(help="instant, reduced or full.")]
+Patterns = Annotated[list[str] | None, typer.Argument(
+    help="Claim ids or glob patterns (table_2.*); none or 'all': every claim.")]
+JunitOption = Annotated[Path | None, typer.Option(help="Write JUnit XML here.")]
+
+
+def _tier(name: str) -> str:
+    from trades_repro.claims import TIERS, ClaimsError
+
+    if name not in TIERS:
+        raise ClaimsError(f"--tier: unknown tier {name!r}; known: {', '.join(TIERS)}")
+    return name
+
+
+def _selected(claims_dir: Path, patterns: list[str] | None, tier: str | None):
+    from trades_repro.claims import ClaimsError, load_catalogue
+
+    catalogue = load_catalogue(claims_dir)
+    entries = catalogue.select(patterns, tier)
+    if patterns and not catalogue.select(patterns):
+        raise ClaimsError(f"no claim matches {' '.join(patterns)} in {claims_dir}")
+    if patterns and not entries:
+        raise ClaimsError(f"no claim matching {' '.join(patterns)} has a '{tier}' tier")
+    return catalogue, entries
+
+
+@claims_app.command("list")
+@_user_errors
+def claims_list(
+    patterns: Patterns = None,
+    tier: Annotated[str | None, typer.Option(help="Only claims this tier can run.")] = None,
+    claims_dir: ClaimsDir = Path("claims"),
+    runs_dir: RunsDir = Path("runs"),
+) -> None:
+    """Every claim with its kind, source, the tiers it can run at and its status."""
+    from rich.table import Table
+
+    from trades_repro.verify import Context, Evidence, judge
+
+    catalogue, entries = _selected(claims_dir, patterns, tier and _tier(tier))
+    evidence = Evidence(runs_dir)
+    table = Table(title=f"{len(entries)} claims in {claims_dir}", title_justify="left")
+    for column in ("claim", "kind", "source", "tiers", "status"):
+        table.add_column(column, overflow="fold")
+    for entry in entries:
+        tiers = catalogue.tiers_of(entry)
+        status = judge(entry, Context(catalogue, evidence, tier or tiers[-1])).status
+        source = f"{entry.claim.source.artefact}: {entry.claim.source.where}"
+        table.add_row(entry.id, entry.claim.kind, source, ", ".join(tiers), status)
+    Console().print(table)
+
+
+@app.command()
+@_user_errors
+def verify(
+    patterns: Patterns = None,
+    tier: TierOption = "full",
+    runs_dir: RunsDir = Path("runs"),
+    claims_dir: ClaimsDir = Path("claims"),
+    report: Annotated[Path | None, typer.Option(help="Write a Markdown report here.")] = None,
+    junit: JunitOption = None,
+    allow_partial: Annotated[bool, typer.Option(
+        help="Judge claims on fewer seeds than they name (the report says so).")] = False,
+) -> None:
+    """Judge claims against the evidence in RUNS_DIR. Exit 0 every judged claim held, 1 one
+    failed, 2 bad input, 3 none failed but some could not be decided (undetermined)."""
+    judgements, titles = _judge(patterns, _tier(tier), runs_dir, claims_dir, allow_partial)
+    _report(judgements, titles, tier, runs_dir, report, junit)
+    _exit_for(judgements)
+
+
+def _exit_for(judgements, run_failed: bool = False) -> None:
+    """1 when a claim (or a run) failed; 3 when none did but some claims are undetermined."""
+    from trades_repro.errors import Inconclusive
+
+    if run_failed or any(j.status == "failed" for j in judgements):
+        raise typer.Exit(EXIT_FAILED)
+    undetermined = [j.id for j in judgements if j.status == "undetermined"]
+    if undetermined:
+        raise Inconclusive(f"{len(undetermined)} claim(s) undetermined: "
+                           f"{', '.join(undetermined[:5])}")
+
+
+def _judge(patterns, tier, runs_dir, claims_dir, allow_partial):
+    from trades_repro.verify import Context, Evidence, judge_all
+
+    catalogue, entries = _selected(claims_dir, patterns, tier)
+    context = Context(catalogue, Evidence(runs_dir), tier, allow_partial)
+    return judge_all(entries, context), catalogue.titles
+
+
+def _report(judgements, titles, tier, runs_dir, report, junit) -> None:
+    from trades_repro.report import print_tables, write_junit, write_markdown
+
+    print_tables(Console(), judgements, titles)
+    if report is not None:
+        write_markdown(report, judgements, titles, tier=tier, runs_dir=runs_dir)
+        typer.echo(f"report: {report}")
+    if junit is not None:
+        write_junit(junit, judgements, tier=tier)
+
+
+@app.command("run-claim")
+@_user_errors
+def run_claim(
+    patterns: Patterns = None,
+    tier: TierOption = "instant",
+    runs_dir: RunsDir = Path("runs"),
+    claims_dir: ClaimsDir = Path("claims"),
+    dry_run: Annotated[bool, typer.Option(help="Print the plan and its cost; run nothing.")]
+    = False,
+    device_kind: Annotated[str, typer.Option(
+        help="Cost table column for the estimate: h100 or cpu.")] = "",
+    report: Annotated[Path | None, typer.Option(help="Markdown report [default: "
+                                                "RUNS_DIR/report_<tier>.md].")] = None,
+    junit: JunitOption = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bars or lines.")] = False,
+) -> None:
+    """Train and evaluate what the claims need at TIER (finished runs skipped, partial ones
+    resumed, shared arms once), then verify them. Exit codes as `verify`; 3 also when the
+    tier needs a GPU and none is visible; 1 also when a run failed."""
+    from trades_repro import runclaim
+
+    tier = _tier(tier)
+    catalogue, entries = _selected(claims_dir, patterns, tier)
+    runs = runclaim.plan(catalogue, entries, tier, runs_dir)
+    device_kind = device_kind or ("h100" if tier != "instant" else "cpu")
+    _print_plan(runs, entries, tier, device_kind)
+    if dry_run:
+        _print_arms(runs, device_kind)
+        return
+    runclaim.require_device(tier)
+    _set_threads(None, None)  # one CPU thread unless CUDA: see _set_threads
+    say = _progress(quiet)
+    runclaim.run_properties(entries, runs_dir, say)
+    failures = runclaim.execute(runs, runs_dir, report=say, progress=not quiet)
+    ids = [e.id for e in entries]
+    judgements, titles = _judge(ids, tier, runs_dir, claims_dir, False)
+    report = report or runs_dir / f"report_{tier}.md"
+    _report(judgements, titles, tier, runs_dir, report, junit)
+    for run, error in failures:
+        typer.echo(f"run {run.digest} failed: {error}", err=True)
+    _exit_for(judgements, run_failed=bool(failures))
+
+
+def _print_plan(runs, entries, tier: str, device_kind: str) -> None:
+    from collections import Counter
+
+    from trades_repro.runclaim import estimate_hours
+
+    states = Counter(r.state for r in runs)
+    props = sum(e.claim.kind == "property" for e in entries)
+    hours, missing = estimate_hours(runs, device_kind)
+    console = Console()
+    console.print(f"{len(entries)} claims at tier {tier}: {len(runs)} runs "
+                  f"({states['done']} finished, {states['evaluate']} to evaluate, "
+                  f"{states['resume']} to resume, {states['train']} to train), {props} "
+                  f"property tests", highlight=False, soft_wrap=True)
+    where = "GPU" if device_kind != "cpu" else "CPU"
+    console.print(f"estimated {where} time ({device_kind}, spec/costs.yaml): {hours:.1f} h"
+                  + (f"; no cost entry for {', '.join(missing)}" if missing else ""),
+                  highlight=False, soft_wrap=True)
+
+
+def _print_arms(runs, device_kind: str) -> None:
+    from rich.table import Table
+
+    from trades_repro.runclaim import by_arm
+
+    table = Table(title="runs per arm", title_justify="left")
+    for column in ("arm", "runs", "pending", f"est. hours ({device_kind})"):
+        table.add_column(column)
+    for arm, n, pending, hours in by_arm(runs, device_kind):
+        table.add_row(arm, str(n), str(pending), f"{hours:.1f}")
+    Console().print(table)

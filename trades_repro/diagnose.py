@@ -14,9 +14,9 @@ from fractions import Fraction
 from pathlib import Path
 
 import torch
-from pydantic import ValidationError
 from torch import Tensor, nn
 
+import trades_repro
 from trades_repro import store
 from trades_repro.checkpoints import (
     build_arch,
@@ -27,17 +27,27 @@ from trades_repro.checkpoints import (
     load_weights,
 )
 from trades_repro.data import Splits, load_splits, to_float
+from trades_repro.evalfile import (  # noqa: F401 - read_eval/write_eval: callers import here
+    locked,
+    read_eval,
+    records_for,
+    write_eval,
+)
 from trades_repro.evaluate import (
     ALL_ATTACKS,
     ATTACK_PRESETS,
     PAPER_COLUMNS,
+    AttackResult,
     CheckpointEval,
     EvalFile,
     EvalSettings,
     EvaluationError,
     evaluate_model,
+    settings_key,
 )
+from trades_repro.records import STANDARD_SQUARE_QUERIES
 from trades_repro.spec import ExperimentSpec, parse_spec
+from trades_repro.verdict import attack_label
 
 Report = Callable[[str], None]
 # Policy -> file, as the training engine writes them (checkpoints.json overrides when present).
@@ -104,28 +114,41 @@ def resolve_device(name: str) -> str:
 
 def evaluate_run(run_dir: Path, *, attacks: tuple[str, ...] | None = None,
                  n_examples: int | None = None, device: str | None = None,
-                 report: Report = lambda line: None) -> EvalFile:
-    """Evaluate the run's selected checkpoint(s) into ``run_dir/eval.json`` (resumable)."""
-    spec = _run_spec(run_dir, attacks, n_examples)
+                 seed: int | None = None, save_adversarial: bool = False,
+                 policies: Iterable[str] | None = None,
+                 report: Report = lambda line: None) -> list[CheckpointEval]:
+    """Evaluate the run's selected checkpoint(s) into ``run_dir/eval.json`` (resumable).
+
+    `policies` limits it to those checkpoint policies' files (None: every policy's). Returns
+    this evaluation's records, one per distinct policy checkpoint; records of other settings
+    already in the file are kept.
+    """
+    spec = _run_spec(run_dir, attacks, n_examples, seed)
     splits = load_splits(spec.data, spec.seed)
-    settings = _settings(spec, splits, resolve_device(device or spec.device))
+    settings = _settings(spec, splits, resolve_device(device or spec.device),
+                         spec.model.model_dump_json())
     x, y = _examples(splits, settings.n_examples)
     path = run_dir / store.EVAL_FILE
-    evals = read_eval(path) or EvalFile(source=str(run_dir))
-    for file, policies in run_checkpoints(run_dir):
-        report(f"{file} ({', '.join(policies)})")
-        net = build_arch(spec.model, spec.data.dataset, splits.shape, splits.num_classes)
-        net = _load(net, run_dir / file, spec.model.arch, settings.device)
+    done = []
+    with locked(path):
+        evals = read_eval(path) or EvalFile(source=str(run_dir))
+        for file, chosen_by in run_checkpoints(run_dir):
+            if policies is not None and not set(policies) & set(chosen_by):
+                continue
+            report(f"{file} ({', '.join(chosen_by)})")
+            net = build_arch(spec.model, spec.data.dataset, splits.shape, splits.num_classes)
+            net = _load(net, run_dir / file, spec.model.arch, settings.device)
+            done.append(_evaluate(net, x, y, settings, spec.evaluation.attacks,
+                                  (file, file_sha256(run_dir / file), chosen_by), evals, path,
+                                  run_dir, save_adversarial, report))
+    return done
 
-        def save(record: CheckpointEval, file: str = file) -> None:
-            evals.checkpoints[file] = record
-            write_eval(path, evals, settings.device)
 
-        evaluate_model(net, x, y, settings, spec.evaluation.attacks,
-                       identity=(file, file_sha256(run_dir / file), policies),
-                       previous=evals.checkpoints.get(file), save=save,
-                       landscape_dir=run_dir, report=report)
-    return evals
+def run_records(run_dir: Path, *, complete: bool = False) -> list[CheckpointEval]:
+    """Every evaluation record in ``run_dir/eval.json`` (only finished ones with `complete`);
+    several per checkpoint file when it was evaluated with different settings."""
+    records = records_for(read_eval(run_dir / store.EVAL_FILE))
+    return [r for r in records if r.complete or not complete]
 
 
 def diagnose(checkpoint: Path, *, dataset: str, arch: str | None = None,
@@ -133,41 +156,68 @@ def diagnose(checkpoint: Path, *, dataset: str, arch: str | None = None,
              eps: float = 8 / 255, n_examples: int | None = None,
              attacks: tuple[str, ...] | None = None, device: str = "auto",
              data_root: str | None = None, square_queries: int = 5000, seed: int = 0,
-             out: Path | None = None, report: Report = lambda line: None) -> CheckpointEval:
+             out: Path | None = None, save_adversarial: bool = False,
+             checklist: bool = False, report: Report = lambda line: None) -> CheckpointEval:
     """Evaluate any classifier checkpoint on `dataset`'s test set; see `DIAGNOSE_DEFAULTS`.
 
-    PGD-10 uses α = ε/4 (the paper's 2/255 over 8/255). With `out`, `eval.json` and the
-    landscape files are written there and a stopped diagnosis resumes; without, nothing is
-    written.
+    PGD-10 uses α = ε/4 (the paper's 2/255 over 8/255). With `out`, `eval.json`, the
+    landscape files and (with `save_adversarial`) each attack's adversarial examples are
+    written there and a stopped diagnosis resumes; without, nothing is written. With
+    `checklist`, the masking checklist runs afterwards on the same examples.
     """
     if (arch is None) == (factory is None):
         raise EvaluationError("give exactly one of --model ARCH or --factory module:function")
+    if n_examples is not None and n_examples < 1:
+        raise EvaluationError(f"--n-examples {n_examples}: must be at least 1")
+    if save_adversarial and out is None:
+        raise EvaluationError("--save-adversarial needs --out (the folder to save them in)")
     default = DIAGNOSE_DEFAULTS.get(dataset, DiagnoseDefault(None, ALL_ATTACKS))
     spec = _diagnose_spec(dataset, data_root, arch or "small_cnn", width, normalize, eps,
                           n_examples or default.n_examples, attacks or default.attacks,
                           square_queries, seed)
     tensors = load_state_dict(checkpoint)  # a bad file fails before the data is read
     splits = load_splits(spec.data, spec.seed)
-    settings = _settings(spec, splits, resolve_device(device))
+    described = f"factory {factory}" if factory else spec.model.model_dump_json()
+    settings = _settings(spec, splits, resolve_device(device), described)
     if factory is not None:
         net = call_factory(load_factory(factory), factory)
     else:
         net = build_arch(spec.model, dataset, splits.shape, splits.num_classes)
     net = _load_tensors(net, tensors, checkpoint, factory or arch, settings.device)
     x, y = _examples(splits, settings.n_examples)
-    path = out / store.EVAL_FILE if out is not None else None
-    evals = (read_eval(path) if path else None) or EvalFile(source=str(checkpoint))
-    name = checkpoint.name
+    identity = (checkpoint.name, file_sha256(checkpoint), [])
+    if out is None:
+        return _evaluate(net, x, y, settings, spec.evaluation.attacks, identity,
+                         EvalFile(source=str(checkpoint)), None, None, False, report, checklist)
+    path = out / store.EVAL_FILE
+    with locked(path):
+        evals = read_eval(path) or EvalFile(source=str(checkpoint))
+        return _evaluate(net, x, y, settings, spec.evaluation.attacks, identity, evals, path,
+                         out, save_adversarial, report, checklist)
+
+
+def _evaluate(net: nn.Module, x: Tensor, y: Tensor, settings: EvalSettings,
+              attacks: tuple[str, ...], identity: tuple[str, str, list[str]], evals: EvalFile,
+              path: Path | None, folder: Path | None, save_adversarial: bool,
+              report: Report, checklist: bool = False) -> CheckpointEval:
+    """One record, resumed from `evals` when its key is there, saved to `path` as it grows;
+    with `checklist`, the masking checklist appended (once: it resumes too)."""
 
     def save(record: CheckpointEval) -> None:
-        evals.checkpoints[name] = record
+        evals.checkpoints[record.key] = record
         if path is not None:
             write_eval(path, evals, settings.device)
 
-    return evaluate_model(net, x, y, settings, spec.evaluation.attacks,
-                          identity=(name, file_sha256(checkpoint), []),
-                          previous=evals.checkpoints.get(name), save=save,
-                          landscape_dir=out, report=report)
+    previous = evals.checkpoints.get(settings_key(identity[1], settings))
+    record = evaluate_model(net, x, y, settings, attacks, identity=identity, previous=previous,
+                            save=save, landscape_dir=folder,
+                            adversarial_dir=folder if save_adversarial else None, report=report)
+    if checklist and not record.checklist:
+        from trades_repro.checklist import run_checklist
+
+        record.checklist = run_checklist(net, x, y, settings, record, folder, report)
+        save(record)
+    return record
 
 
 def table_rows(record: CheckpointEval) -> list[tuple[str, str, str]]:
@@ -177,18 +227,55 @@ def table_rows(record: CheckpointEval) -> list[tuple[str, str, str]]:
         result = record.clean if name == "clean" else record.attacks.get(name)
         label = name if name in ("clean", "autoattack") else f"{name} ({PAPER_COLUMNS[name]})"
         value = f"{result.accuracy:.4f}" if result else "not run"
-        rows.append((label, value, f"{result.seconds:.1f} s" if result else ""))
+        rows.append((label, value, _note(result)))
     pgd10 = record.attacks.get("pgd10")
+    flagged = {f.check for f in record.flags}
     rows += [
         ("worst case over attacks", _fmt(record.worst_case_accuracy), "per example"),
         ("FOSC (mean, PGD-10)", _fmt(pgd10 and pgd10.fosc_mean), "Eq. 2; lower converges"),
         ("SGCS (mean, PGD-10)", _fmt(pgd10 and pgd10.sgcs_mean), "Eq. 3; lower masks more"),
         ("landscape roughness", _fmt(record.landscape and record.landscape.roughness),
          "Fig. 1; <=1 smooth, >>1 jagged"),
-        ("AutoAttack checks", ", ".join(sorted({f.check for f in record.flags})) or "none",
-         "pyautoattack checks.py"),
+        ("AutoAttack checks", ", ".join(sorted(flagged - {"adversarial_check"})) or "none",
+         "pyautoattack checks.py, run once per model"),
+        ("adversarial re-check", _recheck_summary(record), "|delta| <= eps, [0, 1], predictions"),
     ]
     return rows
+
+
+def _note(result: AttackResult | None) -> str:
+    """Time, and the settings that differ from AutoAttack's standard ones."""
+    if result is None:
+        return ""
+    note = f"{result.seconds:.1f} s"
+    queries = result.params.get("queries")
+    if queries is not None:
+        note += f", {queries} queries" + ("" if queries == STANDARD_SQUARE_QUERIES
+                                          else " (non-standard)")
+    if result.params.get("version", "standard") != "standard":
+        note += f", version {result.params['version']}"
+    return note
+
+
+def _recheck_summary(record: CheckpointEval) -> str:
+    failed = [name for name, c in record.adversarial.items() if not c.ok]
+    if not record.adversarial:
+        return "n/a"
+    return f"failed: {', '.join(failed)}" if failed else f"ok ({len(record.adversarial)} attacks)"
+
+
+def settings_line(record: CheckpointEval) -> str:
+    """The settings a reader needs beside the table, non-standard ones named as such."""
+    s = record.settings
+    square = attack_label(record.attacks.get("square"), "square")
+    if "square" not in record.attacks:
+        square = f"Square {s.square_queries} queries" + (
+            "" if s.square_queries == STANDARD_SQUARE_QUERIES else " (non-standard)")
+    notes = [f"n={s.n_examples}", f"eps={s.eps:.4g}", f"seed {s.seed}", square,
+             f"PGD-{s.steps} step {s.step_size:.4g}", f"device {s.device}"]
+    if record.preflight and record.preflight.randomized:
+        notes.append("randomized model: AutoAttack's 'rand' version")
+    return "settings: " + ", ".join(notes)
 
 
 def _fmt(value: float | None) -> str:
@@ -210,35 +297,17 @@ def run_checkpoints(run_dir: Path) -> list[tuple[str, list[str]]]:
     return list(chosen.items())
 
 
-def read_eval(path: Path) -> EvalFile | None:
-    if not path.exists():
-        return None
-    try:
-        return EvalFile.model_validate_json(path.read_text())
-    except ValidationError as err:
-        raise EvaluationError(f"{path}: not a valid eval file ({err.errors()[0]['msg']}); "
-                              "delete it to start over") from None
-
-
-def write_eval(path: Path, evals: EvalFile, device: str) -> None:
-    from pyautoattack import __version__ as autoattack_version
-
-    evals.provenance = {**store.environment(torch.device(device)), **store.git_state(),
-                        "pyautoattack": autoattack_version, "updated": store.now_iso()}
-    text = evals.model_dump_json(indent=2)
-    EvalFile.model_validate_json(text)  # what we write must read back (fields set in place)
-    store.atomic_write_bytes(path, (text + "\n").encode())
-
-
-def _run_spec(run_dir: Path, attacks: tuple[str, ...] | None,
-              n_examples: int | None) -> ExperimentSpec:
+def _run_spec(run_dir: Path, attacks: tuple[str, ...] | None, n_examples: int | None,
+              seed: int | None) -> ExperimentSpec:
     path = run_dir / store.SPEC_FILE
     if not path.is_file():
         raise EvaluationError(f"{run_dir}: not a run folder (no {store.SPEC_FILE})")
+    if n_examples is not None and n_examples < 1:
+        raise EvaluationError(f"--n-examples {n_examples}: must be at least 1")
     raw = store.read_json(path)
     evaluation = dict(raw.get("evaluation", {}))
-    evaluation.update({k: v for k, v in (("attacks", attacks), ("n_examples", n_examples))
-                       if v is not None})
+    evaluation.update({k: v for k, v in (("attacks", attacks), ("n_examples", n_examples),
+                                         ("seed", seed)) if v is not None})
     return parse_spec({**raw, "evaluation": evaluation}, source=str(path))
 
 
@@ -255,7 +324,7 @@ def _diagnose_spec(dataset: str, root: str | None, arch: str, width: int, normal
     }, source="diagnose options")
 
 
-def _settings(spec: ExperimentSpec, splits: Splits, device: str) -> EvalSettings:
+def _settings(spec: ExperimentSpec, splits: Splits, device: str, model: str) -> EvalSettings:
     available = len(splits.test.labels)
     n = spec.evaluation.n_examples or available
     if n > available:
@@ -265,7 +334,16 @@ def _settings(spec: ExperimentSpec, splits: Splits, device: str) -> EvalSettings
     return EvalSettings(dataset=spec.data.dataset, n_examples=n, eps=v.eps,
                         step_size=v.step_size, steps=v.steps, random_start=v.random_start,
                         batch_size=e.batch_size, seed=e.seed, square_queries=e.square_queries,
-                        device=device, landscape=e.landscape)
+                        device=device, landscape=e.landscape, model=model,
+                        n_classes=splits.num_classes, versions=versions())
+
+
+def versions() -> dict[str, str]:
+    """The library versions that can change an attack's numbers: part of the resume key."""
+    from pyautoattack import __version__ as autoattack_version
+
+    return {"torch": torch.__version__, "pyautoattack": autoattack_version,
+            "trades_repro": trades_repro.__version__}
 
 
 def _examples(splits: Splits, n: int) -> tuple[Tensor, Tensor]:

@@ -1,0 +1,74 @@
+"""The masking checklist: a regular model passes, a saturated one warns, the CLI shows rows."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from _evalutil import EPS, Saturated, digits_test, prototype_linear
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from trades_repro.checklist import run_checklist
+from trades_repro.cli import app
+from trades_repro.evaluate import EvalSettings
+from trades_repro.spec import LandscapeSpec
+
+N = 60
+ITEMS = ["pgd100x5", "margin_loss", "fgsm", "eps_sweep", "noise", "square_only"]
+
+
+def _settings() -> EvalSettings:
+    return EvalSettings(dataset="digits", n_examples=N, eps=EPS, step_size=EPS / 4, steps=10,
+                        random_start=True, batch_size=500, seed=0, square_queries=5000,
+                        device="cpu", landscape=LandscapeSpec(radius=EPS, steps=5))
+
+
+@pytest.fixture(scope="module")
+def rows():
+    x, y = digits_test(N)
+    regular = run_checklist(prototype_linear(), x, y, _settings())
+    saturated = run_checklist(Saturated(prototype_linear()), x, y, _settings())
+    return {r.item: r for r in regular}, {r.item: r for r in saturated}
+
+
+def test_a_regular_model_passes_every_item_it_can_check(rows):
+    regular, _ = rows
+    assert list(regular) == ITEMS
+    assert [r.status for r in regular.values()] == ["pass"] * 5 + ["n/a"]
+    sweep = regular["eps_sweep"].numbers
+    assert sweep["eps"][0] == pytest.approx(EPS / 2) and sweep["eps"][-1] == 1.0
+    assert sweep["accuracy"][-1] <= 0.1 and all(r.seconds >= 0 for r in regular.values())
+
+
+def test_saturated_logits_fail_the_margin_loss_and_eps_sweep_items(rows):
+    _, saturated = rows
+    assert saturated["margin_loss"].status == "warn"  # DLR is scale-free, CE saturates
+    assert saturated["eps_sweep"].status == "warn"  # PGD cannot move: accuracy stays up
+    numbers = saturated["margin_loss"].numbers
+    assert numbers["strong_accuracy"] < numbers["weak_accuracy"] and numbers["p"] < 0.05
+
+
+@pytest.mark.slow
+def test_diagnose_checklist_records_rows_with_their_cost(tmp_path):
+    path = tmp_path / "linear.safetensors"
+    save_file(prototype_linear().state_dict(), path)
+    (tmp_path / "cl_nets.py").write_text(
+        "from torch import nn\n\ndef linear():\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(64, 10))\n")
+    import sys
+
+    sys.path.insert(0, str(tmp_path))
+    try:
+        result = CliRunner().invoke(app, [
+            "diagnose", str(path), "--dataset", "digits", "--eps", "0.1", "--factory",
+            "cl_nets:linear", "--n-examples", "40", "--attacks", "square-only",
+            "--square-queries", "500", "--checklist", "--json", "--quiet",
+            "--out", str(tmp_path / "out")])
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert result.exit_code in (0, 1, 3), result.output
+    record = json.loads(result.stdout)
+    assert [r["item"] for r in record["checklist"]] == ITEMS
+    assert record["checklist"][-1]["status"] != "n/a"  # Square ran: its images are counted
+    assert list((tmp_path / "out").glob("checklist_eps_*.png"))

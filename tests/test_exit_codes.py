@@ -1,0 +1,139 @@
+"""Every exit code of `diagnose` (and the crash code of every command), through CliRunner.
+
+0 not overestimated, 1 overestimated, 2 bad input (pre-flight included), 3 inconclusive,
+4 the evaluation itself failed (traceback in a log file). Models are factories written to a
+temporary module, with weights from `prototype_linear` (no training needed).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from _evalutil import prototype_linear
+from factories import assert_one_line_error
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from trades_repro import evaluate as ev
+from trades_repro.cli import app
+from trades_repro.diagnose import read_eval
+
+runner = CliRunner()
+NETS = '''
+import torch
+from torch import nn
+
+
+def linear():
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+
+
+def softmax():
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 10), nn.Softmax(dim=1))
+
+
+def five_classes():
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 5))
+
+
+def cifar_shaped():  # expects 3x32x32 images
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
+
+
+def broken():
+    raise RuntimeError("this factory needs a GPU")
+'''
+
+
+@pytest.fixture
+def nets(tmp_path, monkeypatch) -> Path:
+    (tmp_path / "exit_nets.py").write_text(NETS)
+    (tmp_path / "exit_nets_bad.py").write_text("1 / 0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    good = prototype_linear().state_dict()
+    save_file(good, tmp_path / "linear.safetensors")
+    save_file({"1.weight": good["1.weight"], "1.bias": good["1.bias"]},
+              tmp_path / "softmax.safetensors")
+    torch.manual_seed(0)
+    for name, width, classes in (("five", 64, 5), ("cifar", 3072, 10)):
+        layer = torch.nn.Linear(width, classes)
+        save_file({"1.weight": layer.weight.detach(), "1.bias": layer.bias.detach()},
+                  tmp_path / f"{name}.safetensors")
+    return tmp_path
+
+
+def _diagnose(folder: Path, weights: str, factory: str, *extra: str):
+    return runner.invoke(app, ["diagnose", str(folder / f"{weights}.safetensors"),
+                               "--dataset", "digits", "--eps", "0.1", "--factory",
+                               _target(factory), "--quiet", *extra])
+
+
+def _target(factory: str) -> str:
+    return "exit_nets_bad:linear" if factory == "x:linear" else f"exit_nets:{factory}"
+
+
+@pytest.mark.parametrize(("weights", "factory", "needles"), [
+    ("cifar", "cifar_shaped", ("model fails on this dataset's images", "[1, 8, 8]")),
+    ("five", "five_classes", ("outputs 5 classes", "dataset has 10")),
+    ("linear", "broken", ("raised RuntimeError", "this factory needs a GPU")),
+    ("linear", "x:linear", ("importing 'exit_nets_bad' raised ZeroDivisionError",)),
+    ("softmax", "softmax", ("outputs probabilities", "remove its final softmax")),
+])
+def test_models_that_do_not_fit_exit_2_before_any_attack(nets, weights, factory, needles,
+                                                         monkeypatch):
+    monkeypatch.setattr(ev, "RUNNERS", {})  # any attack would raise KeyError: none may run
+    assert_one_line_error(_diagnose(nets, weights, factory, "--attacks", "pgd10"), *needles)
+
+
+def test_n_examples_0_is_bad_input_not_the_default(nets):
+    result = _diagnose(nets, "linear", "linear", "--n-examples", "0")
+    assert_one_line_error(result, "--n-examples 0", "at least 1")
+    result = _diagnose(nets, "linear", "linear", "--save-adversarial")
+    assert_one_line_error(result, "--save-adversarial needs --out")
+
+
+def test_no_verdict_exits_3_and_keeps_the_checked_adversarial_examples(nets):
+    out = nets / "out"
+    result = _diagnose(nets, "linear", "linear", "--attacks", "pgd10", "--n-examples", "20",
+                       "--out", str(out), "--save-adversarial", "--seed", "7")
+    assert result.exit_code == 3, result.output
+    assert result.stderr.strip().startswith("error: inconclusive: no verdict")
+    assert len(result.stderr.strip().splitlines()) == 1
+    (record,) = read_eval(out / "eval.json").checkpoints.values()
+    check = record.adversarial["pgd10"]
+    assert check.ok and record.settings.seed == 7
+    saved = load_file(out / check.file)
+    assert saved["x_adv"].shape == (20, 1, 8, 8) and saved["y"].shape == (20,)
+
+
+def test_an_unexpected_failure_exits_4_with_the_traceback_in_a_log(nets, monkeypatch):
+    def explode(*args):
+        raise ZeroDivisionError("deep inside an attack")
+
+    monkeypatch.setitem(ev.RUNNERS, "pgd10", explode)
+    result = _diagnose(nets, "linear", "linear", "--attacks", "pgd10", "--n-examples", "20")
+    assert result.exit_code == 4, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "ZeroDivisionError: deep inside an attack" in lines[0]
+    log = Path(re.search(r"traceback in (\S+)\)", lines[0]).group(1))
+    text = log.read_text()
+    assert "Traceback" in text and "explode" in text
+    log.unlink()
+
+
+def test_every_wrapped_command_exits_4_on_an_unexpected_error(tmp_path, monkeypatch):
+    import trades_repro.train as training
+
+    def explode(*args, **kwargs):
+        raise KeyError("surprise")
+
+    monkeypatch.setattr(training, "train", explode)
+    spec = Path(__file__).resolve().parents[1] / "spec" / "digits.yaml"
+    result = runner.invoke(app, ["train", str(spec), "--runs-dir", str(tmp_path), "--quiet"])
+    assert result.exit_code == 4, result.output
+    assert "train failed unexpectedly: KeyError" in result.stderr
+    Path(re.search(r"traceback in (\S+)\)", result.stderr).group(1)).unlink()
+

@@ -1,0 +1,174 @@
+"""The gradient-masking checklist (Athalye et al. 2018; Carlini et al. 2019; Pintor et al. 2022).
+
+Each item compares two ways of attacking the same examples and says ``pass`` or ``warn``
+with its numbers and its cost in seconds:
+
+* ``pgd100x5``: PGD-10 vs PGD-100 with 5 restarts (all restarts in one batch);
+* ``margin_loss``: APGD on CE vs APGD on the DLR margin loss (pyautoattack, 100 iterations);
+* ``fgsm``: FGSM (one step of ε) vs PGD-10 — one step beating ten is a red flag;
+* ``eps_sweep``: PGD-10 accuracy as ε grows (×½ … ×16, capped at 1) must fall towards 0;
+* ``noise``: uniform noise in the ε-box (10 draws, one forward) must not beat PGD-10;
+* ``square_only``: images only Square breaks (b of the paired rule), counted.
+
+Comparisons are paired and count an image as robust only if it is also right clean; "A beats
+B" means A leaves fewer images robust with the exact McNemar p < 0.05 (scipy). Fig. 1's
+landscape is in the evaluation record already.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from trades_repro import store
+from trades_repro.attacks import pgd
+from trades_repro.preflight import capture_checks
+from trades_repro.records import ChecklistRow, CheckpointEval, EvalSettings
+from trades_repro.verdict import discordant, mcnemar_exact
+
+ALPHA = 0.05  # McNemar level for "one attack beats the other"
+EPS_FACTORS = (0.5, 1, 2, 4, 8, 16)  # the sweep, in multiples of the threat model's ε
+SWEEP_LIMIT = 0.10  # accuracy left at the largest ε that still counts as "towards 0"
+SWEEP_SLACK = 0.02  # a rise in accuracy with ε above this is non-monotone (noise at n ~ 100)
+RESTARTS, LONG_STEPS, NOISE_DRAWS = 5, 100, 10
+
+
+def run_checklist(model: nn.Module, x: Tensor, y: Tensor, s: EvalSettings,
+                  record: CheckpointEval | None = None, folder: Path | None = None,
+                  report: Callable[[str], None] = lambda line: None) -> list[ChecklistRow]:
+    """Every item on `x` ``[N, ...]``, `y` ``[N]`` under settings `s`; see the module doc."""
+    model.float().eval()
+    x, y = x.to(s.device), y.to(s.device)
+    with torch.no_grad():
+        clean = model(x).argmax(1) == y
+    base = _robust(model, _pgd(model, x, y, s, s.eps, s.steps), y, clean)
+    items = [lambda: _restarts(model, x, y, s, clean, base),
+             lambda: _margin_loss(model, x, y, s, clean),
+             lambda: _fgsm(model, x, y, s, clean, base),
+             lambda: _sweep(model, x, y, s, clean, folder, record),
+             lambda: _noise(model, x, y, s, clean, base),
+             lambda: _square_only(record)]
+    rows = []
+    for item in items:
+        started = time.perf_counter()
+        row = item()
+        row.seconds = round(time.perf_counter() - started, 3)
+        report(f"checklist {row.item}: {row.status} ({row.detail}; {row.seconds:.1f} s)")
+        rows.append(row)
+    return rows
+
+
+def _pgd(model: nn.Module, x: Tensor, y: Tensor, s: EvalSettings, eps: float, steps: int,
+         step_size: float | None = None, random_start: bool = True) -> Tensor:
+    generator = torch.Generator(device=s.device).manual_seed(s.seed)
+    alpha = step_size if step_size is not None else eps * s.step_size / s.eps  # PGD-10's α/ε
+    return pgd(model, x, y, eps=eps, step_size=alpha, steps=steps, random_start=random_start,
+               generator=generator)
+
+
+def _robust(model: nn.Module, x_adv: Tensor, y: Tensor, clean: Tensor) -> Tensor:
+    with torch.no_grad():
+        return clean & (model(x_adv).argmax(1) == y)
+
+
+def _compare(item: str, stronger: str, weak: Tensor, strong: Tensor) -> ChecklistRow:
+    """Paired: does `strong` leave significantly fewer images robust than `weak`?"""
+    bits = ["".join("1" if v else "0" for v in t.tolist()) for t in (weak, strong)]
+    b, c = discordant(*bits)  # b: robust to the weak attack only
+    p = mcnemar_exact(b, c)
+    beats = b > c and p < ALPHA
+    numbers = {"weak_accuracy": weak.float().mean().item(),
+               "strong_accuracy": strong.float().mean().item(), "b": b, "c": c, "p": p}
+    status = "warn" if beats else "pass"
+    verb = "beats" if beats else "does not beat"
+    return ChecklistRow(item=item, status=status, numbers=numbers, seconds=0.0,
+                        detail=f"{stronger} {verb} the other: {numbers['strong_accuracy']:.3f} vs "
+                               f"{numbers['weak_accuracy']:.3f} (b={b}, c={c}, p={p:.2g})")
+
+
+def _restarts(model, x, y, s, clean, base) -> ChecklistRow:
+    """PGD-100 × 5 restarts as one batch of 5N images; robust only if every restart fails."""
+    reps = (RESTARTS,) + (1,) * (x.dim() - 1)
+    x_adv = _pgd(model, x.repeat(reps), y.repeat(RESTARTS), s, s.eps, LONG_STEPS,
+                 step_size=s.eps / 40)  # 100 steps of ε/40 cross the box 2.5 times, as PGD-10's
+    hits = _robust(model, x_adv, y.repeat(RESTARTS), clean.repeat(RESTARTS))
+    return _compare("pgd100x5", "PGD-100x5", base, hits.view(RESTARTS, -1).all(0))
+
+
+def _margin_loss(model, x, y, s, clean) -> ChecklistRow:
+    from pyautoattack.autopgd_base import APGDAttack
+
+    results = {}
+    for loss in ("ce", "dlr"):
+        attack = APGDAttack(model, n_iter=100, eps=s.eps, seed=s.seed, loss=loss,
+                            device=s.device)
+        with capture_checks(f"apgd-{loss}"):  # its zero-gradient warnings: recorded elsewhere
+            results[loss] = _robust(model, attack.perturb(x, y), y, clean)
+    return _compare("margin_loss", "APGD-DLR (margin)", results["ce"], results["dlr"])
+
+
+def _fgsm(model, x, y, s, clean, base) -> ChecklistRow:
+    fgsm = _robust(model, _pgd(model, x, y, s, s.eps, 1, step_size=s.eps, random_start=False),
+                   y, clean)
+    return _compare("fgsm", "FGSM", base, fgsm)
+
+
+def _noise(model, x, y, s, clean, base) -> ChecklistRow:
+    generator = torch.Generator(device=s.device).manual_seed(s.seed)
+    reps = (NOISE_DRAWS,) + (1,) * (x.dim() - 1)
+    noise = (torch.rand(x.repeat(reps).shape, generator=generator, device=s.device) * 2 - 1)
+    hits = _robust(model, (x.repeat(reps) + s.eps * noise).clamp(0, 1), y.repeat(NOISE_DRAWS),
+                   clean.repeat(NOISE_DRAWS))
+    return _compare("noise", "uniform noise", base, hits.view(NOISE_DRAWS, -1).all(0))
+
+
+def _sweep(model, x, y, s, clean, folder, record) -> ChecklistRow:
+    radii = sorted({min(1.0, f * s.eps) for f in EPS_FACTORS})
+    accs = [_robust(model, _pgd(model, x, y, s, r, s.steps), y, clean).float().mean().item()
+            for r in radii]
+    rises = max((b - a for a, b in zip(accs, accs[1:], strict=False)), default=0.0)
+    ok = accs[-1] <= SWEEP_LIMIT and rises <= SWEEP_SLACK
+    detail = (f"PGD-10 accuracy {accs[0]:.3f} at eps {radii[0]:.3g} -> {accs[-1]:.3f} at "
+              f"{radii[-1]:.3g}" + ("" if rises <= SWEEP_SLACK else f"; rises by {rises:.3f}"))
+    if folder is not None:
+        stem = f"checklist_eps_{record.key[:8] if record else 'sweep'}"
+        store.atomic_write_bytes(folder / f"{stem}.png", _sweep_png(radii, accs, s.eps))
+        detail += f"; plot {stem}.png"
+    return ChecklistRow(item="eps_sweep", status="pass" if ok else "warn", seconds=0.0,
+                        numbers={"eps": radii, "accuracy": accs}, detail=detail)
+
+
+def _square_only(record: CheckpointEval | None) -> ChecklistRow:
+    pgd10 = record and record.attacks.get("pgd10")
+    square = record and record.attacks.get("square")
+    if not pgd10 or not square:
+        return ChecklistRow(item="square_only", status="n/a", numbers={}, seconds=0.0,
+                            detail="not counted: PGD-10 and Square were not both run")
+    b, c = discordant(pgd10.robust, square.robust, record.clean and record.clean.robust)
+    p = mcnemar_exact(b, c)
+    status = "warn" if b > c and p < ALPHA else "pass"
+    return ChecklistRow(item="square_only", status=status, seconds=0.0,
+                        numbers={"b": b, "c": c, "n": pgd10.n_examples, "p": p},
+                        detail=f"{b} images only Square breaks, {c} only PGD-10 (p={p:.2g})")
+
+
+def _sweep_png(radii: list[float], accs: list[float], eps: float) -> bytes:
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # no pyplot, no display
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4, 3))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.plot(np.array(radii), np.array(accs), marker="o")
+    ax.axvline(eps, color="grey", linestyle=":")
+    ax.set(xscale="log", xlabel="eps (L-inf)", ylabel="PGD-10 robust accuracy", ylim=(0, 1))
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    return buffer.getvalue()

@@ -1,0 +1,82 @@
+"""`eval.json` on disk: read (old layouts re-keyed, nothing dropped), write atomically, lock.
+
+Records are keyed by (checkpoint file hash, evaluation key): another `--n-examples`, seed,
+device, architecture or library version makes a new record beside the old one instead of
+replacing it. An exclusive lock (``eval.json.lock``, `fcntl.flock`, released by the kernel
+when the process dies) stops a second process from writing the same file meanwhile.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from pydantic import ValidationError
+
+from trades_repro import store
+from trades_repro.errors import BadInput
+from trades_repro.records import CheckpointEval, EvalFile
+
+LOCK_SUFFIX = ".lock"
+
+
+class EvalFileError(BadInput):
+    """An `eval.json` that cannot be read, or is being written by another process."""
+
+
+def read_eval(path: Path) -> EvalFile | None:
+    """The file's records keyed by their evaluation key (version 1 files re-keyed)."""
+    if not path.exists():
+        return None
+    try:
+        evals = EvalFile.model_validate_json(path.read_text())
+    except ValidationError as err:
+        raise EvalFileError(f"{path}: not a valid eval file ({err.errors()[0]['msg']}); "
+                            "move it away to start over") from None
+    records = {record.key: record for record in evals.checkpoints.values()}
+    return evals.model_copy(update={"schema_version": 2, "checkpoints": records})
+
+
+def records_for(evals: EvalFile | None, file: str | None = None) -> list[CheckpointEval]:
+    """Every record in `evals` (of checkpoint file name `file` when given), oldest first."""
+    if evals is None:
+        return []
+    return [r for r in evals.checkpoints.values() if file is None or r.checkpoint == file]
+
+
+def write_eval(path: Path, evals: EvalFile, device: str) -> None:
+    from pyautoattack import __version__ as autoattack_version
+
+    evals.provenance = {**store.environment(torch.device(device)), **store.git_state(),
+                        "pyautoattack": autoattack_version, "updated": store.now_iso()}
+    text = evals.model_dump_json(indent=2)
+    EvalFile.model_validate_json(text)  # what we write must read back (fields set in place)
+    store.atomic_write_bytes(path, (text + "\n").encode())
+
+
+@contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Hold ``<path>.lock`` exclusively, or fail at once naming the process that holds it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = path.with_name(path.name + LOCK_SUFFIX)
+    with lock.open("a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise EvalFileError(f"{path}: being written by {holder}; wait for it to finish "
+                                "(or give another --out)") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.truncate(0)
+            fcntl.flock(handle, fcntl.LOCK_UN)
