@@ -1,0 +1,191 @@
+"""The claims files: the paper's cells all present, the schema strict, bad input one line."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from claimsutil import arm, claim, claims_folder
+from factories import assert_one_line_error
+from typer.testing import CliRunner
+
+from trades_repro.claims import TIERS, load_catalogue
+from trades_repro.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+PAPER = ROOT.parent / "shared" / "PAPER.md"
+runner = CliRunner()
+# Cells of each paper table (rows × columns, counted by hand from the paper): Table 1 2×7;
+# Table 2 two 3×3 halves; Table 3 3×4; Table 4 3×3; Table 5 3×5; Table 6 3×4; Table 7 2×5.
+PAPER_CELLS = {"table_1": 14, "table_2": 18, "table_3": 12, "table_4": 9, "table_5": 15,
+               "table_6": 12, "table_7": 10}
+CELL_KINDS = ("table_cell", "instability_rate")
+EVENT_ARTEFACTS = ("figure_2", "figure_3", "figure_5", "figure_6", "figure_7", "section_5_3")
+
+
+@pytest.fixture(scope="module")
+def catalogue():
+    return load_catalogue(ROOT / "claims")
+
+
+@pytest.mark.parametrize(("artefact", "cells"), PAPER_CELLS.items())
+def test_every_cell_of_every_table_has_one_claim(catalogue, artefact, cells):
+    mine = [e.claim for e in catalogue.entries
+            if e.artefact == artefact and e.claim.kind in CELL_KINDS]
+    wheres = Counter(c.source.where for c in mine)
+    assert len(mine) == cells, f"{artefact}: {len(mine)} cell claims, the paper has {cells}"
+    assert max(wheres.values()) == 1, f"{artefact}: a cell claimed twice: {wheres}"
+
+
+def test_trends_and_events_are_claimed(catalogue):
+    kinds = Counter(e.claim.kind for e in catalogue.entries)
+    assert kinds["trend"] >= 4
+    assert {a for a in EVENT_ARTEFACTS} <= {e.artefact for e in catalogue.entries
+                                           if e.claim.kind == "event"}
+    assert kinds["property"] >= 3 and kinds["healing"] >= 1
+
+
+def test_paper_claims_are_full_tier_and_ours_are_marked(catalogue):
+    for entry in catalogue.entries:
+        tiers = catalogue.tiers_of(entry)
+        assert tiers, entry.id
+        if entry.claim.values_from == "paper" and entry.claim.kind != "property":
+            assert "full" in tiers and "instant" not in tiers, entry.id
+        if "instant" in tiers and entry.claim.kind != "property":
+            assert entry.claim.values_from == "ours", entry.id
+
+
+def _numbers(text: str) -> list[float]:
+    return [float(x) for x in re.findall(r"\d+\.\d+|\d+", text)]
+
+
+def test_verbatim_text_carries_the_typed_numbers(catalogue):
+    """The numbers were typed twice (verbatim and expected): a typo in one shows here."""
+    for entry in catalogue.entries:
+        c = entry.claim
+        if c.values_from != "paper" or c.kind not in CELL_KINDS:
+            continue
+        said = _numbers(c.verbatim)
+        if c.kind == "instability_rate":
+            assert said == [c.expected.k, c.expected.n], entry.id
+        else:
+            typed = [c.expected.mean] + ([c.expected.sd] if c.expected.sd is not None else [])
+            assert said == pytest.approx(typed), entry.id
+
+
+def _plain(text: str) -> str:
+    """Markup-free text: the paper's tables mix HTML bold, Markdown bold and LaTeX."""
+    for markup, plain in (("<b>", ""), ("</b>", ""), ("**", ""), ("$", ""), ("\\textbf{", ""),
+                          ("}", ""), ("\\pm", "±")):
+        text = text.replace(markup, plain)
+    return " ".join(text.split())
+
+
+@pytest.mark.skipif(not PAPER.is_file(), reason="the paper's text lives outside the repo")
+def test_verbatim_text_is_in_the_paper(catalogue):
+    paper = _plain(PAPER.read_text())
+    for entry in catalogue.entries:
+        # a trend's verbatim lists several cells' counts, not one contiguous phrase
+        if entry.claim.values_from == "paper" and entry.claim.kind != "trend":
+            assert _plain(entry.claim.verbatim) in paper, entry.id
+
+
+def test_every_arm_resolves_in_each_tier_it_names(catalogue):
+    for name, arm_ in catalogue.arms.items():
+        for tier in arm_.tiers:
+            assert tier in TIERS
+            specs = catalogue.specs(name, tier)
+            assert len({s.digest() for s in specs}) == len(specs), name
+
+
+def test_full_tier_follows_the_papers_protocol(catalogue):
+    spec = catalogue.specs("c100_beta3_bs256_lr0p1", "full")[0]
+    assert (spec.data.dataset, spec.model.arch, spec.optim.epochs) == ("cifar100", "resnet18", 200)
+    assert spec.data.validation == "test"  # Fig. 4: 50,000/256 = 195 steps per epoch
+    assert spec.evaluation.n_examples is None  # all 10,000 test images
+    assert {"autoattack", "square"} <= set(spec.evaluation.attacks)
+    assert spec.evaluation.square_queries == 5000
+    assert len(catalogue.specs("c100_beta3_bs256_lr0p1", "full")) == 10
+
+
+def test_shared_arms_resolve_to_the_same_runs(catalogue):
+    left = {s.digest() for s in catalogue.specs("c100_beta3_bs128_lr0p1", "full")}
+    ids = [e.id for e in catalogue.entries if e.claim.kind == "instability_rate"
+           and e.claim.arm == "c100_beta3_bs128_lr0p1"]
+    assert len(ids) == 2 and len(left) == 10  # Table 2's two halves share one column
+
+
+GOOD = claim("table_9.a", "instability_rate", arm="a", expected={"k": 1, "n": 2},
+             test={"name": "clopper_pearson"})
+
+
+@pytest.mark.parametrize(("change", "needle"), [
+    ({"kind": "histogram"}, "kind"),
+    ({"rationale": None}, "rationale"),
+    ({"kind": "table_cell", "metric": "clean", "expected": {"mean": 0.5},
+      "test": {"name": "tolerance"}}, "test.tolerance.abs"),
+    ({"arm": "nowhere"}, "unknown arm 'nowhere'"),
+    ({"rule": "pgd10_minus_square_v9"}, "unknown masking rule"),
+])
+def test_bad_claims_exit_2_naming_file_and_claim(tmp_path, change, needle):
+    bad = {k: v for k, v in {**GOOD, **change}.items() if v is not None}
+    folder = claims_folder(tmp_path, {"a": arm(seeds=2)}, [bad])
+    result = runner.invoke(app, ["verify", "--claims-dir", str(folder)])
+    assert_one_line_error(result, "table_9.yaml", "table_9.a", needle)
+
+
+def test_duplicate_ids_and_unresolvable_arms_exit_2(tmp_path):
+    folder = claims_folder(tmp_path, {"a": arm(seeds=2)}, [GOOD, GOOD])
+    assert_one_line_error(runner.invoke(app, ["claims", "list", "--claims-dir", str(folder)]),
+                          "table_9.a", "duplicate id")
+    broken = {"a": {"label": "x", "tiers": {"full": {"base": str(tmp_path / "gone.yaml")}}}}
+    folder = claims_folder(tmp_path / "b", broken, [GOOD])
+    assert_one_line_error(runner.invoke(app, ["verify", "--claims-dir", str(folder)]),
+                          "table_9.a", "does not resolve to a spec", "gone.yaml")
+    bad_set = {"a": arm(seeds=1, **{"method.colour": "red"})}
+    folder = claims_folder(tmp_path / "c", bad_set, [GOOD])
+    assert_one_line_error(runner.invoke(app, ["verify", "--claims-dir", str(folder)]),
+                          "table_9.a", "method.colour")
+
+
+def test_verify_on_empty_evidence_reports_not_run_and_exits_0(tmp_path):
+    report, junit = tmp_path / "report.md", tmp_path / "junit.xml"
+    result = runner.invoke(app, ["verify", "--runs-dir", str(tmp_path / "empty"), "--report",
+                                 str(report), "--junit", str(junit)])
+    assert result.exit_code == 0, result.output
+    n = len(load_catalogue(ROOT / "claims").select(None, "full"))
+    assert f"{n} claims: {n} not run" in result.stdout
+    assert "held" not in report.read_text().split("\n", 3)[2]
+    assert junit.read_text().count("<skipped") == n
+
+
+def test_unknown_tier_and_unmatched_pattern_are_bad_input(tmp_path):
+    assert_one_line_error(runner.invoke(app, ["verify", "--tier", "huge"]), "--tier", "huge")
+    assert_one_line_error(runner.invoke(app, ["verify", "table_99.*"]), "no claim matches")
+    assert_one_line_error(runner.invoke(app, ["run-claim", "table_2.*", "--tier", "instant"]),
+                          "has a 'instant' tier")
+
+
+def test_run_claim_dry_run_lists_table_2s_150_runs_with_gpu_hours():
+    result = runner.invoke(app, ["run-claim", "table_2.*", "--tier", "full", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "150 runs" in result.stdout and "150 to train" in result.stdout
+    assert re.search(r"estimated GPU time \(h100, spec/costs.yaml\): [\d.]+ h", result.stdout)
+
+
+def test_run_claim_refuses_a_gpu_tier_without_a_gpu(monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    result = runner.invoke(app, ["run-claim", "table_2.lr0p1.beta3_bs256", "--tier", "full"])
+    assert result.exit_code == 3
+    assert "needs a CUDA GPU" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_every_property_claim_names_an_existing_test(catalogue):
+    """A renamed test would otherwise turn its claim into 'not collected' at run time."""
+    for entry in catalogue.entries:
+        if entry.claim.kind == "property":
+            path, name = entry.claim.test.node.split("::")
+            source = (ROOT / path).read_text()
+            assert re.search(rf"^def {name}\(", source, re.M), entry.id

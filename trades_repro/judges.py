@@ -1,0 +1,239 @@
+"""One judge per claim kind: evidence → held / failed / undetermined, with the numbers.
+
+Each judge collects its arms' finished runs (`verify.collect`, which also answers 'not run'
+or 'incomplete'), computes our value, runs the claim's test from `stats` and says why.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from trades_repro import events, stats
+from trades_repro.claims import Entry, FoscSpike, GapDrop, SelfHealing, SpikeDuration
+from trades_repro.verify import (
+    Context,
+    Judgement,
+    RunEvidence,
+    collect,
+    fmt_cell,
+    fmt_rate,
+    judged,
+    median,
+    needed,
+    rate_interval,
+    subset,
+)
+
+
+def table_cell(entry: Entry, ctx: Context) -> Judgement:
+    claim = entry.claim
+    found, early = collect(entry, ctx, claim.arm_names(), needs=needed(claim, (claim.metric,)))
+    if early:
+        return early
+    runs = subset(found[claim.arm], claim.subset, claim.rule)
+    if claim.seeds_flagged_in:
+        seeds = {r.spec.seed for r in subset(found[claim.seeds_flagged_in], "flagged",
+                                              claim.rule)}
+        runs = [r for r in runs if r.spec.seed in seeds]
+    values = [v for v in (r.metric(claim.metric) for r in runs) if v is not None]
+    common = {"n_required": len(ctx.catalogue.specs(claim.arm, ctx.tier)),
+              "n_found": len(found[claim.arm]), "partial": ctx.allow_partial}
+    if not values:
+        return judged(entry, ctx, "undetermined", **common, detail=(
+            f"no {claim.subset} run with '{claim.metric}' among {len(found[claim.arm])}"))
+    mean, sd = stats.mean_sd(values)
+    ours = fmt_cell(mean, sd if len(values) > 1 else None, len(values))
+    expected = claim.expected
+    if claim.test.name == "tolerance":
+        diff = mean - expected.mean
+        held = abs(diff) <= claim.test.abs
+        return judged(entry, ctx, "held" if held else "failed", ours=ours, statistic=diff,
+                     test=f"|ours − paper| ≤ {claim.test.abs:g}",
+                     detail=f"difference {diff:+.4f}", **common)
+    if len(values) < 2:
+        return judged(entry, ctx, "undetermined", ours=ours, test="Welch t-test", **common,
+                     detail="a Welch test needs at least 2 of our runs")
+    result = stats.welch_from_stats((expected.mean, expected.sd, expected.n), (mean, sd,
+                                                                              len(values)))
+    held = result.p_value >= claim.test.alpha
+    return judged(entry, ctx, "held" if held else "failed", ours=ours, **common,
+                 test=f"Welch t-test, held unless p < {claim.test.alpha:g}",
+                 statistic=result.statistic, p_value=result.p_value,
+                 detail=f"difference {mean - expected.mean:+.4f}")
+
+
+def instability_rate(entry: Entry, ctx: Context) -> Judgement:
+    claim = entry.claim
+    found, early = collect(entry, ctx, (claim.arm,), needs=needed(claim))
+    if early:
+        return early
+    flags = [r.flagged(claim.rule) for r in found[claim.arm]]
+    if any(f is None for f in flags):
+        return judged(entry, ctx, "undetermined", n_found=len(flags),
+                     detail=f"rule {claim.rule} needs attacks some runs lack")
+    k, n = sum(flags), len(flags)
+    low, high = rate_interval(claim.expected.k, claim.expected.n, claim.test.confidence)
+    held = low <= k / n <= high
+    ours_low, ours_high = rate_interval(k, n, claim.test.confidence)
+    test = stats.binomial_test(k, n, claim.expected.k / claim.expected.n)
+    return judged(entry, ctx, "held" if held else "failed", ours=fmt_rate(k, n),
+                 test=f"ours inside the paper's exact {claim.test.confidence:.0%} interval",
+                 statistic=k / n, p_value=test.p_value, interval=(low, high),
+                 n_required=len(ctx.catalogue.specs(claim.arm, ctx.tier)), n_found=n,
+                 partial=ctx.allow_partial,
+                 detail=f"our exact interval [{ours_low:.3f}, {ours_high:.3f}]; "
+                        f"p from the exact binomial test against {claim.expected.k}/"
+                        f"{claim.expected.n}")
+
+
+def trend(entry: Entry, ctx: Context) -> Judgement:
+    claim = entry.claim
+    metrics = () if claim.measure == "flagged" else (claim.measure,)
+    found, early = collect(entry, ctx, claim.arms, needs=needed(claim, metrics))
+    if early:
+        return early
+    runs = [found[a] for a in claim.arms]
+    if claim.measure == "flagged":
+        counts = [(sum(bool(r.flagged(claim.rule)) for r in rs), len(rs)) for rs in runs]
+        if any(n == 0 for _, n in counts):
+            return judged(entry, ctx, "undetermined", detail="an arm has no finished run")
+        ours = ", ".join(fmt_rate(k, n) for k, n in counts)
+        result = _rate_trend(claim.test.name, counts, claim.direction)
+    else:
+        values = [[v for v in (r.metric(claim.measure) for r in rs) if v is not None]
+                  for rs in runs]
+        if any(len(v) < 2 for v in values):
+            return judged(entry, ctx, "undetermined", detail="each arm needs 2 evaluated runs")
+        ours = ", ".join(fmt_cell(*stats.mean_sd(v)) for v in values)
+        low, high = values if claim.direction == "increasing" else values[::-1]
+        result = stats.welch_greater(high, low)
+    significant = result.p_value < claim.test.alpha
+    held = significant if claim.direction == "increasing" else not significant
+    what = ("a rise along the arms" if claim.direction == "increasing"
+            else "no significant fall along the arms")
+    n_total = sum(len(rs) for rs in runs)
+    return judged(entry, ctx, "held" if held else "failed", ours=ours, n_found=n_total,
+                 n_required=sum(len(ctx.catalogue.specs(a, ctx.tier)) for a in claim.arms),
+                 test=f"{result.name}, α = {claim.test.alpha:g}: {what}",
+                 statistic=result.statistic, p_value=result.p_value,
+                 partial=ctx.allow_partial, detail=_paper_p(claim))
+
+
+def _rate_trend(name: str, counts: list[tuple[int, int]], direction: str) -> stats.TestResult:
+    """Increasing: test for a rise; not_decreasing: test for a fall (which must not show)."""
+    ordered = counts if direction == "increasing" else counts[::-1]
+    if name == "fisher":
+        return stats.fisher_increasing(ordered[0], ordered[1])
+    return stats.linear_by_linear_increasing(ordered)
+
+
+def _paper_p(claim: Any) -> str:
+    if claim.expected is None or claim.measure != "flagged":
+        return ""
+    counts = [(r.k, r.n) for r in claim.expected]
+    paper = _rate_trend(claim.test.name, counts, claim.direction)
+    return f"the same test on the paper's counts: p = {paper.p_value:.3g}"
+
+
+def event(entry: Entry, ctx: Context) -> Judgement:
+    claim = entry.claim
+    found, early = collect(entry, ctx, claim.arm_names(), needs=needed(claim))
+    if early:
+        return early
+    runs = subset([r for a in claim.arms for r in found[a]], claim.subset, claim.rule)
+    runs = [r for r in runs if r.fosc() is not None]
+    reference = _reference_median(claim, found)
+    if not runs or (isinstance(claim.event, FoscSpike) and reference is None):
+        return judged(entry, ctx, "undetermined", n_found=sum(map(len, found.values())),
+                     detail=f"no {claim.subset} run with FOSC" if not runs
+                     else "no reference run to compare FOSC with")
+    outcomes = [(r, _event_outcome(claim.event, r, reference)) for r in runs]
+    k, n = sum(o.happened for _, o in outcomes), len(outcomes)
+    held = k / n >= claim.test.min_rate
+    lines = "; ".join(f"{r.label}: {'yes' if o.happened else 'no'} ({o.detail})"
+                      for r, o in outcomes[:6])
+    return judged(entry, ctx, "held" if held else "failed", ours=f"{k}/{n} runs",
+                 test=f"share of runs with the event ≥ {claim.test.min_rate:g}",
+                 statistic=k / n, interval=rate_interval(k, n), n_found=n,
+                 n_required=sum(len(ctx.catalogue.specs(a, ctx.tier)) for a in claim.arms),
+                 partial=ctx.allow_partial, detail=lines,
+                 series={r.label: r.fosc() for r in runs}, line=_line(claim.event, runs[0],
+                                                                       reference))
+
+
+def _line(spec: Any, run: RunEvidence, reference: float | None) -> tuple[str, float]:
+    if isinstance(spec, FoscSpike):
+        return f"{spec.ratio:g}x the reference median", spec.ratio * reference
+    threshold = getattr(spec, "fosc_threshold", None) or run.spec.healing.fosc_threshold
+    return "FOSC threshold", threshold
+
+
+def _reference_median(claim: Any, found: dict[str, list[RunEvidence]]) -> float | None:
+    if not isinstance(claim.event, FoscSpike):
+        return None
+    arms = (claim.event.reference_arm,) if claim.event.reference_arm else claim.arms
+    pool = subset([r for a in arms for r in found[a]], claim.event.reference_subset, claim.rule)
+    values = [v for r in pool for v in (r.fosc() or [])]
+    return median(values) if values else None
+
+
+def _event_outcome(spec: Any, run: RunEvidence, reference: float | None) -> events.EventResult:
+    fosc = run.fosc()
+    threshold = getattr(spec, "fosc_threshold", None) or run.spec.healing.fosc_threshold
+    if isinstance(spec, FoscSpike):
+        pgd10 = [r.val_pgd10_acc for r in run.records]
+        return events.fosc_spike(fosc, pgd10, reference, ratio=spec.ratio,
+                                 pgd10_max_change=spec.pgd10_max_change)
+    if isinstance(spec, GapDrop):
+        gap = [r.train_gap for r in run.records]
+        return events.gap_drop_at_spike(fosc, gap, threshold, min_drop=spec.min_drop,
+                                        window=spec.window)
+    if isinstance(spec, SelfHealing):
+        return events.self_healing(fosc, threshold, within=spec.within)
+    assert isinstance(spec, SpikeDuration)
+    return events.spike_duration_at_most(fosc, threshold, max_epochs=spec.max_epochs)
+
+
+def healing(entry: Entry, ctx: Context) -> Judgement:
+    claim = entry.claim
+    found, early = collect(entry, ctx, claim.arm_names(), needs=needed(claim, ("clean",)))
+    if early:
+        return early
+    base = {r.spec.seed: r for r in found[claim.arms.baseline]}
+    fixed = {r.spec.seed: r for r in found[claim.arms.fixed]}
+    unstable = [s for s, r in base.items() if r.flagged(claim.rule) and s in fixed]
+    regular = [r.metric("clean") for r in base.values() if r.flagged(claim.rule) is False]
+    if not unstable or not regular:
+        return judged(entry, ctx, "undetermined", n_found=len(base) + len(fixed), detail=(
+            "no baseline run was flagged: nothing to heal" if not unstable
+            else "no regular baseline run to compare clean accuracy with"))
+    still = sum(bool(fixed[s].flagged(claim.rule)) for s in unstable)
+    fixed_clean = stats.mean_sd([fixed[s].metric("clean") for s in unstable])[0]
+    regular_clean = stats.mean_sd(regular)[0]
+    diff = fixed_clean - regular_clean
+    held = still <= claim.test.max_fixed_flagged and abs(diff) <= claim.test.clean_tolerance
+    return judged(entry, ctx, "held" if held else "failed", partial=ctx.allow_partial,
+                 ours=f"{still}/{len(unstable)} fixed flagged; clean {diff:+.4f} vs regular",
+                 test=f"fixed flagged ≤ {claim.test.max_fixed_flagged}, |clean − regular| ≤ "
+                      f"{claim.test.clean_tolerance:g}", statistic=diff,
+                 n_found=len(base) + len(fixed), detail=(
+                     f"seeds flagged without Algorithm 1: {sorted(unstable)}; fixed clean "
+                     f"{fixed_clean:.4f}, regular clean {regular_clean:.4f}"))
+
+
+def property_claim(entry: Entry, ctx: Context) -> Judgement:
+    outcome = ctx.evidence.property_outcome(entry.id)
+    if outcome is None:
+        return judged(entry, ctx, "not run", n_required=1, detail="property test not run")
+    held = outcome.get("outcome") == "passed"
+    return judged(entry, ctx, "held" if held else "failed", ours=outcome.get("outcome", "?"),
+                 test=f"pytest {entry.claim.test.node}", n_required=1, n_found=1,
+                 detail=f"ran {outcome.get('finished', '?')} at git "
+                        f"{str(outcome.get('git_sha'))[:10]}")
+
+
+JUDGES: dict[str, Callable[[Entry, Context], Judgement]] = {
+    "table_cell": table_cell, "instability_rate": instability_rate, "trend": trend,
+    "event": event, "healing": healing, "property": property_claim,
+}

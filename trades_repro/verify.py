@@ -1,0 +1,274 @@
+"""Judging claims against evidence: run folders in, one `Judgement` per claim out.
+
+A claim's arms resolve to specs (per tier); each spec's run is found by its *digest* (read
+from the run's own `spec.json`, never from the folder name), and counts once it finished
+training and, where the claim needs attacks, evaluation of the arm's checkpoint policy.
+Nothing here trains or attacks: verification reads evidence only.
+
+Statuses: ``held`` / ``failed`` (the test said so), ``undetermined`` (evidence complete but
+the claim cannot be applied, e.g. no flagged run to average), ``incomplete`` (k of n seeds
+finished; judged anyway only with ``allow_partial``, and then marked partial), ``not run``.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from trades_repro import stats, store
+from trades_repro.claims import Catalogue, Entry
+from trades_repro.spec import ExperimentSpec, parse_spec
+
+Status = Literal["held", "failed", "undetermined", "incomplete", "not run"]
+PROPERTIES_DIR = "_properties"  # runs/_properties/<claim id>.json: a property test's outcome
+
+
+class Judgement(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str
+    artefact: str
+    kind: str
+    tier: str
+    status: Status
+    paper: str  # the expected value(s), formatted; "(ours)" marks values_from: ours
+    ours: str = "—"
+    test: str = ""
+    statistic: float | None = None
+    p_value: float | None = None
+    interval: tuple[float, float] | None = None
+    detail: str = ""
+    n_required: int = 0
+    n_found: int = 0
+    partial: bool = False
+    series: dict[str, list[float]] = {}  # event claims: FOSC per epoch of each judged run
+    line: tuple[str, float] | None = None  # event claims: the FOSC level they compare with
+
+    def message(self) -> str:
+        """One line for pytest and logs: paper, ours, test, statistic and p-value."""
+        numbers = []
+        if self.statistic is not None:
+            numbers.append(f"statistic {self.statistic:.4g}")
+        if self.p_value is not None:
+            numbers.append(f"p = {self.p_value:.3g}")
+        if self.interval is not None:
+            numbers.append(f"interval [{self.interval[0]:.3f}, {self.interval[1]:.3f}]")
+        tail = f" ({', '.join(numbers)})" if numbers else ""
+        if self.status in ("not run", "incomplete"):
+            return f"{self.id}: {self.status}: {self.detail} (paper {self.paper})"
+        return (f"{self.id}: {self.status}: paper {self.paper}, ours {self.ours}; "
+                f"{self.test}{tail}. {self.detail}").strip()
+
+
+# ----------------------------------------------------------------------------- evidence
+
+
+@dataclass(frozen=True)
+class RunEvidence:
+    digest: str
+    folder: Path
+    spec: ExperimentSpec
+    records: tuple[store.EpochRecord, ...]
+    evaluation: Any | None  # evaluate.CheckpointEval of the policy's checkpoint
+
+    @property
+    def label(self) -> str:
+        return f"seed {self.spec.seed} ({self.digest[:8]})"
+
+    def metric(self, name: str) -> float | None:
+        """A Table column for this run, from eval.json; None when not evaluated."""
+        if self.evaluation is None:
+            return None
+        if name == "clean":
+            return self.evaluation.clean.accuracy if self.evaluation.clean else None
+        if name in ("gap", "square_gap"):
+            pgd10 = self.metric("pgd10")
+            other = self.metric("autoattack" if name == "gap" else "square")
+            return None if pgd10 is None or other is None else pgd10 - other
+        result = self.evaluation.attacks.get(name)
+        return None if result is None else result.accuracy
+
+    def flagged(self, rule_name: str) -> bool | None:
+        """The masking rule applied afresh to this run's per-attack results."""
+        from trades_repro.verdict import VERDICT_RULES, apply_rule
+
+        if self.evaluation is None:
+            return None
+        rule = next(r for r in VERDICT_RULES if r.name == rule_name)
+        record = self.evaluation
+        return apply_rule(rule, record.attacks, record.clean, record.flags).flagged
+
+    def has(self, needs: frozenset[str]) -> bool:
+        """Whether the evaluation holds every result in `needs` ("clean" or attack names)."""
+        if self.evaluation is None:
+            return not needs
+        have = set(self.evaluation.attacks) | ({"clean"} if self.evaluation.clean else set())
+        return needs <= have
+
+    def fosc(self) -> list[float] | None:
+        values = [r.val_fosc for r in self.records]
+        return None if not values or any(v is None for v in values) else values
+
+
+@dataclass
+class Evidence:
+    """The finished runs under `runs_dir`, indexed by the digest of their own spec.json."""
+
+    runs_dir: Path
+    _index: dict[str, Path] | None = field(default=None, repr=False)
+
+    def index(self) -> dict[str, Path]:
+        if self._index is None:
+            self._index = {}
+            for spec_file in sorted(self.runs_dir.glob(f"*/{store.SPEC_FILE}")):
+                digest = _digest_of(spec_file)
+                if digest and store.is_finished(spec_file.parent):
+                    self._index.setdefault(digest, spec_file.parent)
+        return self._index
+
+    def run(self, spec: ExperimentSpec, policy: str) -> RunEvidence | None:
+        folder = self.index().get(spec.digest())
+        if folder is None:
+            return None
+        return RunEvidence(spec.digest(), folder, spec, tuple(store.read_metrics(folder)),
+                           _policy_eval(folder, policy, spec.evaluation.n_examples))
+
+    def property_outcome(self, claim_id: str) -> dict[str, Any] | None:
+        path = self.runs_dir / PROPERTIES_DIR / f"{claim_id}.json"
+        return store.read_json(path) if path.is_file() else None
+
+
+def _digest_of(spec_file: Path) -> str | None:
+    try:
+        return parse_spec(json.loads(spec_file.read_text())).digest()
+    except (ValueError, OSError):  # an older spec version or a torn file: not evidence
+        return None
+
+
+def _policy_eval(folder: Path, policy: str, n_examples: int | None) -> Any | None:
+    """The policy checkpoint's record on the arm's test images (`n_examples`; None: any),
+    the one with the most attacks when several."""
+    from trades_repro.evalfile import read_eval
+
+    try:
+        evals = read_eval(folder / store.EVAL_FILE)
+    except (ValueError, ValidationError):
+        return None
+    if evals is None:
+        return None
+    chosen = [r for r in evals.checkpoints.values() if policy in r.policies
+              and n_examples in (None, r.settings.n_examples)]
+    return max(chosen, key=lambda r: len(r.attacks), default=None)
+
+
+# ----------------------------------------------------------------------------- judging
+
+
+@dataclass(frozen=True)
+class Context:
+    catalogue: Catalogue
+    evidence: Evidence
+    tier: str
+    allow_partial: bool = False
+
+
+def judge(entry: Entry, ctx: Context) -> Judgement:
+    """Judge one claim at `ctx.tier`; see the module docstring for the statuses."""
+    from trades_repro.judges import JUDGES
+
+    claim = entry.claim
+    if ctx.tier not in ctx.catalogue.tiers_of(entry):
+        return judged(entry, ctx, "not run", detail=f"no '{ctx.tier}' tier for this claim")
+    return JUDGES[claim.kind](entry, ctx)
+
+
+def judge_all(entries: list[Entry], ctx: Context) -> list[Judgement]:
+    return [judge(entry, ctx) for entry in entries]
+
+
+def judged(entry: Entry, ctx: Context, status: Status, **fields: Any) -> Judgement:
+    claim = entry.claim
+    paper = fields.pop("paper", None) or format_expected(claim)
+    return Judgement(id=claim.id, artefact=claim.source.artefact, kind=claim.kind,
+                     tier=ctx.tier, status=status, paper=paper, **fields)
+
+
+def collect(entry: Entry, ctx: Context, arms: tuple[str, ...], *,
+            needs: frozenset[str] = frozenset()) -> tuple[dict[str, list[RunEvidence]],
+                                                          Judgement | None]:
+    """The finished runs of each arm whose evaluation holds the results in `needs`; or,
+    when seeds are missing, the 'not run' / 'incomplete' judgement to return instead (unless
+    partial judging was asked for)."""
+    found: dict[str, list[RunEvidence]] = {}
+    required = have = 0
+    for arm in dict.fromkeys(arms):
+        specs = ctx.catalogue.specs(arm, ctx.tier)
+        policy = ctx.catalogue.arms[arm].policy
+        runs = [ctx.evidence.run(spec, policy) for spec in specs]
+        found[arm] = [r for r in runs if r is not None and r.has(needs)]
+        required, have = required + len(specs), have + len(found[arm])
+    if have == 0:
+        return found, judged(entry, ctx, "not run", n_required=required,
+                            detail=f"0 of {required} runs finished")
+    if have < required and not ctx.allow_partial:
+        return found, judged(entry, ctx, "incomplete", n_required=required, n_found=have,
+                            detail=f"incomplete ({have} of {required} seeds)")
+    return found, None
+
+
+def needed(claim: Any, metrics: tuple[str, ...] = ()) -> frozenset[str]:
+    """The evaluation results a claim reads: its metrics' attacks and its rule's two."""
+    from trades_repro.verdict import VERDICT_RULES
+
+    parts = {"gap": ("pgd10", "autoattack"), "square_gap": ("pgd10", "square")}
+    names = {a for m in metrics for a in parts.get(m, (m,))}
+    if claim.needs_rule():
+        rule = next(r for r in VERDICT_RULES if r.name == claim.rule)
+        names |= {"pgd10", rule.attack}
+    return frozenset(names)
+
+
+def subset(runs: list[RunEvidence], which: str, rule: str | None) -> list[RunEvidence]:
+    if which == "all":
+        return runs
+    want = which == "flagged"
+    return [r for r in runs if r.flagged(rule) is want]
+
+
+def format_expected(claim: Any) -> str:
+    mark = " (ours)" if claim.values_from == "ours" else ""
+    expected = getattr(claim, "expected", None)
+    if claim.kind == "property":
+        return "holds" + mark
+    if claim.kind == "trend":
+        counts = ", ".join(fmt_rate(r.k, r.n) for r in expected) if expected else claim.direction
+        return f"{counts} ({claim.direction})" + mark if expected else counts + mark
+    if claim.kind == "event":
+        return f"rate ≥ {claim.test.min_rate:g}" + mark
+    if claim.kind == "healing":
+        return "fixed not flagged, clean as regular" + mark
+    if claim.kind == "instability_rate":
+        return fmt_rate(expected.k, expected.n) + mark
+    return fmt_cell(expected.mean, expected.sd, expected.n) + mark
+
+
+def fmt_rate(k: int, n: int) -> str:
+    return f"{k}/{n}"
+
+
+def fmt_cell(mean: float, sd: float | None = None, n: int | None = None) -> str:
+    text = f"{mean:.4f}" + (f" ± {sd:.4f}" if sd is not None else "")
+    return text + (f" (n = {n})" if n is not None else "")
+
+
+def rate_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    return stats.clopper_pearson(k, n, confidence)
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
