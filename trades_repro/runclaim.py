@@ -1,0 +1,224 @@
+"""`run-claim`: the runs behind a set of claims, planned, costed, trained and evaluated.
+
+Arms resolve to specs; specs shared by several claims run once (by digest). Finished runs
+are skipped, partial runs resume (`train` does both), evaluation resumes per attack. Runs
+go one after another in this process; `property` claims run their pytest nodes in one
+subprocess and leave their outcome in ``runs/_properties/``. Nothing is judged here: the CLI
+calls `verify` afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from trades_repro import store
+from trades_repro.claims import Catalogue, Entry
+from trades_repro.errors import BadInput, Inconclusive
+from trades_repro.spec import ExperimentSpec
+from trades_repro.verify import PROPERTIES_DIR
+
+PROJECT = Path(__file__).resolve().parents[1]  # property nodes are paths from here (tests/…)
+COSTS_FILE = PROJECT / "spec" / "costs.yaml"
+PROPERTY_TIMEOUT_S = 1800  # all property tests together; they take about a minute on 2 cores
+GPU_TIERS = ("reduced", "full")  # ResNet-18 on CIFAR/TinyImageNet: never a silent CPU crawl
+Report = Callable[[str], None]
+
+
+class Cost(BaseModel):
+    """Seconds per training epoch and per final evaluation, for one model × data × device."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    arch: str
+    dataset: str
+    device: Literal["cpu", "h100"]
+    epoch_seconds: Annotated[float, Field(gt=0)]  # one epoch of the full training set
+    eval_seconds: Annotated[float, Field(ge=0)]  # the spec's final evaluation
+    source: str  # measured (command, date) or estimated (how)
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    spec: ExperimentSpec
+    arms: tuple[str, ...]
+    state: Literal["done", "evaluate", "resume", "train"]
+    policies: tuple[str, ...] = ("best_pgd10",)  # the checkpoints its arms evaluate
+
+    @property
+    def digest(self) -> str:
+        return self.spec.digest()
+
+
+def plan(catalogue: Catalogue, entries: list[Entry], tier: str,
+         runs_dir: Path) -> list[PlannedRun]:
+    """Every distinct spec the claims need at `tier`, with what remains to do for it."""
+    arms_of: dict[str, list[str]] = {}
+    specs: dict[str, ExperimentSpec] = {}
+    for entry in entries:
+        for arm in entry.claim.arm_names():
+            for spec in catalogue.specs(arm, tier):
+                specs.setdefault(spec.digest(), spec)
+                if arm not in arms_of.setdefault(spec.digest(), []):
+                    arms_of[spec.digest()].append(arm)
+    runs = []
+    for digest, spec in specs.items():
+        policies = tuple(dict.fromkeys(catalogue.arms[a].policy for a in arms_of[digest]))
+        runs.append(PlannedRun(spec, tuple(arms_of[digest]), _state(spec, runs_dir, policies),
+                               policies))
+    return runs
+
+
+def _state(spec: ExperimentSpec, runs_dir: Path, policies: tuple[str, ...]) -> str:
+    run_dir = store.run_dir_for(spec, runs_dir)
+    if store.is_finished(run_dir):
+        return "done" if _evaluated(run_dir, spec, policies) else "evaluate"
+    return "resume" if (run_dir / store.LAST_FILE).exists() else "train"
+
+
+def _evaluated(run_dir: Path, spec: ExperimentSpec, policies: tuple[str, ...]) -> bool:
+    """Each policy's checkpoint has a record holding every attack the spec asks for."""
+    from trades_repro.evalfile import read_eval
+
+    evals = read_eval(run_dir / store.EVAL_FILE)
+    records = list(evals.checkpoints.values()) if evals is not None else []
+    wanted, n = set(spec.evaluation.attacks), spec.evaluation.n_examples
+    return all(any(p in r.policies and wanted <= set(r.attacks)
+                   and n in (None, r.settings.n_examples) for r in records)
+               for p in policies)
+
+
+def load_costs(path: Path = COSTS_FILE) -> list[Cost]:
+    return [Cost.model_validate(c) for c in yaml.safe_load(path.read_text())["costs"]]
+
+
+def estimate_hours(runs: list[PlannedRun], device: str,
+                   costs: list[Cost] | None = None) -> tuple[float, list[str]]:
+    """Hours for the runs not done yet, from the cost table; and what it has no entry for."""
+    costs = load_costs() if costs is None else costs
+    table = {(c.arch, c.dataset, c.device): c for c in costs}
+    seconds, missing = 0.0, set()
+    for run in runs:
+        if run.state == "done":
+            continue
+        key = (run.spec.model.arch, run.spec.data.dataset, device)
+        if key not in table:
+            missing.add(f"{key[0]} on {key[1]} ({device})")
+            continue
+        epochs = run.spec.optim.epochs if run.state != "evaluate" else 0
+        seconds += epochs * table[key].epoch_seconds + table[key].eval_seconds
+    return seconds / 3600, sorted(missing)
+
+
+def by_arm(runs: list[PlannedRun], device: str) -> list[tuple[str, int, int, float]]:
+    """(arm, runs, pending, estimated hours) per arm; a shared run counts for its first."""
+    costs = load_costs()
+    rows: dict[str, list[PlannedRun]] = {}
+    for run in runs:
+        rows.setdefault(run.arms[0], []).append(run)
+    return [(arm, len(rs), sum(r.state != "done" for r in rs),
+             estimate_hours(rs, device, costs)[0]) for arm, rs in rows.items()]
+
+
+def require_device(tier: str) -> None:
+    """Reduced and full tiers train ResNet-18 for hours per run: refuse without CUDA."""
+    import torch
+
+    if tier in GPU_TIERS and not torch.cuda.is_available():
+        raise Inconclusive(f"tier '{tier}' needs a CUDA GPU and none is visible; use "
+                           "--dry-run to see the plan, or --tier instant on a CPU")
+
+
+def execute(runs: list[PlannedRun], runs_dir: Path, *, report: Report,
+            progress: bool) -> list[tuple[PlannedRun, str]]:
+    """Train and evaluate what is not done, one run after another; returns the failures
+    (run, one-line error) and carries on past them, so one bad seed loses nothing else."""
+    from trades_repro.diagnose import evaluate_run
+    from trades_repro.train import train
+
+    failures = []
+    todo = [r for r in runs if r.state != "done"]
+    for i, run in enumerate(todo, 1):
+        report(f"[{i}/{len(todo)}] {run.digest} ({', '.join(run.arms)}, seed "
+               f"{run.spec.seed}): {run.state}")
+        try:
+            result = train(run.spec, runs_dir, progress=progress)
+            evaluate_run(result.run_dir, attacks=run.spec.evaluation.attacks,
+                         n_examples=run.spec.evaluation.n_examples, policies=run.policies,
+                         report=report)
+        except (RuntimeError, ValueError) as err:  # TrainingError, EvaluationError, …
+            failures.append((run, f"{type(err).__name__}: {str(err).splitlines()[0]}"))
+            report(f"  failed: {failures[-1][1]}")
+    return failures
+
+
+def run_properties(entries: list[Entry], runs_dir: Path, report: Report,
+                   root: Path = PROJECT) -> None:
+    """Run the property claims' pytest nodes in one subprocess; record each outcome."""
+    props = [e for e in entries if e.claim.kind == "property"]
+    if not props:
+        return
+    nodes = sorted({e.claim.test.node for e in props})
+    for node in nodes:
+        if not (root / node.split("::")[0]).is_file():
+            raise BadInput(f"{node}: no such test file under {root} (property tests need "
+                           "the source checkout)")
+    report(f"property tests: {len(nodes)} pytest node(s)")
+    started = time.perf_counter()
+    outcomes = _pytest_outcomes(nodes, root)
+    seconds = round(time.perf_counter() - started, 1)
+    folder = runs_dir / PROPERTIES_DIR
+    for entry in props:
+        outcome = outcomes.get(entry.claim.test.node, "not collected")
+        store.atomic_write_json(folder / f"{entry.id}.json", {
+            "claim": entry.id, "node": entry.claim.test.node, "outcome": outcome,
+            "finished": store.now_iso(), "seconds": seconds, **store.git_state()})
+        report(f"  {entry.id}: {outcome}")
+
+
+def _pytest_outcomes(nodes: list[str], root: Path) -> dict[str, str]:
+    with tempfile.TemporaryDirectory() as tmp:
+        xml = Path(tmp) / "junit.xml"
+        try:
+            subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                            f"--junitxml={xml}", *nodes], cwd=root, capture_output=True,
+                           check=False, timeout=PROPERTY_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            return {node: "timed out" for node in nodes}
+        if not xml.is_file():
+            return {}
+        cases = ET.parse(xml).getroot().iter("testcase")
+        results = [(c.get("classname", ""), c.get("name", ""), _case_outcome(c)) for c in cases]
+    return {node: _node_outcome(node, results) for node in nodes}
+
+
+def _case_outcome(case: ET.Element) -> str:
+    for tag in ("failure", "error", "skipped"):
+        if case.find(tag) is not None:
+            return "failed" if tag != "skipped" else "skipped"
+    return "passed"
+
+
+def _node_outcome(node: str, results: list[tuple[str, str, str]]) -> str:
+    path, name = node.split("::", 1)
+    module = path.removesuffix(".py").replace("/", ".")
+    mine = [o for cls, case, o in results if cls == module and case.split("[")[0] == name]
+    if not mine:
+        return "not collected"
+    return next((o for o in ("failed", "skipped") if o in mine), "passed")
+
+
+def plan_json(runs: list[PlannedRun]) -> str:
+    return json.dumps([{"digest": r.digest, "arms": list(r.arms), "seed": r.spec.seed,
+                        "state": r.state} for r in runs], indent=2)
