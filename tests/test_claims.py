@@ -189,3 +189,11 @@ def test_every_property_claim_names_an_existing_test(catalogue):
             path, name = entry.claim.test.node.split("::")
             source = (ROOT / path).read_text()
             assert re.search(rf"^def {name}\(", source, re.M), entry.id
+
+
+def test_run_claim_dry_run_estimates_short_cpu_work_in_minutes(tmp_path):
+    result = runner.invoke(app, ["run-claim", "instant.*", "--tier", "instant", "--dry-run",
+                                 "--runs-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert re.search(r"estimated CPU time \(cpu, spec/costs.yaml\): \d+ min", result.stdout)
+    assert not (tmp_path / "_properties").exists()  # a dry run runs nothing

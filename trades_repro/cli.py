@@ -467,7 +467,8 @@ def _print_plan(runs, entries, tier: str, device_kind: str) -> None:
                   f"{states['resume']} to resume, {states['train']} to train), {props} "
                   f"property tests", highlight=False, soft_wrap=True)
     where = "GPU" if device_kind != "cpu" else "CPU"
-    console.print(f"estimated {where} time ({device_kind}, spec/costs.yaml): {hours:.1f} h"
+    amount = f"{hours:.1f} h" if hours >= 1 else f"{60 * hours:.0f} min"
+    console.print(f"estimated {where} time ({device_kind}, spec/costs.yaml): {amount}"
                   + (f"; no cost entry for {', '.join(missing)}" if missing else ""),
                   highlight=False, soft_wrap=True)
 
