@@ -6,6 +6,7 @@ or 'incomplete'), computes our value, runs the claim's test from `stats` and say
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable
 from typing import Any
 
@@ -19,9 +20,7 @@ from trades_repro.verify import (
     fmt_cell,
     fmt_rate,
     judged,
-    median,
     needed,
-    rate_interval,
     subset,
 )
 
@@ -73,9 +72,9 @@ def instability_rate(entry: Entry, ctx: Context) -> Judgement:
         return judged(entry, ctx, "undetermined", n_found=len(flags),
                      detail=f"rule {claim.rule} needs attacks some runs lack")
     k, n = sum(flags), len(flags)
-    low, high = rate_interval(claim.expected.k, claim.expected.n, claim.test.confidence)
+    low, high = stats.clopper_pearson(claim.expected.k, claim.expected.n, claim.test.confidence)
     held = low <= k / n <= high
-    ours_low, ours_high = rate_interval(k, n, claim.test.confidence)
+    ours_low, ours_high = stats.clopper_pearson(k, n, claim.test.confidence)
     test = stats.binomial_test(k, n, claim.expected.k / claim.expected.n)
     return judged(entry, ctx, "held" if held else "failed", ours=fmt_rate(k, n),
                  test=f"ours inside the paper's exact {claim.test.confidence:.0%} interval",
@@ -155,7 +154,7 @@ def event(entry: Entry, ctx: Context) -> Judgement:
                       for r, o in outcomes[:6])
     return judged(entry, ctx, "held" if held else "failed", ours=f"{k}/{n} runs",
                  test=f"share of runs with the event ≥ {claim.test.min_rate:g}",
-                 statistic=k / n, interval=rate_interval(k, n), n_found=n,
+                 statistic=k / n, interval=stats.clopper_pearson(k, n), n_found=n,
                  n_required=sum(len(ctx.catalogue.specs(a, ctx.tier)) for a in claim.arms),
                  partial=ctx.allow_partial, detail=lines,
                  series={r.label: r.fosc() for r in runs}, line=_line(claim.event, runs[0],
@@ -165,8 +164,12 @@ def event(entry: Entry, ctx: Context) -> Judgement:
 def _line(spec: Any, run: RunEvidence, reference: float | None) -> tuple[str, float]:
     if isinstance(spec, FoscSpike):
         return f"{spec.ratio:g}x the reference median", spec.ratio * reference
-    threshold = getattr(spec, "fosc_threshold", None) or run.spec.healing.fosc_threshold
-    return "FOSC threshold", threshold
+    return "FOSC threshold", _threshold(spec, run)
+
+
+def _threshold(spec: Any, run: RunEvidence) -> float:
+    """The event's own FOSC threshold, else the run's Algorithm 1 threshold."""
+    return getattr(spec, "fosc_threshold", None) or run.spec.healing.fosc_threshold
 
 
 def _reference_median(claim: Any, found: dict[str, list[RunEvidence]]) -> float | None:
@@ -175,12 +178,12 @@ def _reference_median(claim: Any, found: dict[str, list[RunEvidence]]) -> float 
     arms = (claim.event.reference_arm,) if claim.event.reference_arm else claim.arms
     pool = subset([r for a in arms for r in found[a]], claim.event.reference_subset, claim.rule)
     values = [v for r in pool for v in (r.fosc() or [])]
-    return median(values) if values else None
+    return statistics.median(values) if values else None
 
 
 def _event_outcome(spec: Any, run: RunEvidence, reference: float | None) -> events.EventResult:
     fosc = run.fosc()
-    threshold = getattr(spec, "fosc_threshold", None) or run.spec.healing.fosc_threshold
+    threshold = _threshold(spec, run)
     if isinstance(spec, FoscSpike):
         pgd10 = [r.val_pgd10_acc for r in run.records]
         return events.fosc_spike(fosc, pgd10, reference, ratio=spec.ratio,

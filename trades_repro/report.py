@@ -3,6 +3,7 @@ plots, and JUnit XML for CI dashboards."""
 
 from __future__ import annotations
 
+import io
 import xml.etree.ElementTree as ET
 from collections import Counter
 from collections.abc import Iterable
@@ -102,8 +103,10 @@ def plot_fosc(path: Path, judgement: Judgement) -> Path:
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
+    store.atomic_write_bytes(path, png.getvalue())  # never a torn image beside the report
     return path
 
 

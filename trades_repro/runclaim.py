@@ -9,7 +9,6 @@ calls `verify` afterwards.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import tempfile
@@ -218,7 +217,3 @@ def _node_outcome(node: str, results: list[tuple[str, str, str]]) -> str:
         return "not collected"
     return next((o for o in ("failed", "skipped") if o in mine), "passed")
 
-
-def plan_json(runs: list[PlannedRun]) -> str:
-    return json.dumps([{"digest": r.digest, "arms": list(r.arms), "seed": r.spec.seed,
-                        "state": r.state} for r in runs], indent=2)

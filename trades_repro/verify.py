@@ -13,14 +13,13 @@ finished; judged anyway only with ``allow_partial``, and then marked partial), `
 from __future__ import annotations
 
 import json
-import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from trades_repro import stats, store
+from trades_repro import store
 from trades_repro.claims import Catalogue, Entry
 from trades_repro.spec import ExperimentSpec, parse_spec
 
@@ -246,8 +245,8 @@ def format_expected(claim: Any) -> str:
     if claim.kind == "property":
         return "holds" + mark
     if claim.kind == "trend":
-        counts = ", ".join(fmt_rate(r.k, r.n) for r in expected) if expected else claim.direction
-        return f"{counts} ({claim.direction})" + mark if expected else counts + mark
+        counts = ", ".join(fmt_rate(r.k, r.n) for r in expected or ())
+        return (f"{counts} ({claim.direction})" if counts else claim.direction) + mark
     if claim.kind == "event":
         return f"rate ≥ {claim.test.min_rate:g}" + mark
     if claim.kind == "healing":
@@ -265,10 +264,3 @@ def fmt_cell(mean: float, sd: float | None = None, n: int | None = None) -> str:
     text = f"{mean:.4f}" + (f" ± {sd:.4f}" if sd is not None else "")
     return text + (f" (n = {n})" if n is not None else "")
 
-
-def rate_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
-    return stats.clopper_pearson(k, n, confidence)
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values)
