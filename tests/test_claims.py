@@ -166,6 +166,11 @@ def test_unknown_tier_and_unmatched_pattern_are_bad_input(tmp_path):
     assert_one_line_error(runner.invoke(app, ["verify", "table_99.*"]), "no claim matches")
     assert_one_line_error(runner.invoke(app, ["run-claim", "table_2.*", "--tier", "instant"]),
                           "has a 'instant' tier")
+    assert_one_line_error(runner.invoke(app, ["run-claim", "table_2.*", "--tier", "full",
+                                              "--dry-run", "--device-kind", "tpu"]),
+                          "--device-kind", "tpu")
+    assert_one_line_error(runner.invoke(app, ["claims", "list", "--claims-dir", "/nowhere"]),
+                          "/nowhere", "claims folder not found")
 
 
 def test_run_claim_dry_run_lists_table_2s_150_runs_with_gpu_hours():

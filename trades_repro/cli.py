@@ -430,11 +430,16 @@ def run_claim(
     resumed, shared arms once), then verify them. Exit codes as `verify`; 3 also when the
     tier needs a GPU and none is visible; 1 also when a run failed."""
     from trades_repro import runclaim
+    from trades_repro.claims import ClaimsError
+    from trades_repro.runclaim import DEVICE_KINDS
 
     tier = _tier(tier)
     catalogue, entries = _selected(claims_dir, patterns, tier)
     runs = runclaim.plan(catalogue, entries, tier, runs_dir)
     device_kind = device_kind or ("h100" if tier != "instant" else "cpu")
+    if device_kind not in DEVICE_KINDS:
+        raise ClaimsError(f"--device-kind: unknown {device_kind!r}; known: "
+                          f"{', '.join(DEVICE_KINDS)}")
     _print_plan(runs, entries, tier, device_kind)
     if dry_run:
         _print_arms(runs, device_kind)

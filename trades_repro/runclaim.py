@@ -17,7 +17,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
@@ -33,6 +33,8 @@ COSTS_FILE = PROJECT / "spec" / "costs.yaml"
 PROPERTY_TIMEOUT_S = 1800  # all property tests together; they take about a minute on 2 cores
 GPU_TIERS = ("reduced", "full")  # ResNet-18 on CIFAR/TinyImageNet: never a silent CPU crawl
 Report = Callable[[str], None]
+DeviceKind = Literal["cpu", "h100"]  # the cost table's columns
+DEVICE_KINDS: tuple[str, ...] = get_args(DeviceKind)
 
 
 class Cost(BaseModel):
@@ -42,7 +44,7 @@ class Cost(BaseModel):
 
     arch: str
     dataset: str
-    device: Literal["cpu", "h100"]
+    device: DeviceKind
     epoch_seconds: Annotated[float, Field(gt=0)]  # one epoch of the full training set
     eval_seconds: Annotated[float, Field(ge=0)]  # the spec's final evaluation
     source: str  # measured (command, date) or estimated (how)
