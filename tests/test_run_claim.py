@@ -58,3 +58,16 @@ def test_a_failed_run_does_not_stop_the_others_and_exits_1(tmp_path):
     assert result.exit_code == 1, result.output
     assert result.stderr.count("failed: ") == 2 and "Traceback" not in result.stderr
     assert (runs / "_properties" / "table_9.prop.json").is_file()  # the rest still ran
+
+
+def test_an_unexpected_error_in_a_run_exits_4_not_1(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise KeyError("our own bug")
+
+    monkeypatch.setattr("trades_repro.train.train", broken)
+    folder, runs = _folder(tmp_path), tmp_path / "runs"
+    result = runner.invoke(app, ["run-claim", "table_9.rate", "--tier", "instant",
+                                 "--claims-dir", str(folder), "--runs-dir", str(runs),
+                                 "--quiet"])
+    assert result.exit_code == 4, result.output
+    assert "KeyError" in result.stderr and "traceback in" in result.stderr

@@ -145,8 +145,13 @@ def execute(runs: list[PlannedRun], runs_dir: Path, *, report: Report,
             progress: bool) -> list[tuple[PlannedRun, str]]:
     """Train and evaluate what is not done, one run after another; returns the failures
     (run, one-line error) and carries on past them, so one bad seed loses nothing else."""
+    from trades_repro.data import DataError
     from trades_repro.diagnose import evaluate_run
-    from trades_repro.train import train
+    from trades_repro.spec import SpecError
+    from trades_repro.train import TrainingError, train
+
+    # a run's own known failures; anything else is our bug and escapes (exit 4), never 1
+    run_failures = (TrainingError, BadInput, DataError, SpecError)
 
     failures = []
     todo = [r for r in runs if r.state != "done"]
@@ -158,7 +163,7 @@ def execute(runs: list[PlannedRun], runs_dir: Path, *, report: Report,
             evaluate_run(result.run_dir, attacks=run.spec.evaluation.attacks,
                          n_examples=run.spec.evaluation.n_examples, policies=run.policies,
                          report=report)
-        except (RuntimeError, ValueError) as err:  # TrainingError, EvaluationError, …
+        except run_failures as err:
             failures.append((run, f"{type(err).__name__}: {str(err).splitlines()[0]}"))
             report(f"  failed: {failures[-1][1]}")
     return failures
