@@ -14,19 +14,26 @@ nox.options.error_on_external_run = False
 @nox.session(python=False)
 def tests(session: nox.Session) -> None:
     """The whole suite (unit, property and marked end-to-end tests)."""
-    session.run("python", "-m", "pytest", *(session.posargs or ["-q"]))
+    session.run("python", "-m", "pytest", "-m", "not gpu", *(session.posargs or ["-q"]))
 
 
 @nox.session(python=False, name="fast")
 def fast(session: nox.Session) -> None:
     """Everything except end-to-end tests marked slow, for quick local loops."""
-    session.run("python", "-m", "pytest", "-q", "-m", "not slow", *session.posargs)
+    session.run("python", "-m", "pytest", "-q", "-m", "not slow and not gpu", *session.posargs)
 
 
 @nox.session
 def lint(session: nox.Session) -> None:
     session.install("ruff>=0.5")
     session.run("ruff", "check", "trades_repro", "tests", "noxfile.py", "benchmarks")
+
+
+@nox.session(python=False)
+def gpu(session: nox.Session) -> None:
+    """The GPU smoke test (tests marked gpu; never in CI): train with every knob, SIGKILL,
+    resume, evaluate, diagnose; its record goes to benchmarks/results/ with the device named."""
+    session.run("python", "-m", "pytest", "-m", "gpu", "-v", "-s", *session.posargs)
 
 
 BENCHMARKS = ("bench_train_paths.py", "bench_monitor.py", "bench_autoattack.py")

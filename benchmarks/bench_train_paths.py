@@ -40,14 +40,21 @@ from rich.table import Table
 from torch import Tensor, nn
 
 from trades_repro.data import batches, load_splits
-from trades_repro.engine import build_optimizer
+from trades_repro.engine import backend_flags, build_optimizer, compiled
 from trades_repro.models import build_model
 from trades_repro.spec import ExperimentSpec, load_spec, parse_spec
 from trades_repro.steps import inner_max, train_step
 
 BASELINE, EXACT = "official", "exact"
 KNOBS = {"bf16": {"precision": "bf16"}, "channels_last": {"channels_last": True},
-         "compile": {"compile": True}}
+         "compile": {"compile": True}, "tf32": {"tf32": True},
+         "cudnn_benchmark": {"cudnn_benchmark": True},
+         # every knob at once: what a user who wants speed would switch on (GPU)
+         "all": {"precision": "bf16", "channels_last": True, "compile": True, "tf32": True,
+                 "cudnn_benchmark": True},
+         # the same without torch.compile (whose first steps take minutes to compile)
+         "all_eager": {"precision": "bf16", "channels_last": True, "tf32": True,
+                       "cudnn_benchmark": True}}
 KNOB_DEFAULT = "bf16,channels_last"  # --quick: channels_last only (bf16 is slow on CPUs)
 Batch = tuple[Tensor, Tensor]
 StepFn = Callable[[nn.Module, torch.optim.Optimizer, Tensor, Tensor, torch.Generator], float]
@@ -104,13 +111,14 @@ def official_step(spec: ExperimentSpec) -> StepFn:
     def step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor,
              generator: torch.Generator) -> float:
         model.train()  # official sets it once per epoch; trades_loss leaves it in train mode
-        optimizer.zero_grad()
-        loss = official_trades_loss(model, x, y, optimizer, step_size=a.step_size,
-                                    epsilon=a.eps, perturb_steps=a.steps,
-                                    beta=spec.method.beta, generator=generator)
-        loss.backward()
-        optimizer.step()
-        return loss.item()
+        with backend_flags(spec.performance):  # fp32 throughout: TF32 off, no autotuning
+            optimizer.zero_grad()
+            loss = official_trades_loss(model, x, y, optimizer, step_size=a.step_size,
+                                        epsilon=a.eps, perturb_steps=a.steps,
+                                        beta=spec.method.beta, generator=generator)
+            loss.backward()
+            optimizer.step()
+            return loss.item()
 
     return step
 
@@ -125,7 +133,8 @@ def ours_step(spec: ExperimentSpec) -> StepFn:
              generator: torch.Generator) -> float:
         if channels_last:  # as `Session.prepare` does
             x = x.contiguous(memory_format=torch.channels_last)
-        return float(train_step(model, optimizer, x, y, spec, generator).loss)
+        with backend_flags(spec.performance):
+            return float(train_step(model, optimizer, x, y, spec, generator).loss)
 
     return step
 
@@ -162,6 +171,11 @@ class Workload:
     batches: list[Batch]  # drawn once; every path and round trains on these
     shape: tuple[int, int, int]  # (C, H, W)
     num_classes: int
+    device: torch.device = torch.device("cpu")
+
+    def to(self, device: torch.device) -> Workload:
+        moved = [(x.to(device), y.to(device)) for x, y in self.batches]
+        return Workload(self.name, self.spec, moved, self.shape, self.num_classes, device)
 
 
 def digits_workload(steps: int, batch_size: int = 64) -> Workload:
@@ -177,7 +191,7 @@ def digits_workload(steps: int, batch_size: int = 64) -> Workload:
     return Workload("digits small_cnn", spec, drawn[:steps], (1, 8, 8), 10)
 
 
-def resnet_workload(steps: int, batch_size: int = 32) -> Workload:
+def resnet_workload(steps: int, batch_size: int = 32, *, classes: int = 100) -> Workload:
     """spec/cifar100_default.yaml's ResNet-18 and TPGD-10 on CIFAR-shaped U[0, 1] pixels.
 
     CIFAR-100 itself is not read (no download); a step's cost does not depend on pixel values.
@@ -185,14 +199,16 @@ def resnet_workload(steps: int, batch_size: int = 32) -> Workload:
     spec = load_spec(ROOT / "spec" / "cifar100_default.yaml")
     generator = torch.Generator().manual_seed(spec.seed)
     drawn = [(torch.rand(batch_size, 3, 32, 32, generator=generator),
-              torch.randint(0, 100, (batch_size,), generator=generator)) for _ in range(steps)]
-    return Workload("cifar-shaped resnet18", spec, drawn, (3, 32, 32), 100)
+              torch.randint(0, classes, (batch_size,), generator=generator))
+             for _ in range(steps)]
+    return Workload("cifar-shaped resnet18", spec, drawn, (3, 32, 32), classes)
 
 
 def initial_model(w: Workload) -> nn.Module:
     torch.manual_seed(w.spec.seed)
     c, size, _ = w.shape
-    return build_model(w.spec.model, in_channels=c, num_classes=w.num_classes, image_size=size)
+    return build_model(w.spec.model, in_channels=c, num_classes=w.num_classes,
+                       image_size=size).to(w.device)
 
 
 def optimizer_for(model: nn.Module, spec: ExperimentSpec) -> torch.optim.Optimizer:
@@ -220,9 +236,8 @@ def prepared(w: Workload, model: nn.Module, path: Variant) -> tuple:
     if path.spec.performance.channels_last:
         net = net.to(memory_format=torch.channels_last)
     optimizer = (optimizer_for(net, w.spec) if path.official
-                 else build_optimizer(net, w.spec.optim, torch.device("cpu")))
-    module = torch.compile(net) if path.spec.performance.compile else net
-    return module, optimizer, _seeded(w)
+                 else build_optimizer(net, w.spec.optim, w.device))
+    return compiled(net, path.spec), optimizer, _seeded(w)
 
 
 def first_step_losses(w: Workload, model: nn.Module, steps: dict[str, Variant]) -> dict:
@@ -246,7 +261,7 @@ def x_adv_equal(w: Workload, model: nn.Module) -> bool:
 
 
 def _seeded(w: Workload) -> torch.Generator:
-    return torch.Generator().manual_seed(w.spec.seed)
+    return torch.Generator(device=w.device).manual_seed(w.spec.seed)
 
 
 def benchmark(w: Workload, *, rounds: int, warmup: int, knobs: list[str]) -> Result:
@@ -340,6 +355,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--knobs", default=KNOB_DEFAULT,
                         help=f"comma-separated, of {sorted(KNOBS)} ('' for none)")
     parser.add_argument("--out-dir", type=Path, default=None, help="JSON record folder")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--workloads", default="digits,resnet",
+                        help="comma-separated: digits (real 8x8 digits), resnet (CIFAR-shaped)")
+    parser.add_argument("--resnet-classes", type=int, default=100, help="CIFAR-100: 100")
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.rounds, args.resnet_batch, args.warmup = 6, 2, 4, 1
@@ -348,19 +367,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = set(args.knobs) - set(KNOBS)
     if unknown:
         parser.error(f"unknown knobs: {sorted(unknown)}")
+    args.workloads = [w for w in args.workloads.split(",") if w]
+    if set(args.workloads) - {"digits", "resnet"}:
+        parser.error(f"unknown workloads: {args.workloads}")
     return args
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     console = Console(width=110)
-    record = provenance(torch.device("cpu"), {"threads": args.threads, "quick": args.quick,
-                                              "knobs": args.knobs})
+    record = provenance(device, {"threads": args.threads, "quick": args.quick,
+                                 "knobs": args.knobs, "workloads": args.workloads})
     header(console, record)
     start = time.perf_counter()
-    runs = [(digits_workload(max(args.steps, args.warmup)), args.warmup),
-            (resnet_workload(args.resnet_steps, args.resnet_batch), 0)]
+    runs = []
+    if "digits" in args.workloads:
+        runs.append((digits_workload(max(args.steps, args.warmup)).to(device), args.warmup))
+    if "resnet" in args.workloads:
+        # On a GPU the first-step check (which compiles) is not enough warm-up: cuDNN and
+        # the caching allocator settle over the first steps, so warm up as for digits.
+        runs.append((resnet_workload(args.resnet_steps, args.resnet_batch,
+                                     classes=args.resnet_classes).to(device),
+                     args.warmup if device.type == "cuda" else 0))
     record["workloads"] = [report(console, benchmark(w, rounds=args.rounds, warmup=warmup,
                                                      knobs=args.knobs)) for w, warmup in runs]
     record["wall_time_s"] = round(time.perf_counter() - start, 1)

@@ -62,6 +62,7 @@ def pgd(
     random_start: bool = True,
     record: bool = False,
     generator: torch.Generator | None = None,
+    noise: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """L∞ PGD on cross-entropy (Madry et al., 2018): the white-box attack of Sec. 3.2.
 
@@ -78,6 +79,9 @@ def pgd(
         random_start: draw x^0 uniformly in the box (with ``generator``) and project it.
         record: also return the gradient trace.
         generator: source of the random start; must live on ``x``'s device.
+        noise: the random start's U[0, 1) draws, shaped like ``x`` (then ``generator`` is
+            unused). Drawing them once for a whole data set and slicing per batch makes the
+            result independent of the batch size.
 
     Returns:
         The detached adversarial batch x^k, shaped like ``x``; with ``record=True`` the pair
@@ -96,8 +100,11 @@ def pgd(
     x = x.detach()
     start = x
     if random_start:
-        noise = torch.rand(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-        start = project_linf(x + eps * (2 * noise - 1), x, eps)
+        if noise is None:
+            noise = torch.rand(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+        elif noise.shape != x.shape:
+            raise ValueError(f"pgd: noise shape {tuple(noise.shape)} != x {tuple(x.shape)}")
+        start = project_linf(x + eps * (2 * noise.to(x) - 1), x, eps)
 
     def objective(x_adv: Tensor) -> Tensor:
         return F.cross_entropy(model(x_adv), y, reduction="sum")

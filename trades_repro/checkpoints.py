@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from trades_repro.errors import BadInput
 from trades_repro.models import build_model, dataset_stats
+from trades_repro.official import to_ours
 from trades_repro.spec import ModelSpec
 
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -162,8 +163,13 @@ def call_factory(factory: Callable[[], nn.Module], target: str) -> nn.Module:
 
 
 def load_weights(net: nn.Module, tensors: dict[str, Tensor], path: Path, arch: str) -> nn.Module:
-    """Strictly load `tensors` into `net`; any mismatch names the first offending keys."""
+    """Strictly load `tensors` into `net`; any mismatch names the first offending keys.
+
+    Official checkpoints' names (TRADES' WideResNet, TRADES-AWP's ResNet-18) are first
+    renamed into ours by `official.to_ours`'s table; then every key must match exactly.
+    """
     own = net.state_dict()
+    tensors = to_ours(tensors, arch, own)
     missing = [k for k in own if k not in tensors]
     unexpected = [k for k in tensors if k not in own]
     shapes = [f"{k} {tuple(tensors[k].shape)} vs {tuple(v.shape)}"

@@ -8,8 +8,9 @@ Where each dataset comes from (``data.root`` unset means the default shown):
 
 * ``cifar10`` / ``cifar100``: torchvision's readers of the python-pickle release in
   ``data/cifar-10-batches-py/`` / ``data/cifar-100-python/``; ``data.download`` fetches them.
-* ``tinyimagenet``: ``data/tiny-imagenet-200/`` unzipped from the cs231n archive; its labelled
-  ``val/`` is our test split. Classes in sorted-wnid order, as ``ImageFolder`` numbers them.
+* ``tinyimagenet``: ``data/tiny-imagenet-200/`` unzipped from the cs231n archive (MD5-checked
+  download); its labelled ``val/`` is our test split. Decoded once into a checksummed uint8
+  cache beside the images: see `trades_repro.tinyimagenet`.
 * ``digits``: scikit-learn's 1,797 8x8 digits, which have no test split: a permutation with the
   fixed ``DIGITS_SPLIT_SEED`` holds out 297 test images (the same for every run seed).
 * ``fashion_mnist``: the original IDX files (``.gz`` or unpacked) either in torchvision's
@@ -31,20 +32,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor
 from torchvision.datasets import CIFAR10, CIFAR100, FashionMNIST
-from torchvision.datasets.utils import download_and_extract_archive
 
 from trades_repro.spec import DataSpec
 
 DEFAULT_ROOT = Path("data")  # torchvision's habit; used when data.root is unset
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # apt: dataset-fashion-mnist
-TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"  # official archive
-TINY_IMAGENET_SIZE = 64  # App. B: 64x64 TinyImageNet images
 DIGITS_TEST_SIZE = 297  # 1,797 digits = 1,500 train + 297 test
 DIGITS_SPLIT_SEED = 0  # fixed, not the run seed: the digits test set never changes
 SYNTHETIC_SEED = 0  # fixed, not the run seed: every run sees the same synthetic data
@@ -81,21 +77,40 @@ class Splits:
     shape: tuple[int, int, int]  # (C, H, W)
 
 
-def load_splits(spec: DataSpec, seed: int) -> Splits:
+def load_splits(spec: DataSpec, seed: int, *, train: bool = True) -> Splits:
     """Read `spec.dataset`, carve the validation set and the training subset with `seed`.
 
     Holdout: a `randperm` from `torch.Generator().manual_seed(seed)` puts `val_size` training
     images in `val`; then `train_subset` (if set) keeps a seeded subset of what is left.
+    ``train=False`` (evaluation) reads only the test split: `train`, and a holdout `val`, are
+    then empty sets of the right shape (TinyImageNet skips decoding its 100,000 images).
     """
-    train, test, num_classes = _LOADERS[spec.dataset](spec)
+    if not train:
+        return _test_only(spec)
+    images, test, num_classes = _LOADERS[spec.dataset](spec)
     generator = torch.Generator().manual_seed(seed)
     val = test
     if spec.validation == "holdout":
-        train, val = _holdout(train, spec.val_size, generator, spec.dataset)
+        images, val = _holdout(images, spec.val_size, generator, spec.dataset)
     if spec.train_subset is not None:
-        train = _subset(train, spec.train_subset, generator, spec.dataset)
-    shape = tuple(train.images.shape[1:])
-    return Splits(train, val, test, num_classes, spec.validation, shape)  # type: ignore[arg-type]
+        images = _subset(images, spec.train_subset, generator, spec.dataset)
+    shape = tuple(images.images.shape[1:])
+    return Splits(images, val, test, num_classes, spec.validation, shape)  # type: ignore[arg-type]
+
+
+def _test_only(spec: DataSpec) -> Splits:
+    if spec.dataset == "tinyimagenet":  # the one reader where skipping train saves minutes
+        _, test, num_classes = _load_tinyimagenet(spec, need_train=False)
+    else:
+        _, test, num_classes = _LOADERS[spec.dataset](spec)
+    empty = _empty(test)
+    val = test if spec.validation == "test" else empty
+    shape = tuple(test.images.shape[1:])
+    return Splits(empty, val, test, num_classes, spec.validation, shape)  # type: ignore[arg-type]
+
+
+def _empty(data: ImageSet) -> ImageSet:
+    return ImageSet(data.images[:0], data.labels[:0])
 
 
 def _holdout(
@@ -242,22 +257,13 @@ def _from_hwc(data: object, targets: list[int]) -> ImageSet:
     return ImageSet(images, torch.tensor(targets, dtype=torch.int64))
 
 
-def _load_tinyimagenet(spec: DataSpec) -> tuple[ImageSet, ImageSet, int]:
-    root = _root(spec)
-    folder = root / "tiny-imagenet-200"
-    if not folder.is_dir() and spec.download:
-        _fetch(
-            lambda: download_and_extract_archive(TINY_IMAGENET_URL, str(root)), "TinyImageNet", root
-        )
-    if not (folder / "wnids.txt").is_file():
-        raise DataError(
-            f"data.root: TinyImageNet-200 not found in '{root}' (expected {folder}/wnids.txt); "
-            f"set data.download: true or unzip {TINY_IMAGENET_URL} there"
-        )
-    wnids = sorted((folder / "wnids.txt").read_text().split())  # ImageFolder's class order
-    classes = {wnid: i for i, wnid in enumerate(wnids)}
-    train = [(path, i) for wnid, i in classes.items() for path in _tiny_train_files(folder, wnid)]
-    return _read_jpegs(train), _read_jpegs(_tiny_val_files(folder, classes)), len(wnids)
+def _load_tinyimagenet(spec: DataSpec, need_train: bool = True
+                       ) -> tuple[ImageSet, ImageSet, int]:
+    from trades_repro import tinyimagenet  # it imports this module's DataError and ImageSet
+
+    train, test, num_classes = tinyimagenet.load(_root(spec), spec.download,
+                                                 need_train=need_train)
+    return train if train is not None else _empty(test), test, num_classes
 
 
 def _fetch(download: Callable[[], object], title: str, root: Path) -> None:
@@ -269,45 +275,6 @@ def _fetch(download: Callable[[], object], title: str, root: Path) -> None:
             f"data.download: fetching {title} into '{root}' failed ({_first_line(err)}); "
             "place the files there by hand (see trades_repro/data.py for the layout)"
         ) from None
-
-
-def _tiny_train_files(folder: Path, wnid: str) -> list[Path]:
-    files = sorted((folder / "train" / wnid / "images").glob("*.JPEG"))
-    if not files:
-        raise DataError(
-            f"data.root: no training images in '{folder / 'train' / wnid / 'images'}' "
-            f"(TinyImageNet-200 incomplete); unzip {TINY_IMAGENET_URL} again"
-        )
-    return files
-
-
-def _tiny_val_files(folder: Path, classes: dict[str, int]) -> list[tuple[Path, int]]:
-    """val/val_annotations.txt: tab-separated `filename wnid x y w h` per line."""
-    annotations = folder / "val" / "val_annotations.txt"
-    if not annotations.is_file():
-        raise DataError(f"data.root: '{annotations}' not found; unzip {TINY_IMAGENET_URL} again")
-    files = []
-    for number, line in enumerate(annotations.read_text().splitlines(), start=1):
-        fields = line.split("\t")
-        if len(fields) < 2 or fields[1] not in classes:
-            raise DataError(f"data.root: '{annotations}' line {number}: unknown or missing wnid")
-        files.append((folder / "val" / "images" / fields[0], classes[fields[1]]))
-    return files
-
-
-def _read_jpegs(files: list[tuple[Path, int]]) -> ImageSet:
-    size = TINY_IMAGENET_SIZE
-    images = torch.empty(len(files), 3, size, size, dtype=torch.uint8)
-    for i, (path, _) in enumerate(files):
-        try:  # PIL, as ImageFolder (torchvision.io decoding is deprecated since 0.29)
-            with Image.open(path) as jpeg:
-                image = torch.from_numpy(np.array(jpeg.convert("RGB"))).permute(2, 0, 1)
-        except (OSError, ValueError) as err:
-            raise DataError(f"data.root: cannot decode '{path}' ({_first_line(err)})") from None
-        if image.shape != images.shape[1:]:
-            raise DataError(f"data.root: '{path}' is {tuple(image.shape)}, expected 3x64x64")
-        images[i] = image
-    return ImageSet(images, torch.tensor([label for _, label in files], dtype=torch.int64))
 
 
 def _load_fashion_mnist(spec: DataSpec) -> tuple[ImageSet, ImageSet, int]:

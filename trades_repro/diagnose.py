@@ -27,6 +27,7 @@ from trades_repro.checkpoints import (
     load_weights,
 )
 from trades_repro.data import Splits, load_splits, to_float
+from trades_repro.evalbatch import eval_batch_size
 from trades_repro.evalfile import (  # noqa: F401 - read_eval/write_eval: callers import here
     locked,
     read_eval,
@@ -115,7 +116,7 @@ def resolve_device(name: str) -> str:
 def evaluate_run(run_dir: Path, *, attacks: tuple[str, ...] | None = None,
                  n_examples: int | None = None, device: str | None = None,
                  seed: int | None = None, save_adversarial: bool = False,
-                 policies: Iterable[str] | None = None,
+                 policies: Iterable[str] | None = None, eval_batch: int | None = None,
                  report: Report = lambda line: None) -> list[CheckpointEval]:
     """Evaluate the run's selected checkpoint(s) into ``run_dir/eval.json`` (resumable).
 
@@ -123,8 +124,8 @@ def evaluate_run(run_dir: Path, *, attacks: tuple[str, ...] | None = None,
     this evaluation's records, one per distinct policy checkpoint; records of other settings
     already in the file are kept.
     """
-    spec = _run_spec(run_dir, attacks, n_examples, seed)
-    splits = load_splits(spec.data, spec.seed)
+    spec = _run_spec(run_dir, attacks, n_examples, seed, eval_batch)
+    splits = load_splits(spec.data, spec.seed, train=False)  # only the split it scores
     settings = _settings(spec, splits, resolve_device(device or spec.device),
                          spec.model.model_dump_json())
     x, y = _examples(splits, settings.n_examples)
@@ -157,7 +158,8 @@ def diagnose(checkpoint: Path, *, dataset: str, arch: str | None = None,
              attacks: tuple[str, ...] | None = None, device: str = "auto",
              data_root: str | None = None, square_queries: int = 5000, seed: int = 0,
              out: Path | None = None, save_adversarial: bool = False,
-             checklist: bool = False, report: Report = lambda line: None) -> CheckpointEval:
+             checklist: bool = False, eval_batch: int | None = None,
+             report: Report = lambda line: None) -> CheckpointEval:
     """Evaluate any classifier checkpoint on `dataset`'s test set; see `DIAGNOSE_DEFAULTS`.
 
     PGD-10 uses α = ε/4 (the paper's 2/255 over 8/255). With `out`, `eval.json`, the
@@ -174,9 +176,9 @@ def diagnose(checkpoint: Path, *, dataset: str, arch: str | None = None,
     default = DIAGNOSE_DEFAULTS.get(dataset, DiagnoseDefault(None, ALL_ATTACKS))
     spec = _diagnose_spec(dataset, data_root, arch or "small_cnn", width, normalize, eps,
                           n_examples or default.n_examples, attacks or default.attacks,
-                          square_queries, seed)
+                          square_queries, seed, eval_batch)
     tensors = load_state_dict(checkpoint)  # a bad file fails before the data is read
-    splits = load_splits(spec.data, spec.seed)
+    splits = load_splits(spec.data, spec.seed, train=False)  # only the split it scores
     described = f"factory {factory}" if factory else spec.model.model_dump_json()
     settings = _settings(spec, splits, resolve_device(device), described)
     if factory is not None:
@@ -298,7 +300,7 @@ def run_checkpoints(run_dir: Path) -> list[tuple[str, list[str]]]:
 
 
 def _run_spec(run_dir: Path, attacks: tuple[str, ...] | None, n_examples: int | None,
-              seed: int | None) -> ExperimentSpec:
+              seed: int | None, eval_batch: int | None = None) -> ExperimentSpec:
     path = run_dir / store.SPEC_FILE
     if not path.is_file():
         raise EvaluationError(f"{run_dir}: not a run folder (no {store.SPEC_FILE})")
@@ -307,19 +309,22 @@ def _run_spec(run_dir: Path, attacks: tuple[str, ...] | None, n_examples: int | 
     raw = store.read_json(path)
     evaluation = dict(raw.get("evaluation", {}))
     evaluation.update({k: v for k, v in (("attacks", attacks), ("n_examples", n_examples),
-                                         ("seed", seed)) if v is not None})
+                                         ("seed", seed), ("batch_size", eval_batch))
+                       if v is not None})
     return parse_spec({**raw, "evaluation": evaluation}, source=str(path))
 
 
 def _diagnose_spec(dataset: str, root: str | None, arch: str, width: int, normalize: bool,
                    eps: float, n_examples: int | None, attacks: tuple[str, ...],
-                   square_queries: int, seed: int) -> ExperimentSpec:
+                   square_queries: int, seed: int, eval_batch: int | None = None
+                   ) -> ExperimentSpec:
     return parse_spec({
         "data": {"dataset": dataset, "root": root, "validation": "test"},
         "model": {"arch": arch, "width": width, "normalize": normalize},
         "validation": {"eps": eps, "step_size": eps / 4},  # App. B's α/ε = (2/255)/(8/255)
         "evaluation": {"n_examples": n_examples, "attacks": list(attacks), "seed": seed,
-                       "square_queries": square_queries, "landscape": {"radius": eps}},
+                       "square_queries": square_queries, "landscape": {"radius": eps},
+                       "batch_size": eval_batch},
         "seed": seed,
     }, source="diagnose options")
 
@@ -333,7 +338,8 @@ def _settings(spec: ExperimentSpec, splits: Splits, device: str, model: str) -> 
     v, e = spec.validation, spec.evaluation
     return EvalSettings(dataset=spec.data.dataset, n_examples=n, eps=v.eps,
                         step_size=v.step_size, steps=v.steps, random_start=v.random_start,
-                        batch_size=e.batch_size, seed=e.seed, square_queries=e.square_queries,
+                        batch_size=eval_batch_size(splits.shape, device, e.batch_size),
+                        seed=e.seed, square_queries=e.square_queries,
                         device=device, landscape=e.landscape, model=model,
                         n_classes=splits.num_classes, versions=versions())
 

@@ -10,18 +10,21 @@ finds `metrics.jsonl` rewritten from the records held in `last.pt`.
 from __future__ import annotations
 
 import copy
+import hashlib
 import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from trades_repro import data as datalib
-from trades_repro import store
+from trades_repro import numerics, store
 from trades_repro.awp import TradesAWP
+from trades_repro.errors import BadInput
 from trades_repro.models import build_model, dataset_stats
 from trades_repro.policies import POLICIES, PolicyState, select_checkpoints
 from trades_repro.spec import ExperimentSpec, OptimSpec
@@ -90,6 +93,7 @@ class Session:
     state: RunState
     provenance: dict
     pending_batches: list[store.BatchRecord] = field(default_factory=list)
+    eval_batch: int | None = None  # validation's batch; None: from image size and memory
 
     def batches(self):
         d = self.spec.data
@@ -151,6 +155,7 @@ class Session:
             "scheduler": {"schedule": self.spec.optim.schedule, "last_epoch": self.state.epoch},
             "awp_proxy": self.awp.proxy.state_dict() if self.awp is not None else None,
             "rng": _rng_state(self),
+            "device": str(self.device),
             "state": self.state.to_dict(),
         }
 
@@ -161,14 +166,13 @@ def build_session(spec: ExperimentSpec, run_dir: Path) -> Session:
     splits = datalib.load_splits(spec.data, spec.seed)
     splits = datalib.Splits(*(_to(s, device) for s in (splits.train, splits.val, splits.test)),
                             splits.num_classes, splits.val_source, splits.shape)
-    _backend_flags(spec, device)
     torch.manual_seed(spec.seed)  # model initialisation
     net = _build(spec, splits).to(device)
     if spec.performance.channels_last:
         net = net.to(memory_format=torch.channels_last)
     session = Session(
         spec, run_dir, device, splits, net,
-        torch.compile(net) if spec.performance.compile else net,
+        compiled(net, spec),
         build_optimizer(net, spec.optim, device),
         _awp(spec, net),
         torch.Generator().manual_seed(spec.seed + 1),
@@ -199,11 +203,20 @@ def _to(images: datalib.ImageSet, device: torch.device) -> datalib.ImageSet:
     return datalib.ImageSet(images.images.to(device), images.labels.to(device))
 
 
-def _backend_flags(spec: ExperimentSpec, device: torch.device) -> None:
-    torch.backends.cuda.matmul.allow_tf32 = spec.performance.tf32
-    torch.backends.cudnn.allow_tf32 = spec.performance.tf32
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = spec.performance.cudnn_benchmark
+def backend_flags(performance) -> Any:
+    """The backend flags a run trains under (set for the block, restored after)."""
+    return numerics.training(performance)
+
+
+def compiled(net: nn.Module, spec: ExperimentSpec) -> nn.Module:
+    """`net`, or with `performance.compile` its torch.compile wrapper with a dynamic batch.
+
+    One graph per (mode, grad mode) covers every batch size the engine feeds it — the
+    training batch, a short last batch, validation batches — so compilation happens three
+    times (train; eval with grad for the attacks; eval without), not once per shape, and
+    never reaches dynamo's recompile limit (after which it would silently run eager).
+    """
+    return torch.compile(net, dynamic=True) if spec.performance.compile else net
 
 
 def _build(spec: ExperimentSpec, splits: datalib.Splits) -> nn.Module:
@@ -229,52 +242,143 @@ def _start(session: Session) -> None:
     store.atomic_write_json(run_dir / store.SPEC_FILE, spec.model_dump(mode="json"))
     session.provenance = {
         "digest": spec.digest(), "seed": spec.seed, "status": "running",
-        "started": store.now_iso(), "resumed": [],
+        "started": store.now_iso(), "resumed": [], "data": store.data_location(spec.data),
         **store.git_state(), **store.environment(session.device),
     }
     store.atomic_write_json(run_dir / store.PROVENANCE_FILE, session.provenance)
 
 
 def _restore(session: Session) -> None:
-    """Load last.pt (weights_only) and rewrite the logs to the epoch it holds."""
-    saved = torch.load(session.run_dir / store.LAST_FILE, map_location="cpu", weights_only=True)
+    """Load last.pt (weights_only) and rewrite the logs to the epoch it holds.
+
+    Weights, optimizer and CPU random streams move between devices as they are; the
+    device's random streams (attack starts, healing noise) only restore on the device type
+    that saved them, and are otherwise re-seeded from (seed, epoch), recorded in provenance.
+    """
+    path = session.run_dir / store.LAST_FILE
+    saved = torch.load(path, map_location="cpu", weights_only=True)
     if saved["digest"] != session.spec.digest():
-        raise RuntimeError(f"{session.run_dir / store.LAST_FILE} belongs to another spec")
+        raise BadInput(f"{path} belongs to another spec (digest {saved['digest']}); "
+                       "move the run folder away to start this run afresh")
     session.net.load_state_dict(saved["model"])
-    session.optimizer.load_state_dict(saved["optimizer"])
+    _load_optimizer(session.optimizer, saved["optimizer"])
     if session.awp is not None:
         session.awp.proxy.load_state_dict(saved["awp_proxy"])
-    _set_rng_state(session, saved["rng"])
     session.state = RunState.from_dict(saved["state"])
-    epoch = session.state.epoch
-    store.atomic_write_jsonl(session.run_dir / store.METRICS_FILE, session.state.records)
-    store.truncate_jsonl(session.run_dir / store.BATCHES_FILE, lambda r: r["epoch"] <= epoch)
-    session.provenance = store.read_json(session.run_dir / store.PROVENANCE_FILE)
+    reseeded = _set_rng_state(session, saved["rng"], session.state.epoch)
+    _rewrite_logs(session, _resume_entry(session, _tagged(saved["rng"]["attack"])["device"],
+                                         reseeded))
+
+
+def _rewrite_logs(session: Session, resumed: dict) -> None:
+    """Logs back to the restored epoch; spec.json and provenance.json note this resume."""
+    run_dir, epoch = session.run_dir, session.state.epoch
+    store.atomic_write_jsonl(run_dir / store.METRICS_FILE, session.state.records)
+    store.truncate_jsonl(run_dir / store.BATCHES_FILE, lambda r: r["epoch"] <= epoch)
+    # data.root is outside the digest, so the data may live elsewhere now: spec.json follows
+    store.atomic_write_json(run_dir / store.SPEC_FILE, session.spec.model_dump(mode="json"))
+    session.provenance = store.read_json(run_dir / store.PROVENANCE_FILE)
     session.provenance["status"] = "running"
-    session.provenance.setdefault("resumed", []).append({"at": store.now_iso(), "epoch": epoch})
-    store.atomic_write_json(session.run_dir / store.PROVENANCE_FILE, session.provenance)
+    session.provenance.setdefault("resumed", []).append(resumed)
+    store.atomic_write_json(run_dir / store.PROVENANCE_FILE, session.provenance)
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """Load the optimizer state but keep this device's kernel choice (fused on CUDA, foreach
+    elsewhere): a state saved on a GPU names `fused`, which is not this device's kernel."""
+    kernels = [{k: g.get(k) for k in ("fused", "foreach")} for g in optimizer.param_groups]
+    optimizer.load_state_dict(saved)
+    for group, kernel in zip(optimizer.param_groups, kernels, strict=True):
+        group.update(kernel)
+
+
+def _resume_entry(session: Session, saved_device: str, reseeded: list[str]) -> dict:
+    entry = {"at": store.now_iso(), "epoch": session.state.epoch, "device": str(session.device),
+             "data": store.data_location(session.spec.data)}
+    if reseeded:
+        entry["rng_reseeded"] = {"streams": reseeded, "saved_on": saved_device,
+                                 "rule": RESEED_RULE}
+    return entry
+
+
+# A generator state is bytes whose layout belongs to one device type: the CPU's Mersenne
+# Twister (5,056 bytes) or CUDA's Philox seed + offset (16 bytes). last.pt tags each state
+# with its device type; untagged states (older last.pt files) are told apart by size.
+CPU_STATE_BYTES = torch.Generator().get_state().numel()
+RESEED_RULE = "manual_seed(sha256('<seed>/<epoch>/<stream>')[:8] >> 1)"
+DEVICE_STREAMS = ("attack", "healing", "cuda")  # `cuda`: torch's global CUDA generator
+
+
+def reseed_value(seed: int, epoch: int, stream: str) -> int:
+    """The seed a device stream restarts from when its saved state cannot be restored."""
+    digest = hashlib.sha256(f"{seed}/{epoch}/{stream}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # < 2**63: any generator accepts it
+
+
+def device_type(session: Session) -> str:
+    """The device type whose generator states this session can restore."""
+    return session.device.type
+
+
+def _tagged(saved) -> dict | None:
+    """{"device": type, "state": bytes} from a tagged state or an untagged one (old files)."""
+    if saved is None or isinstance(saved, dict):
+        return saved
+    if isinstance(saved, list):  # old last.pt: torch.cuda.get_rng_state_all(), one per GPU
+        return {"device": "cuda", "state": saved[0]} if saved else None
+    return {"device": "cpu" if saved.numel() == CPU_STATE_BYTES else "cuda", "state": saved}
 
 
 def _rng_state(session: Session) -> dict:
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    here = device_type(session)
+    cuda = torch.cuda.get_rng_state(session.device) if session.device.type == "cuda" else None
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # only the run's own GPU: saving every visible GPU breaks resumes with fewer of them
+        "cuda": {"device": "cuda", "state": cuda} if cuda is not None else None,
         "python": random.getstate(),
         "numpy": [kind, torch.from_numpy(keys.copy()), pos, has_gauss, gauss],
         "data": session.data_gen.get_state(),
-        "attack": session.attack_gen.get_state(),
-        "healing": session.healing_gen.get_state(),
+        "attack": {"device": here, "state": session.attack_gen.get_state()},
+        "healing": {"device": here, "state": session.healing_gen.get_state()},
     }
 
 
-def _set_rng_state(session: Session, rng: dict) -> None:
+def _set_rng_state(session: Session, rng: dict, epoch: int) -> list[str]:
+    """Restore every random stream; returns the device streams that had to be re-seeded."""
     torch.set_rng_state(rng["torch"])
-    if rng["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
     random.setstate(rng["python"])
     kind, keys, pos, has_gauss, gauss = rng["numpy"]
     np.random.set_state((kind, keys.numpy(), pos, has_gauss, gauss))
-    session.data_gen.set_state(rng["data"])
-    session.attack_gen.set_state(rng["attack"])
-    session.healing_gen.set_state(rng["healing"])
+    session.data_gen.set_state(rng["data"])  # CPU generator on every device
+    here, reseeded = device_type(session), []
+    for stream in DEVICE_STREAMS:
+        saved = _tagged(rng.get(stream))
+        if stream == "cuda" and session.device.type != "cuda":
+            continue  # the global CUDA generator is not used off the GPU
+        if saved is not None and saved["device"] == here:
+            _set_stream(session, stream, saved["state"])
+        else:
+            _seed_stream(session, stream, reseed_value(session.spec.seed, epoch, stream))
+            reseeded.append(stream)
+    return reseeded
+
+
+def _set_stream(session: Session, stream: str, state: Tensor) -> None:
+    try:
+        if stream == "cuda":
+            torch.cuda.set_rng_state(state, session.device)
+        else:
+            getattr(session, f"{stream}_gen").set_state(state)
+    except (RuntimeError, TypeError) as err:
+        raise BadInput(f"{session.run_dir / store.LAST_FILE}: the {stream} random state cannot "
+                       f"be restored ({str(err).splitlines()[0]}); delete last.pt to restart "
+                       "the run from epoch 1") from None
+
+
+def _seed_stream(session: Session, stream: str, value: int) -> None:
+    if stream == "cuda":
+        torch.cuda.manual_seed(value)
+    else:
+        getattr(session, f"{stream}_gen").manual_seed(value)

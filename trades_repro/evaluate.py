@@ -32,8 +32,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from trades_repro import numerics
 from trades_repro.attacks import pgd
 from trades_repro.errors import BadInput
+from trades_repro.evalbatch import out_of_memory_hint
 from trades_repro.landscape import landscape_result
 from trades_repro.metrics import attack_sgcs, correct, fosc
 from trades_repro.preflight import (  # noqa: F401 - re-exported for the tests and callers
@@ -119,6 +121,18 @@ def evaluate_model(
         record.seconds = round(spent + time.perf_counter() - started, 3)
         save(record)
 
+    with numerics.evaluation() as flags, out_of_memory_hint(settings.batch_size):
+        record.backend = flags
+        _run_steps(model, x, y, settings, attacks, record, commit, report,
+                   landscape_dir, adversarial_dir)
+    commit()
+    return record
+
+
+def _run_steps(model: nn.Module, x: Tensor, y: Tensor, settings: EvalSettings,
+               attacks: tuple[str, ...], record: CheckpointEval, commit: Callable[[], None],
+               report: Callable[[str], None], landscape_dir: Path | None,
+               adversarial_dir: Path | None) -> None:
     if record.preflight is None:
         record.preflight = preflight(model, x, y, settings.n_classes, device=settings.device,
                                      attacks=tuple(attacks))
@@ -128,24 +142,63 @@ def evaluate_model(
     steps = [("clean", lambda: record.clean is None, _clean)]
     steps += [(a, lambda a=a: a not in record.attacks, RUNNERS[a])
               for a in RUN_ORDER if a in attacks]
-    stem = f"{Path(name).stem}_{key[:8]}"  # unique per (file, settings): nothing overwritten
+    stem = f"{Path(record.checkpoint).stem}_{record.key[:8]}"  # unique per (file, settings)
+    examples: dict[str, Tensor] = {}  # this process's adversarial examples, per attack
     for step, todo, runner in steps:
-        if todo():
+        if not todo():
+            continue
+        if step == "autoattack" and composable(record, examples, randomized):
+            result, x_adv = compose_cascade(record, examples, x)
+        else:
             result, x_adv = runner(model, x, y, settings, randomized)
-            if step != "clean":
-                record.adversarial[step] = recheck(
-                    model, x, y, x_adv, result, settings, randomized,
-                    adversarial_dir and adversarial_dir / f"adv_{stem}_{step}.safetensors")
-            _store(record, result)
-            report(f"{step}: {result.accuracy:.4f} ({result.seconds:.1f} s)")
-            commit()
+        if step != "clean":
+            examples[step] = x_adv
+            record.adversarial[step] = recheck(
+                model, x, y, x_adv, result, settings, randomized,
+                adversarial_dir and adversarial_dir / f"adv_{stem}_{step}.safetensors")
+        _store(record, result)
+        report(f"{step}: {result.accuracy:.4f} ({result.seconds:.1f} s)")
+        commit()
     if record.landscape is None:
         record.landscape = landscape_result(model, x, y, settings.landscape, seed=settings.seed,
                                             device=settings.device, checkpoint=stem,
                                             folder=landscape_dir)
         report(f"landscape roughness: {record.landscape.roughness:.3f}")
-    commit()
-    return record
+
+
+# AutoAttack standard's cascade order; each runs on what the earlier ones left standing.
+CASCADE = ("apgd-ce", "apgd-t", "fab-t", "square")
+
+
+def composable(record: CheckpointEval, examples: dict[str, Tensor], randomized: bool) -> bool:
+    """The cascade need not run: each of its attacks already ran alone on every example,
+    in this process (their examples are at hand), at standard settings (not 'rand')."""
+    return not randomized and all(a in record.attacks and a in examples for a in CASCADE)
+
+
+def compose_cascade(record: CheckpointEval, examples: dict[str, Tensor],
+                    x: Tensor) -> tuple[AttackResult, Tensor]:
+    """AutoAttack's result from its four attacks run alone on every example.
+
+    An example survives the cascade iff it survives each attack (the cascade only ever
+    attacks survivors, and each attack alone saw every example), so the robust flags are
+    the AND of the four; its adversarial example is the first breaking attack's, in cascade
+    order. Each attack having seen every example makes this at least as strong as the
+    cascade, never weaker; `params.composed_from` says it was composed.
+    """
+    started = time.perf_counter()
+    runs = [record.attacks[a] for a in CASCADE]
+    robust = torch.tensor([all(r.robust[i] == "1" for r in runs)
+                           for i in range(runs[0].n_examples)], dtype=torch.bool)
+    x_adv = x.detach().float().cpu().clone()
+    for name, run in zip(reversed(CASCADE), reversed(runs), strict=True):  # first one wins
+        broken = torch.tensor([c == "0" for c in run.robust], dtype=torch.bool)
+        x_adv[broken] = examples[name].detach().float().cpu()[broken]
+    params = {f"{a}.{k}": v for a, r in zip(CASCADE, runs, strict=True)
+              for k, v in r.params.items()}
+    params.update(version="standard", composed_from=",".join(CASCADE))
+    flags = unique([f for r in runs for f in r.flags])
+    return _result("autoattack", robust, started, flags=flags, params=params), x_adv
 
 
 def _preflight_line(record: CheckpointEval) -> str:
@@ -243,10 +296,14 @@ def _pgd10(model: nn.Module, x: Tensor, y: Tensor, s: EvalSettings,
     """
     started = time.perf_counter()
     generator = torch.Generator(device=s.device).manual_seed(s.seed)
+    # one draw for all examples: the result does not depend on the batch size
+    noise = torch.rand(x.shape, generator=generator, device=s.device)
     hits, foscs, sgcss, advs = [], [], [], []
-    for xb, yb in _batches(x, y, s.batch_size, s.device):
+    for start, (xb, yb) in zip(range(0, len(y), s.batch_size),
+                               _batches(x, y, s.batch_size, s.device), strict=True):
         x_adv, trace = pgd(model, xb, yb, eps=s.eps, step_size=s.step_size, steps=s.steps,
-                           random_start=s.random_start, record=True, generator=generator)
+                           random_start=s.random_start, record=True,
+                           noise=noise[start:start + len(yb)])
         with torch.no_grad():
             hits.append(correct(model(x_adv), yb))
         foscs.append(fosc(x_adv, xb, trace[-1], s.eps))

@@ -1,4 +1,5 @@
-"""Networks: the paper's CIFAR-style ResNet-18 and a small BatchNorm CNN for CPU tiers.
+"""Networks: the paper's CIFAR-style ResNet-18, official TRADES' WideResNet-34-10 (to
+diagnose its released checkpoints) and a small BatchNorm CNN for CPU tiers.
 
 Models take raw pixels in [0, 1] (as official TRADES, so ε = 8/255 is measured in pixel
 units). With `ModelSpec.normalize` a `Normalize` layer comes first, its mean/std stored as
@@ -49,6 +50,8 @@ def build_model(
     """
     if spec.arch == "resnet18":
         net: nn.Module = ResNet18(in_channels, num_classes)
+    elif spec.arch == "wrn-34-10":
+        net = WideResNet(34, 10, in_channels, num_classes)
     else:
         net = SmallCNN(in_channels, num_classes, image_size, spec.width)
     if not spec.normalize:
@@ -147,3 +150,65 @@ class SmallCNN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc(self.pool(self.features(x)).flatten(1))
+
+
+class WideBlock(nn.Module):
+    """Pre-activation block of Zagoruyko & Komodakis 2016: (BN-ReLU-conv3x3) twice, added to
+    the input, or to a 1x1 conv of the activated input when the width changes.
+
+    Attribute names are official TRADES' (`bn1`, `conv1`, `bn2`, `conv2`, `convShortcut`), so
+    its released WideResNet-34-10 checkpoint loads without renaming (docs/checkpoints.md).
+    """
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.bn1, self.bn2 = nn.BatchNorm2d(c_in), nn.BatchNorm2d(c_out)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, padding=1, bias=False)
+        # official TRADES: a projection only where the width changes (never for stride alone)
+        self.convShortcut = (nn.Conv2d(c_in, c_out, 1, stride, bias=False)
+                             if c_in != c_out else None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        act = torch.relu(self.bn1(x))
+        out = self.conv2(torch.relu(self.bn2(self.conv1(act))))
+        return out + (x if self.convShortcut is None else self.convShortcut(act))
+
+
+class WideStage(nn.Module):
+    """`n` WideBlocks; the first changes width and stride (official name: NetworkBlock)."""
+
+    def __init__(self, n: int, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.layer = nn.Sequential(*(WideBlock(c_in if i == 0 else c_out, c_out,
+                                               stride if i == 0 else 1) for i in range(n)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layer(x)
+
+
+class WideResNet(nn.Module):
+    """WRN-depth-widen (official TRADES' CIFAR-10 model is WRN-34-10: 46.2M parameters):
+    3x3 stem of 16 channels, three stages of (depth − 4)/6 blocks at 16k, 32k, 64k channels
+    (strides 1, 2, 2), BN-ReLU, global average pool, linear. Raw [0, 1] input, as official
+    TRADES (its transforms are ToTensor only). The official pool is a fixed 8x8 window:
+    the same as our global pool on 32x32 images, and ours also takes other sizes.
+    """
+
+    def __init__(self, depth: int = 34, widen: int = 10, in_channels: int = 3,
+                 num_classes: int = 10) -> None:
+        super().__init__()
+        if depth < 10 or (depth - 4) % 6:
+            raise ValueError(f"WideResNet: depth {depth} must be 6n + 4 with n >= 1")
+        n, widths = (depth - 4) // 6, (16, 16 * widen, 32 * widen, 64 * widen)
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, padding=1, bias=False)
+        self.block1 = WideStage(n, widths[0], widths[1], 1)
+        self.block2 = WideStage(n, widths[1], widths[2], 2)
+        self.block3 = WideStage(n, widths[2], widths[3], 2)
+        self.bn1 = nn.BatchNorm2d(widths[3])
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(widths[3], num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.block3(self.block2(self.block1(self.conv1(x))))
+        return self.fc(self.pool(torch.relu(self.bn1(out))).flatten(1))

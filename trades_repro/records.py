@@ -143,6 +143,7 @@ class CheckpointEval(_Model):
     checklist: list[ChecklistRow] = []  # `diagnose --checklist`; does not change the verdict
     complete: bool = False
     seconds: float = 0.0
+    backend: dict[str, bool] | None = None  # the numerics flags it ran under (numerics.py)
 
 
 class EvalFile(_Model):

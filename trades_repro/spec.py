@@ -70,7 +70,8 @@ class DataSpec(_Frozen):
 
 
 class ModelSpec(_Frozen):
-    arch: Literal["resnet18", "small_cnn"] = "resnet18"  # App. B: all experiments ResNet-18
+    # App. B: all experiments ResNet-18; wrn-34-10 is official TRADES' CIFAR-10 model
+    arch: Literal["resnet18", "small_cnn", "wrn-34-10"] = "resnet18"
     width: PositiveInt = 32  # small_cnn channel width; ignored by resnet18
     normalize: bool = False  # official TRADES feeds raw [0, 1] pixels; True normalises inside
 
@@ -190,13 +191,22 @@ class EvalSpec(_Frozen):
     """Final evaluation of a checkpoint on the test set (not part of the run's digest)."""
 
     n_examples: PositiveInt | None = None  # None: the whole test set
-    batch_size: PositiveInt = 500
+    # None: from the image size and free memory (trades_repro.evalbatch); 500 on a CPU
+    batch_size: PositiveInt | None = None
     attacks: tuple[AttackName, ...] = (
         "pgd10", "apgd-ce", "apgd-t", "fab-t", "square", "autoattack"
     )  # Table 1's columns
     square_queries: PositiveInt = 5000  # AutoAttack's standard Square budget
     seed: Annotated[int, Field(ge=0)] = 0  # AutoAttack's and PGD's random starts
     landscape: LandscapeSpec = LandscapeSpec()
+
+
+# Outside the run's identity: how a run is evaluated (left out of the hash), and where its
+# data lives (hashed at the defaults, so moving the data keeps the digest and specs that
+# never set these fields keep the digest they had before the rule). Everything else can
+# change the numbers a run writes. docs/architecture.md has the table.
+DIGEST_EXCLUDES = frozenset({"evaluation"})
+DIGEST_LOCATION_FIELDS = ("root", "download")  # of `data`
 
 
 class ExperimentSpec(_Frozen):
@@ -217,9 +227,14 @@ class ExperimentSpec(_Frozen):
     def digest(self) -> str:
         """Stable 16-hex hash of the resolved spec: field order and YAML layout don't matter.
 
-        `evaluation` is left out: evaluating a run differently is not a different run.
+        The digest covers what changes a run's results, not where its files live:
+        `evaluation` is left out (evaluating a run differently is not a different run), and so
+        are `data.root` and `data.download` (moving the data to node-local scratch is the same
+        run; provenance.json records where it was read): they are hashed at their defaults.
         """
-        training = self.model_dump(mode="json", exclude={"evaluation"})
+        training = self.model_dump(mode="json", exclude=set(DIGEST_EXCLUDES))
+        training["data"].update({name: DataSpec.model_fields[name].default
+                                 for name in DIGEST_LOCATION_FIELDS})
         canonical = json.dumps(training, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 

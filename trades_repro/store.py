@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict
 from safetensors.torch import save_file
 
 from trades_repro import __version__
-from trades_repro.spec import ExperimentSpec
+from trades_repro.spec import DataSpec, ExperimentSpec
 
 SPEC_FILE = "spec.json"
 PROVENANCE_FILE = "provenance.json"
@@ -179,6 +179,15 @@ def is_finished(run_dir: Path) -> bool:
 def run_dir_for(spec: ExperimentSpec, runs_dir: Path) -> Path:
     """A run is named by its spec's digest: the same spec is the same run."""
     return runs_dir / spec.digest()
+
+
+def data_location(data: DataSpec) -> dict[str, Any]:
+    """Where this run read its data: not part of the digest (moving the data folder is the
+    same run), so provenance keeps it, as given and resolved."""
+    from trades_repro.data import DEFAULT_ROOT  # lazy: torchvision is slow to import
+
+    root = Path(data.root) if data.root is not None else DEFAULT_ROOT
+    return {"root": data.root, "resolved_root": str(root.resolve()), "download": data.download}
 
 
 def now_iso() -> str:

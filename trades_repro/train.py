@@ -10,35 +10,45 @@ state. A killed run restarts from its last finished epoch and, on CPU, writes th
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from trades_repro import data as datalib
-from trades_repro import store
+from trades_repro import numerics, store
 from trades_repro.attacks import pgd
 from trades_repro.awp import awp_active
 from trades_repro.engine import RunState, Session, TrainingError, build_session, lr_at
+from trades_repro.evalbatch import eval_batch_size, out_of_memory_hint
 from trades_repro.metrics import attack_sgcs, correct, fosc
 from trades_repro.policies import update_policies
 from trades_repro.progress import progress_bar
 from trades_repro.spec import ExperimentSpec
 from trades_repro.steps import NonFiniteLoss, train_step
 
-EVAL_BATCH = 512  # validation batch: large enough to be fast, small enough for 8 GB GPUs
 APP_G_KEYS = ("w_grad_norm", "ce_norm", "kl_norm", "grad_cosine_similarity")
 
 
-def train(spec: ExperimentSpec, runs_dir: Path, *, progress: bool = True) -> store.RunResult:
-    """Train `spec` into `runs_dir/<digest>/`: resume it if unfinished, skip it if finished."""
+def train(spec: ExperimentSpec, runs_dir: Path, *, progress: bool = True,
+          eval_batch: int | None = None) -> store.RunResult:
+    """Train `spec` into `runs_dir/<digest>/`: resume it if unfinished, skip it if finished.
+
+    `eval_batch` sets validation's batch (default: from the image size and free memory); it
+    does not change any result, so it is not part of the spec.
+    """
     run_dir = store.run_dir_for(spec, runs_dir)
     if store.is_finished(run_dir):
         return store.RunResult(run_dir, store.read_metrics(run_dir), skipped=True)
     session = build_session(spec, run_dir)  # loads data before writing anything
+    session.eval_batch = eval_batch
     started = time.perf_counter()
     try:
-        with progress_bar(spec, session.state.epoch, enabled=progress) as update:
+        with (numerics.training(spec.performance) as flags,
+              progress_bar(spec, session.state.epoch, enabled=progress) as update):
+            session.provenance["backend"] = {"training": flags,
+                                             "validation": _validation_flags()}
             for epoch in range(session.state.epoch + 1, spec.optim.epochs + 1):
                 record = run_epoch(session, epoch)
                 update(record)
@@ -61,7 +71,8 @@ def run_epoch(session: Session, epoch: int) -> store.EpochRecord:
     for group in session.optimizer.param_groups:
         group["lr"] = lr
     stats = train_epoch(session, epoch)
-    val = validate(session.model, session.splits.val, spec, session.device, epoch)
+    val = validate(session.model, session.splits.val, spec, session.device, epoch,
+                   batch_size=session.eval_batch, prepare=session.prepare)
     record = store.EpochRecord(
         epoch=epoch, lr=lr, val_source=session.splits.val_source, **stats, **val,
         **update_policies(state.policies, epoch, val, spec.healing.fosc_threshold),
@@ -127,6 +138,11 @@ class _Totals:
         return {"loss": self.loss.item(), "clean": clean, "adv": adv, "n": self.n}
 
 
+def _validation_flags() -> dict[str, bool]:
+    with numerics.evaluation() as flags:
+        return flags
+
+
 def _epoch_fields(totals: dict, app_g: list, noised: list[int]) -> dict:
     n = totals["n"]
     clean, adv = totals["clean"] / n, totals["adv"] / n
@@ -149,35 +165,57 @@ def _healing_trigger(state: RunState, epoch: int, val_fosc: float | None,
 
 
 def validate(model: nn.Module, val: datalib.ImageSet, spec: ExperimentSpec,
-             device: torch.device, epoch: int) -> dict[str, float | None]:
-    """Clean and PGD-10 accuracy on `val`, with mean FOSC/SGCS of the PGD-10 examples."""
+             device: torch.device, epoch: int, *, batch_size: int | None = None,
+             prepare: Callable[[Tensor], Tensor] | None = None) -> dict[str, float | None]:
+    """Clean and PGD-10 accuracy on `val`, with mean FOSC/SGCS of the PGD-10 examples.
+
+    Runs under the evaluation numerics (fp32, deterministic cuDNN; `numerics.evaluation`)
+    whatever the training precision, in eval mode, and restores the model's mode after. The
+    random starts are drawn for the whole set at once from (seed, epoch), so the result does
+    not depend on `batch_size` (default: `evalbatch.eval_batch_size`). `prepare` converts
+    each input as training does (channels_last), so a compiled model sees one layout.
+    """
     attack, monitor = spec.validation, spec.monitor
     record = monitor.fosc or monitor.sgcs
+    n = len(val.labels)
     gen = torch.Generator(device=device).manual_seed(spec.seed * 100_003 + epoch)  # per epoch
+    noise = torch.rand((n, *val.images.shape[1:]), generator=gen, device=device)
+    size = eval_batch_size(val.images.shape[1:], device, batch_size)
+    prepare = prepare or (lambda x: x)
     was_training = model.training
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # clean, robust, FOSC, SGCS
-    for x, y in datalib.batches(val, EVAL_BATCH, generator=None, shuffle=False,
-                                augment=False, padding=0, device=device):
-        out = pgd(model, x, y, eps=attack.eps, step_size=attack.step_size, steps=attack.steps,
-                  random_start=attack.random_start, record=record, generator=gen)
-        x_adv, trace = out if record else (out, None)
-        with torch.no_grad():
-            sums[0] += correct(model(x), y).sum()
-            sums[1] += correct(model(x_adv), y).sum()
-        if monitor.fosc:
-            sums[2] += fosc(x_adv, x, trace[-1], attack.eps).sum()
-        if monitor.sgcs:
-            sums[3] += attack_sgcs(trace).sum()  # Eq. 3: the k step gradients
+    batches = datalib.batches(val, size, generator=None, shuffle=False, augment=False,
+                              padding=0, device=device)
+    try:
+        with numerics.evaluation(), out_of_memory_hint(size):
+            for index, (x, y) in enumerate(batches):
+                x = prepare(x)
+                start = noise[index * size:index * size + len(y)]
+                _validate_batch(model, x, y, attack, monitor, record, start, sums)
+    finally:
+        model.train(was_training)
     clean, robust, fosc_sum, sgcs_sum = sums.tolist()  # the one host sync of validation
-    model.train(was_training)
-    n = len(val.labels)
     return {
         "val_clean_acc": clean / n,
         "val_pgd10_acc": robust / n,
         "val_fosc": fosc_sum / n if monitor.fosc else None,
         "val_sgcs": sgcs_sum / n if monitor.sgcs else None,
     }
+
+
+def _validate_batch(model: nn.Module, x: Tensor, y: Tensor, attack, monitor, record: bool,
+                    noise: Tensor, sums: Tensor) -> None:
+    out = pgd(model, x, y, eps=attack.eps, step_size=attack.step_size, steps=attack.steps,
+              random_start=attack.random_start, record=record, noise=noise.to(x))
+    x_adv, trace = out if record else (out, None)
+    with torch.no_grad():
+        sums[0] += correct(model(x), y).sum()
+        sums[1] += correct(model(x_adv), y).sum()
+    if monitor.fosc:
+        sums[2] += fosc(x_adv, x, trace[-1], attack.eps).sum()
+    if monitor.sgcs:
+        sums[3] += attack_sgcs(trace).sum()  # Eq. 3: the k step gradients
 
 
 __all__ = ["TrainingError", "train", "train_epoch", "validate"]
