@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import typer
 from factories import assert_one_line_error
 from typer.testing import CliRunner
 
@@ -76,3 +77,22 @@ def test_exit_codes_are_documented_in_help():
     for needle in ("Exit 0 not overestimated", "1 overestimated", "2 bad input",
                    "3 inconclusive", "4 the evaluation itself failed"):
         assert needle in text, needle
+
+
+def test_no_option_help_is_swallowed_by_rich_markup():
+    """Typer renders help with Rich, which takes `[...]` as markup and drops it: a help text
+    '[default: 1 on CPU]' showed as 'CPU threads for torch .'."""
+    command = typer.main.get_command(app)
+    texts = [(f"{name} {param.name}", param.help or "")
+             for name, sub in _commands(command) for param in sub.params
+             if param.param_type_name == "option"]
+    assert texts
+    assert not [where for where, text in texts if "[" in text], texts
+
+
+def _commands(group, prefix=""):
+    for name, sub in group.commands.items():
+        if hasattr(sub, "commands"):
+            yield from _commands(sub, f"{prefix}{name} ")
+        else:
+            yield f"{prefix}{name}", sub

@@ -38,6 +38,9 @@ spec_app = typer.Typer(help="Inspect experiment specs.", no_args_is_help=True)
 app.add_typer(spec_app, name="spec")
 
 F = TypeVar("F", bound=Callable[..., object])
+EvalBatchOption = Annotated[int | None, typer.Option(
+    "--eval-batch", help="Images per attack batch (default: from the image size and free GPU "
+    "memory; 500 on a CPU). Lower it if the GPU runs out of memory.")]
 
 
 def _fail(message: str, code: int) -> typer.Exit:
@@ -100,12 +103,15 @@ def train(
     spec_file: Annotated[Path, typer.Argument(help="Experiment spec (YAML).")],
     runs_dir: Annotated[Path, typer.Option(help="Folder that holds run folders.")] = Path("runs"),
     quiet: Annotated[bool, typer.Option(help="No progress bar (for scripts).")] = False,
+    eval_batch: EvalBatchOption = None,
 ) -> None:
     """Train TRADES as the spec says; writes runs/<digest>/ (a finished run is skipped)."""
+    from trades_repro import runlock, store
     from trades_repro.train import train as run_training
 
     spec = load_spec(spec_file)
-    result = run_training(spec, runs_dir, progress=not quiet)
+    with runlock.hold(store.run_dir_for(spec, runs_dir)):  # RunBusy (exit 2) if held
+        result = run_training(spec, runs_dir, progress=not quiet, eval_batch=eval_batch)
     console = Console(stderr=quiet)
     if result.skipped:
         console.print(f"already finished, nothing to do: {result.run_dir}")
@@ -161,7 +167,7 @@ AttacksOption = Annotated[list[str] | None, typer.Option(
 
 
 ThreadsOption = Annotated[int | None, typer.Option(
-    help="CPU threads for torch [default: 1 on CPU].")]
+    help="CPU threads for torch (default: 1 on CPU).")]
 
 
 def _set_threads(threads: int | None, device: str | None) -> None:
@@ -207,7 +213,7 @@ def _print_record(console: Console, title: str, record) -> None:
 
 
 SeedOption = Annotated[int | None, typer.Option(
-    help="Seed of PGD's and AutoAttack's random starts [default: the spec's, or 0].")]
+    help="Seed of PGD's and AutoAttack's random starts (default: the spec's, or 0).")]
 SaveAdvOption = Annotated[bool, typer.Option(
     "--save-adversarial", help="Keep each attack's adversarial examples (.safetensors).")]
 
@@ -222,6 +228,7 @@ def evaluate(
     seed: SeedOption = None,
     save_adversarial: SaveAdvOption = False,
     threads: ThreadsOption = None,
+    eval_batch: EvalBatchOption = None,
     quiet: Annotated[bool, typer.Option(help="No progress lines.")] = False,
 ) -> None:
     """Evaluate the run's selected checkpoint(s) into RUN_DIR/eval.json (resumable).
@@ -234,7 +241,7 @@ def evaluate(
     chosen = parse_attacks(attacks) if attacks else None
     records = evaluate_run(run_dir, attacks=chosen, n_examples=n_examples, device=device,
                            seed=seed, save_adversarial=save_adversarial,
-                           report=_progress(quiet))
+                           eval_batch=eval_batch, report=_progress(quiet))
     for record in records:
         _print_record(Console(), f"{record.checkpoint} ({', '.join(record.policies)})", record)
     typer.echo(str(run_dir / "eval.json"))
@@ -245,7 +252,9 @@ def evaluate(
 def diagnose(
     checkpoint: Annotated[Path, typer.Argument(help="safetensors or torch state dict.")],
     dataset: Annotated[str, typer.Option(help="digits, fashion_mnist, cifar10, ...")],
-    model: Annotated[str | None, typer.Option(help="Our architecture: small_cnn, resnet18.")]
+    model: Annotated[str | None, typer.Option(
+        help="Our architecture: small_cnn, resnet18 (also TRADES-AWP's names), wrn-34-10 "
+        "(official TRADES' CIFAR-10 model); see docs/checkpoints.md.")]
     = None,
     factory: Annotated[str | None, typer.Option(
         help="module:function returning the nn.Module (on PYTHONPATH).")] = None,
@@ -267,6 +276,7 @@ def diagnose(
     = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON, no table.")] = False,
     threads: ThreadsOption = None,
+    eval_batch: EvalBatchOption = None,
     quiet: Annotated[bool, typer.Option(help="No progress lines.")] = False,
 ) -> None:
     """Is this checkpoint's PGD robustness real? Rule pgd10_minus_square_v2 decides.
@@ -287,7 +297,7 @@ def diagnose(
         normalize=normalize, eps=parse_eps(eps), n_examples=n_examples,
         attacks=parse_attacks(attacks) if attacks else None, device=device,
         data_root=data_root, square_queries=square_queries, seed=seed or 0, out=out,
-        save_adversarial=save_adversarial, checklist=checklist,
+        save_adversarial=save_adversarial, checklist=checklist, eval_batch=eval_batch,
         report=_progress(quiet or json_output))
     if json_output:
         typer.echo(record.model_dump_json(indent=2))
@@ -308,7 +318,7 @@ app.add_typer(claims_app, name="claims")
 ClaimsDir = Annotated[Path, typer.Option(help="Folder of claims files (arms.yaml + one per "
                                          "paper artefact).")]
 RunsDir = Annotated[Path, typer.Option(help="Folder that holds run folders.")]
-TierOption = Annotated[str, typer.Option(help="instant, reduced or full.")]
+TierOption = Annotated[str, typer.Option(help="instant, cpu, reduced or full.")]
 Patterns = Annotated[list[str] | None, typer.Argument(
     help="Claim ids or glob patterns (table_2.*); none or 'all': every claim.")]
 JunitOption = Annotated[Path | None, typer.Option(help="Write JUnit XML here.")]
@@ -410,6 +420,15 @@ def _report(judgements, titles, tier, runs_dir, report, junit) -> None:
         write_junit(junit, judgements, tier=tier)
 
 
+ExecutorOption = Annotated[str, typer.Option(
+    help="inline: one run after another here; local: separate processes (--jobs, round "
+    "robin over the GPUs); slurm: one submitit job array.")]
+SlurmOption = Annotated[str | None, typer.Option(help="slurm: overrides the config file.",
+                                                 rich_help_panel="SLURM")]
+SlurmInt = Annotated[int | None, typer.Option(min=0, help="slurm: per run; overrides the "
+                                              "config file.", rich_help_panel="SLURM")]
+
+
 @app.command("run-claim")
 @_user_errors
 def run_claim(
@@ -421,22 +440,43 @@ def run_claim(
     = False,
     device_kind: Annotated[str, typer.Option(
         help="Cost table column for the estimate: h100 or cpu.")] = "",
-    report: Annotated[Path | None, typer.Option(help="Markdown report [default: "
-                                                "RUNS_DIR/report_<tier>.md].")] = None,
+    report: Annotated[Path | None, typer.Option(help="Markdown report (default: "
+                                                "RUNS_DIR/report_<tier>.md).")] = None,
     junit: JunitOption = None,
     quiet: Annotated[bool, typer.Option(help="No progress bars or lines.")] = False,
+    executor: ExecutorOption = "inline",
+    jobs: Annotated[int | None, typer.Option(min=1, help="local: runs at once (default: GPUs "
+                                             "× jobs-per-gpu, or 1 on a CPU).")] = None,
+    jobs_per_gpu: Annotated[int | None, typer.Option(
+        min=1, help="local: runs sharing one GPU (default: 1).")] = None,
+    executor_config: Annotated[Path | None, typer.Option(
+        help="YAML with a `slurm:` and/or `local:` block (spec/slurm.example.yaml).")] = None,
+    retry_failed: Annotated[bool, typer.Option(
+        help="Run again the runs that failed before (skipped otherwise).")] = False,
+    partition: SlurmOption = None,
+    time: Annotated[str | None, typer.Option(
+        help="slurm: per-run limit, minutes or D-HH:MM:SS (days optional).",
+        rich_help_panel="SLURM")] = None,
+    gpus: SlurmInt = None,
+    cpus: SlurmInt = None,
+    mem_gb: Annotated[float | None, typer.Option(help="slurm: memory per run (GB).",
+                                                 rich_help_panel="SLURM")] = None,
+    account: SlurmOption = None,
+    qos: SlurmOption = None,
 ) -> None:
     """Train and evaluate what the claims need at TIER (finished runs skipped, partial ones
-    resumed, shared arms once), then verify them. Exit codes as `verify`; 3 also when the
-    tier needs a GPU and none is visible; 1 also when a run failed."""
-    from trades_repro import runclaim
+    resumed, shared arms once, runs another launch is training left to it), then verify them.
+    Exit codes as `verify`; 3 also when the tier needs a GPU and none is visible; 1 also when
+    a run failed. With `--executor slurm` it submits one job array and exits 0: follow it with
+    `trades-repro status`, judge it with `trades-repro verify`."""
+    from trades_repro import executors, runclaim
     from trades_repro.claims import ClaimsError
     from trades_repro.runclaim import DEVICE_KINDS
 
     tier = _tier(tier)
     catalogue, entries = _selected(claims_dir, patterns, tier)
     runs = runclaim.plan(catalogue, entries, tier, runs_dir)
-    device_kind = device_kind or ("h100" if tier != "instant" else "cpu")
+    device_kind = device_kind or ("h100" if tier in runclaim.GPU_TIERS else "cpu")
     if device_kind not in DEVICE_KINDS:
         raise ClaimsError(f"--device-kind: unknown {device_kind!r}; known: "
                           f"{', '.join(DEVICE_KINDS)}")
@@ -444,11 +484,22 @@ def run_claim(
     if dry_run:
         _print_arms(runs, device_kind)
         return
-    runclaim.require_device(tier)
+    overrides = {"jobs": jobs, "jobs_per_gpu": jobs_per_gpu, "partition": partition,
+                 "time": int(time) if time and time.isdigit() else time, "gpus": gpus,
+                 "cpus": cpus, "mem_gb": mem_gb, "account": account, "qos": qos}
+    chosen = executors.build(executor, runs_dir, progress=not quiet, overrides=overrides,
+                             config=executors.load_config(executor_config))
+    submit_only = isinstance(chosen, executors.Slurm) and not chosen.config.wait
+    if not submit_only:  # a SLURM login node has no GPU; its jobs do
+        runclaim.require_device(tier)
     _set_threads(None, None)  # one CPU thread unless CUDA: see _set_threads
     say = _progress(quiet)
     runclaim.run_properties(entries, runs_dir, say)
-    failures = runclaim.execute(runs, runs_dir, report=say, progress=not quiet)
+    failures = runclaim.execute(runs, runs_dir, report=say, progress=not quiet,
+                                executor=chosen, retry_failed=retry_failed)
+    if submit_only:
+        _after_submit(patterns, tier, runs_dir, failures)
+        return
     ids = [e.id for e in entries]
     judgements, titles = _judge(ids, tier, runs_dir, claims_dir, False)
     report = report or runs_dir / f"report_{tier}.md"
@@ -456,6 +507,57 @@ def run_claim(
     for run, error in failures:
         typer.echo(f"run {run.digest} failed: {error}", err=True)
     _exit_for(judgements, run_failed=bool(failures))
+
+
+def _after_submit(patterns, tier: str, runs_dir: Path, failures) -> None:
+    """Submitted, not judged: say how to follow and judge; exit 1 if some failed before."""
+    which = " ".join(repr(p) for p in patterns or ["all"])
+    typer.echo(f"follow: trades-repro status {which} --tier {tier} --runs-dir {runs_dir}")
+    typer.echo(f"judge when done: trades-repro verify {which} --tier {tier} "
+               f"--runs-dir {runs_dir}")
+    _exit_if_failed([f"{run.digest} failed: {error}" for run, error in failures])
+
+
+def _exit_if_failed(failures: list[str]) -> None:
+    """Each failed run on stderr, then exit 1 (a run failed) if there was any."""
+    for line in failures:
+        typer.echo(f"run {line}", err=True)
+    if failures:
+        raise typer.Exit(EXIT_FAILED)
+
+
+@app.command("status")
+@_user_errors
+def status(
+    patterns: Patterns = None,
+    tier: Annotated[str | None, typer.Option(help="Only this tier (default: every tier with "
+                                             "a run folder).")] = None,
+    runs_dir: RunsDir = Path("runs"),
+    claims_dir: ClaimsDir = Path("claims"),
+    as_json: Annotated[bool, typer.Option("--json", help="JSON for scripts.")] = False,
+) -> None:
+    """Per claim and arm: runs done / running / failed / pending, with job ids, each running
+    run's epoch and ETA, and each failed run's error line. Reads run folders only."""
+    from rich.table import Table
+
+    from trades_repro import status as statuslib
+
+    catalogue, entries = _selected(claims_dir, patterns, tier and _tier(tier))
+    rows = statuslib.collect(catalogue, entries, runs_dir, tier)
+    if as_json:
+        typer.echo(json.dumps([r.to_dict() for r in rows], indent=2))
+        return
+    if not rows:
+        typer.echo("no runs started for these claims; --tier shows a tier's pending runs")
+        return
+    table = Table(title=f"{runs_dir} at {statuslib.snapshot_time()}", title_justify="left")
+    for column in ("claim", "tier", "arm", *statuslib.STATES, "runs"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        notable = [statuslib.describe(r) for r in row.runs if r.state != "done"]
+        table.add_row(row.claim, row.tier, row.arm, *map(str, row.counts().values()),
+                      "\n".join(notable))
+    Console(width=max(160, Console().width)).print(table)
 
 
 def _print_plan(runs, entries, tier: str, device_kind: str) -> None:
@@ -469,8 +571,9 @@ def _print_plan(runs, entries, tier: str, device_kind: str) -> None:
     console = Console()
     console.print(f"{len(entries)} claims at tier {tier}: {len(runs)} runs "
                   f"({states['done']} finished, {states['evaluate']} to evaluate, "
-                  f"{states['resume']} to resume, {states['train']} to train), {props} "
-                  f"property tests", highlight=False, soft_wrap=True)
+                  f"{states['resume']} to resume, {states['train']} to train"
+                  + (f", {states['failed']} failed before" if states["failed"] else "")
+                  + f"), {props} property tests", highlight=False, soft_wrap=True)
     where = "GPU" if device_kind != "cpu" else "CPU"
     amount = f"{hours:.1f} h" if hours >= 1 else f"{60 * hours:.0f} min"
     console.print(f"estimated {where} time ({device_kind}, spec/costs.yaml): {amount}"
@@ -489,3 +592,51 @@ def _print_arms(runs, device_kind: str) -> None:
     for arm, n, pending, hours in by_arm(runs, device_kind):
         table.add_row(arm, str(n), str(pending), f"{hours:.1f}")
     Console().print(table)
+
+
+# ------------------------------------------------------------------- small-scale study (issue 19)
+
+study_app = typer.Typer(help="The CPU study of when TRADES overestimates robustness "
+                        "(docs/small_scale.md).", no_args_is_help=True)
+app.add_typer(study_app, name="study")
+
+
+@study_app.command("sweep")
+@_user_errors
+def study_sweep(
+    sweeps: Annotated[list[Path], typer.Argument(help="Sweep files, run in this order.")],
+    runs_dir: RunsDir = Path("runs"),
+    shard: Annotated[str, typer.Option(help="K/N: run every N-th run from the K-th (0-based), "
+                                       "for N processes side by side.")] = "0/1",
+) -> None:
+    """Train and evaluate the sweeps' runs (finished skipped, partial resumed); exit 1 when
+    a run failed."""
+    from trades_repro.errors import BadInput
+    from trades_repro.smallscale import run_sweeps
+
+    try:
+        k, n = (int(part) for part in shard.split("/"))
+        assert 0 <= k < n
+    except (ValueError, AssertionError):
+        raise BadInput(f"--shard {shard!r}: expected K/N with 0 <= K < N") from None
+    _set_threads(None, None)
+    _exit_if_failed(run_sweeps(sweeps, runs_dir, shard=(k, n), report=_progress(False)))
+
+
+@study_app.command("report")
+@_user_errors
+def study_report(
+    evidence: Annotated[Path, typer.Option(help="Evidence folder (no weights).")]
+    = Path("evidence/cpu"),
+    out: Annotated[Path, typer.Option(help="Markdown report; PNGs go to its stem folder.")]
+    = Path("docs/small_scale.md"),
+    runs_dir: Annotated[Path | None, typer.Option(help="Copy finished runs' evidence from "
+                                                  "here first.")] = None,
+) -> None:
+    """Regenerate the small-scale report (tables, tests, plots) from the evidence alone."""
+    from trades_repro.smallscale import export
+    from trades_repro.smallscale_report import write_report
+
+    if runs_dir is not None:
+        typer.echo(f"exported {export(runs_dir, evidence)} run(s) from {runs_dir}")
+    typer.echo(str(write_report(evidence, out)))

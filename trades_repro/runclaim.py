@@ -1,8 +1,9 @@
 """`run-claim`: the runs behind a set of claims, planned, costed, trained and evaluated.
 
 Arms resolve to specs; specs shared by several claims run once (by digest). Finished runs
-are skipped, partial runs resume (`train` does both), evaluation resumes per attack. Runs
-go one after another in this process; `property` claims run their pytest nodes in one
+are skipped, partial runs resume (`train` does both), evaluation resumes per attack, failed
+runs wait for `retry_failed`. An executor (`executors.py`: inline, local processes, SLURM)
+runs them, each under its run folder's lock; `property` claims run their pytest nodes in one
 subprocess and leave their outcome in ``runs/_properties/``. Nothing is judged here: the CLI
 calls `verify` afterwards.
 """
@@ -25,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from trades_repro import store
 from trades_repro.claims import Catalogue, Entry
 from trades_repro.errors import BadInput, Inconclusive
+from trades_repro.executors import Executor, Inline, RunJob, failure
 from trades_repro.spec import ExperimentSpec
 from trades_repro.verify import PROPERTIES_DIR
 
@@ -54,7 +56,7 @@ class Cost(BaseModel):
 class PlannedRun:
     spec: ExperimentSpec
     arms: tuple[str, ...]
-    state: Literal["done", "evaluate", "resume", "train"]
+    state: Literal["done", "evaluate", "resume", "train", "failed"]
     policies: tuple[str, ...] = ("best_pgd10",)  # the checkpoints its arms evaluate
 
     @property
@@ -83,8 +85,13 @@ def plan(catalogue: Catalogue, entries: list[Entry], tier: str,
 
 def _state(spec: ExperimentSpec, runs_dir: Path, policies: tuple[str, ...]) -> str:
     run_dir = store.run_dir_for(spec, runs_dir)
-    if store.is_finished(run_dir):
-        return "done" if _evaluated(run_dir, spec, policies) else "evaluate"
+    finished = store.is_finished(run_dir)
+    if finished and _evaluated(run_dir, spec, policies):
+        return "done"
+    if failure(run_dir) is not None:
+        return "failed"
+    if finished:
+        return "evaluate"
     return "resume" if (run_dir / store.LAST_FILE).exists() else "train"
 
 
@@ -141,32 +148,42 @@ def require_device(tier: str) -> None:
                            "--dry-run to see the plan, or --tier instant on a CPU")
 
 
-def execute(runs: list[PlannedRun], runs_dir: Path, *, report: Report,
-            progress: bool) -> list[tuple[PlannedRun, str]]:
-    """Train and evaluate what is not done, one run after another; returns the failures
-    (run, one-line error) and carries on past them, so one bad seed loses nothing else."""
-    from trades_repro.data import DataError
-    from trades_repro.diagnose import evaluate_run
-    from trades_repro.spec import SpecError
-    from trades_repro.train import TrainingError, train
-
-    # a run's own known failures; anything else is our bug and escapes (exit 4), never 1
-    run_failures = (TrainingError, BadInput, DataError, SpecError)
-
-    failures = []
-    todo = [r for r in runs if r.state != "done"]
-    for i, run in enumerate(todo, 1):
-        report(f"[{i}/{len(todo)}] {run.digest} ({', '.join(run.arms)}, seed "
-               f"{run.spec.seed}): {run.state}")
-        try:
-            result = train(run.spec, runs_dir, progress=progress)
-            evaluate_run(result.run_dir, attacks=run.spec.evaluation.attacks,
-                         n_examples=run.spec.evaluation.n_examples, policies=run.policies,
-                         report=report)
-        except run_failures as err:
-            failures.append((run, f"{type(err).__name__}: {str(err).splitlines()[0]}"))
-            report(f"  failed: {failures[-1][1]}")
+def execute(runs: list[PlannedRun], runs_dir: Path, *, report: Report, progress: bool,
+            executor: Executor | None = None,
+            retry_failed: bool = False) -> list[tuple[PlannedRun, str]]:
+    """Train and evaluate what is not done through `executor` (default: inline, one after
+    another); returns the failures (run, one-line error) and carries on past them, so one bad
+    seed loses nothing else. Runs that failed before count as failures unless retried; runs
+    another launch is training are left to it. An unexpected error in a run is our bug: it
+    escapes (inline) or is raised once every run has ended (exit 4), never exit 1."""
+    failures, work = [], []
+    for run in runs:
+        if run.state == "failed" and not retry_failed:
+            error = failure(store.run_dir_for(run.spec, runs_dir))
+            failures.append((run, f"failed earlier: {error} (--retry-failed retries it)"))
+            report(f"{run.digest} ({_label(run)}): {failures[-1][1]}")
+        elif run.state != "done":
+            work.append(run)
+    by_digest = {run.digest: run for run in work}
+    outcomes = (executor or Inline(progress)).run([_job(r, runs_dir) for r in work], report)
+    for outcome in outcomes:
+        if outcome.status in ("failed", "crashed", "lost"):
+            failures.append((by_digest[outcome.digest], outcome.message))
+        if outcome.status in ("failed", "busy"):
+            report(f"  {outcome.digest} {outcome.status}: {outcome.message}")
+    crashed = [o for o in outcomes if o.status == "crashed"]
+    if crashed:
+        raise RuntimeError(f"{len(crashed)} run(s) crashed; first: {crashed[0].digest}: "
+                           f"{crashed[0].message}")
     return failures
+
+
+def _job(run: PlannedRun, runs_dir: Path) -> RunJob:
+    return RunJob(run.spec.model_dump(mode="json"), str(runs_dir), run.policies, _label(run))
+
+
+def _label(run: PlannedRun) -> str:
+    return f"{', '.join(run.arms)}, seed {run.spec.seed}: {run.state}"
 
 
 def run_properties(entries: list[Entry], runs_dir: Path, report: Report,

@@ -1,0 +1,415 @@
+"""Where `run-claim`'s pending runs train: in this process, in local processes, or on SLURM.
+
+The field's engine does the scheduling: `submitit` starts local processes and submits SLURM job
+arrays; nothing here is a scheduler of its own. Every executor runs the same `RunJob` (train,
+then evaluate, under the run folder's lock from `runlock`), so a run is the same run whatever
+ran it:
+
+* `inline`: one run after another in this process (the laptop default);
+* `local`: each run a separate process (submitit's `LocalExecutor`), `jobs` at once, slot `s`
+  on visible GPU `s mod n` (`CUDA_VISIBLE_DEVICES` set per process), at most `jobs_per_gpu`
+  per GPU;
+* `slurm`: one submitit job array. `RunJob` is `Checkpointable`: on preemption or timeout
+  submitit pickles it and requeues the array task; the requeued task (same job id) takes the
+  old lock over and `train` resumes from `last.pt`, then evaluation runs in the same job.
+
+A run that fails (non-finite loss, bad data, …) leaves `failed.json` with its error line;
+it is retried only when asked (`--retry-failed`). Each job's output goes to `run.log` in its
+run folder; submitit's own files go to `RUNS_DIR/_submitit/`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal, Protocol
+
+import submitit
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from trades_repro import runlock, store
+from trades_repro.errors import BadInput
+
+EXECUTORS = ("inline", "local", "slurm")
+FAILED_FILE = "failed.json"  # the run failed: its error; retried only with --retry-failed
+JOB_FILE = "job.json"  # the executor and job id it was last given to
+RUN_LOG = "run.log"
+SUBMITIT_DIR = "_submitit"
+LOCAL_TIMEOUT_MIN = 7 * 24 * 60  # submitit's local default is 2 min: a run takes hours
+INTERRUPTS = ("KeyboardInterrupt", "SystemExit")  # a killed run resumes; it did not fail
+Report = Callable[[str], None]
+Status = Literal["done", "failed", "crashed", "lost", "busy", "submitted"]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    digest: str
+    status: Status  # crashed: our own bug (exit 4); lost: the process died without a word
+    message: str = ""
+    job_id: str | None = None
+
+
+class RunJob(submitit.helpers.Checkpointable):
+    """One run, trained then evaluated under its lock; plain data, so submitit can pickle it
+    and, being Checkpointable, requeue it as it is (the state lives in the run folder)."""
+
+    def __init__(self, spec: dict, runs_dir: str, policies: tuple[str, ...], label: str = "",
+                 threads: int | None = 1) -> None:
+        self.spec, self.runs_dir, self.policies = spec, runs_dir, policies
+        self.label, self.threads = label, threads  # threads: torch's, when on the CPU
+
+    @property
+    def digest(self) -> str:
+        return self._spec().digest()
+
+    @property
+    def run_dir(self) -> Path:
+        return store.run_dir_for(self._spec(), Path(self.runs_dir))
+
+    def __call__(self) -> Outcome:
+        """In a job: everything to `run.log`; an unexpected error is recorded, not raised, so
+        the launcher reports it (exit 4) and the other runs go on."""
+        self._set_threads()
+        with run_log(self.run_dir) as say:
+            say(f"start {self.label} on {os.uname().nodename} (job {runlock.current_job_id()})")
+            try:
+                outcome = self.run(say, progress=False)
+                say(f"{outcome.status}{': ' + outcome.message if outcome.message else ''}")
+                return outcome
+            except Exception as err:  # noqa: BLE001 - recorded, reported by the launcher
+                traceback.print_exc()
+                message = f"{type(err).__name__}: {_first_line(err)} (traceback in run.log)"
+                record_failure(self.run_dir, message, crashed=True)
+                return Outcome(self.digest, "crashed", message, runlock.current_job_id())
+
+    def run(self, report: Report, progress: bool) -> Outcome:
+        """Train (resume, or skip if finished) and evaluate under the lock; a known run
+        failure is recorded in `failed.json`; anything else escapes."""
+        from trades_repro.data import DataError
+        from trades_repro.spec import SpecError
+        from trades_repro.train import TrainingError
+
+        run_dir, job = self.run_dir, runlock.current_job_id()
+        try:
+            with runlock.hold(run_dir):
+                (run_dir / FAILED_FILE).unlink(missing_ok=True)  # tried again now
+                self._train_and_evaluate(report, progress)
+        except runlock.RunBusy as busy:
+            return Outcome(self.digest, "busy", str(busy), job)
+        except (TrainingError, BadInput, DataError, SpecError) as err:
+            message = f"{type(err).__name__}: {_first_line(err)}"
+            record_failure(run_dir, message)
+            return Outcome(self.digest, "failed", message, job)
+        return Outcome(self.digest, "done", "", job)
+
+    def _train_and_evaluate(self, report: Report, progress: bool) -> None:
+        from trades_repro.diagnose import evaluate_run
+        from trades_repro.train import train
+
+        spec = self._spec()
+        result = train(spec, Path(self.runs_dir), progress=progress)
+        report("already trained; evaluating" if result.skipped else
+               f"trained to epoch {len(result.records)}; evaluating")
+        evaluate_run(result.run_dir, attacks=spec.evaluation.attacks,
+                     n_examples=spec.evaluation.n_examples, policies=self.policies,
+                     report=report)
+
+    def _spec(self):
+        from trades_repro.spec import ExperimentSpec
+
+        return ExperimentSpec.model_validate(self.spec)
+
+    def _set_threads(self) -> None:
+        import torch
+
+        if self.threads and not torch.cuda.is_available():
+            torch.set_num_threads(self.threads)  # see cli._set_threads: 1 on shared cores
+
+
+def failure(run_dir: Path) -> str | None:
+    """The run's recorded failure: `failed.json`, or a `failed` provenance that was not an
+    interrupt (`train` marks a Ctrl-C'd run failed; it resumes like a killed one)."""
+    path = run_dir / FAILED_FILE
+    if path.is_file():
+        return store.read_json(path).get("error", "failed")
+    prov = run_dir / store.PROVENANCE_FILE
+    if prov.is_file():
+        raw = store.read_json(prov)
+        error = str(raw.get("error", ""))
+        if raw.get("status") == "failed" and not error.startswith(INTERRUPTS):
+            return error or "failed"
+    return None
+
+
+def record_failure(run_dir: Path, error: str, crashed: bool = False) -> None:
+    store.atomic_write_json(run_dir / FAILED_FILE, {
+        "error": error, "crashed": crashed, "at": store.now_iso(),
+        "host": os.uname().nodename, "pid": os.getpid(), "job_id": runlock.current_job_id()})
+
+
+@contextmanager
+def run_log(run_dir: Path) -> Iterator[Report]:
+    """Append this process's output to `run_dir/run.log`; yields a time-stamped reporter."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with (run_dir / RUN_LOG).open("a", buffering=1) as handle, \
+            redirect_stdout(handle), redirect_stderr(handle):
+        yield lambda line: print(f"{time.strftime('%H:%M:%S')} {line}", file=handle)
+
+
+class Executor(Protocol):
+    def run(self, work: list[RunJob], report: Report) -> list[Outcome]: ...
+
+
+@dataclass(frozen=True)
+class Inline:
+    """Today's behaviour: one run after another, here; an unexpected error escapes (exit 4)."""
+
+    progress: bool = True
+
+    def run(self, work: list[RunJob], report: Report) -> list[Outcome]:
+        outcomes = []
+        for i, job in enumerate(work, 1):
+            report(f"[{i}/{len(work)}] {job.digest} ({job.label})")
+            outcomes.append(job.run(report, self.progress))
+        return outcomes
+
+
+# ------------------------------------------------------------------------ local processes
+
+class LocalConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    jobs: Annotated[int, Field(ge=1)] | None = None  # None: GPUs × jobs_per_gpu, or 1 on CPU
+    jobs_per_gpu: Annotated[int, Field(ge=1)] = 1
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES names them (ids or UUIDs)."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [d.strip() for d in env.split(",") if d.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def slot_devices(gpus: list[str], jobs: int | None, per_gpu: int) -> list[str | None]:
+    """Slot s runs on GPU s mod n (round robin), at most `per_gpu` slots per GPU."""
+    if not gpus:
+        return [None] * (jobs or 1)
+    n = min(jobs or len(gpus) * per_gpu, len(gpus) * per_gpu)
+    return [gpus[s % len(gpus)] for s in range(n)]
+
+
+def gpu_parameters(device: str | None) -> dict:
+    """submitit's way to pin a local job to one GPU; a UUID goes through a shell export."""
+    if device is None:
+        return {"gpus_per_node": 0}  # submitit sets CUDA_VISIBLE_DEVICES="": CPU only
+    if device.isdigit():
+        return {"gpus_per_node": 1, "visible_gpus": (int(device),)}
+    return {"setup": [f"export CUDA_VISIBLE_DEVICES={shlex.quote(device)}"]}
+
+
+@dataclass(frozen=True)
+class Local:
+    """`jobs` runs at once as separate processes, started by submitit's LocalExecutor."""
+
+    config: LocalConfig
+    folder: Path
+    poll_s: float = 0.5
+
+    def run(self, work: list[RunJob], report: Report) -> list[Outcome]:
+        slots = slot_devices(visible_gpus(), self.config.jobs, self.config.jobs_per_gpu)
+        queue, active, outcomes = deque(work), {}, []
+        report(f"local executor: {len(work)} runs, {len(slots)} at once")
+        while queue or active:
+            for slot in [s for s in range(len(slots)) if s not in active][:len(queue)]:
+                job = queue.popleft()
+                active[slot] = (self._start(job, slots[slot], report), job)
+            time.sleep(self.poll_s)
+            for slot, (handle, job) in list(active.items()):
+                if handle.done():
+                    outcomes.append(_collect(handle, job))
+                    _report_outcome(report, outcomes[-1], len(outcomes), len(work))
+                    del active[slot]
+        return outcomes
+
+    def _start(self, job: RunJob, device: str | None, report: Report) -> submitit.Job:
+        executor = submitit.LocalExecutor(folder=self.folder)
+        executor.update_parameters(timeout_min=LOCAL_TIMEOUT_MIN, **gpu_parameters(device))
+        handle = executor.submit(job)
+        where = f"GPU {device}" if device is not None else "CPU"
+        _write_job(job, "local", handle.job_id, where)
+        report(f"started {job.digest} ({job.label}) on {where} as job {handle.job_id}; "
+               f"log {job.run_dir / RUN_LOG}")
+        return handle
+
+
+# ------------------------------------------------------------------------------------ SLURM
+
+class SlurmConfig(BaseModel):
+    """A `slurm:` block of an executor config (see spec/slurm.example.yaml)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    partition: str | None = None
+    time: Annotated[int, Field(ge=1)] | str = 24 * 60  # minutes, or [D-]HH:MM[:SS]
+    gpus: Annotated[int, Field(ge=0)] = 1  # per run
+    cpus: Annotated[int, Field(ge=1)] = 8  # per run: data prep and the attacks' host side
+    mem_gb: Annotated[float, Field(gt=0)] | None = None
+    account: str | None = None
+    qos: str | None = None
+    array_parallelism: Annotated[int, Field(ge=1)] = 256  # runs of the array at once
+    max_num_timeout: Annotated[int, Field(ge=0)] = 20  # requeues after a time-out
+    setup: list[str] = []  # shell lines before the job (module load, conda activate, …)
+    cluster: Literal["slurm", "debug"] = "slurm"  # debug: in this process (tests)
+    wait: bool = False  # block until the array ends, then judge (default: submit and exit)
+
+    @field_validator("time")
+    @classmethod
+    def _slurm_time(cls, value: int | str) -> int | str:
+        if isinstance(value, str) and not re.fullmatch(r"(\d+-)?\d+(:\d+){0,2}", value):
+            raise ValueError(f"time {value!r}: minutes, or [D-]HH[:MM[:SS]] as sbatch takes")
+        return value
+
+    def minutes(self) -> int:
+        """`time` in whole minutes (submitit's unit), rounding seconds up."""
+        if isinstance(self.time, int) or ("-" not in self.time and ":" not in self.time):
+            return int(self.time)
+        days, _, clock = self.time.rpartition("-")
+        hours, mins, secs = ([int(p) for p in clock.split(":")] + [0, 0])[:3]
+        return int(days or 0) * 1440 + hours * 60 + mins + (secs > 0)
+
+    def parameters(self) -> dict:
+        """AutoExecutor's parameters: shared ones plain, SLURM-only ones `slurm_`-prefixed."""
+        params = {"name": "trades-repro", "timeout_min": self.minutes(),
+                  "gpus_per_node": self.gpus, "cpus_per_task": self.cpus,
+                  "mem_gb": self.mem_gb, "slurm_partition": self.partition,
+                  "slurm_account": self.account, "slurm_qos": self.qos,
+                  "slurm_array_parallelism": self.array_parallelism,
+                  "slurm_additional_parameters": {"requeue": True},  # preemptible
+                  "slurm_setup": self.setup or None}
+        return {k: v for k, v in params.items() if v is not None}
+
+
+@dataclass(frozen=True)
+class Slurm:
+    """All pending runs as one submitit job array."""
+
+    config: SlurmConfig
+    folder: Path
+
+    def executor(self) -> submitit.AutoExecutor:
+        executor = submitit.AutoExecutor(folder=self.folder, cluster=self.config.cluster,
+                                         slurm_max_num_timeout=self.config.max_num_timeout)
+        executor.update_parameters(**self.config.parameters())
+        return executor
+
+    def run(self, work: list[RunJob], report: Report) -> list[Outcome]:
+        if not work:
+            return []
+        executor = self.executor()
+        with executor.batch():
+            handles = [executor.submit(job) for job in work]
+        for handle, job in zip(handles, work, strict=True):
+            _write_job(job, "slurm", handle.job_id, self.config.partition or "default")
+        report(f"submitted {len(work)} runs as job array {handles[0].job_id.split('_')[0]} "
+               f"(submitit files in {self.folder})")
+        if not (self.config.wait or self.config.cluster == "debug"):
+            return [Outcome(j.digest, "submitted", "", h.job_id)
+                    for h, j in zip(handles, work, strict=True)]
+        outcomes = [_collect(h, j) for h, j in zip(handles, work, strict=True)]
+        for i, outcome in enumerate(outcomes, 1):
+            _report_outcome(report, outcome, i, len(outcomes))
+        return outcomes
+
+
+# ---------------------------------------------------------------------------- construction
+
+class ExecutorConfig(BaseModel):
+    """An `--executor-config` file: a `slurm:` block and/or a `local:` block."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    slurm: SlurmConfig = SlurmConfig()
+    local: LocalConfig = LocalConfig()
+
+
+def load_config(path: Path | None) -> ExecutorConfig:
+    if path is None:
+        return ExecutorConfig()
+    try:
+        return ExecutorConfig.model_validate(yaml.safe_load(path.read_text()) or {})
+    except OSError as err:
+        raise BadInput(f"--executor-config: cannot read {path}: {err.strerror}") from None
+    except (ValidationError, yaml.YAMLError) as err:
+        raise BadInput(f"{path}: {_first_line(err)}") from None
+
+
+def build(name: str, runs_dir: Path, *, config: ExecutorConfig, progress: bool = True,
+          overrides: dict | None = None) -> Executor:
+    """The executor called `name`; `overrides` (command-line values, None = unset) win over
+    the config file's block."""
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    folder = runs_dir / SUBMITIT_DIR / name
+    try:
+        if name == "inline":
+            return Inline(progress)
+        if name == "local":
+            block = {**config.local.model_dump(), **_known(given, LocalConfig)}
+            return Local(LocalConfig.model_validate(block), folder)
+        if name == "slurm":
+            block = {**config.slurm.model_dump(), **_known(given, SlurmConfig)}
+            return Slurm(SlurmConfig.model_validate(block), folder)
+    except ValidationError as err:
+        raise BadInput(f"--executor {name}: {_first_line(err)}") from None
+    raise BadInput(f"--executor: unknown {name!r}; known: {', '.join(EXECUTORS)}")
+
+
+def _known(values: dict, model: type[BaseModel]) -> dict:
+    return {k: v for k, v in values.items() if k in model.model_fields}
+
+
+def _collect(handle: submitit.Job, job: RunJob) -> Outcome:
+    """The job's own outcome, or `lost` when its process died without one (killed, OOM):
+    the run is not marked failed, so the next launch resumes it."""
+    try:
+        return handle.result()
+    except (submitit.core.utils.UncompletedJobError, submitit.core.utils.FailedJobError) as err:
+        return Outcome(job.digest, "lost", f"job {handle.job_id} ended without a result "
+                       f"({_first_line(err)}); see {job.run_dir / RUN_LOG}", handle.job_id)
+
+
+def _report_outcome(report: Report, outcome: Outcome, i: int, n: int) -> None:
+    tail = f": {outcome.message}" if outcome.message else ""
+    report(f"[{i}/{n}] {outcome.digest} {outcome.status}{tail}")
+
+
+def _write_job(job: RunJob, executor: str, job_id: str, where: str) -> None:
+    store.atomic_write_json(job.run_dir / JOB_FILE, {
+        "executor": executor, "job_id": job_id, "where": where,
+        "submitted": store.now_iso(), "host": os.uname().nodename})
+
+
+def _first_line(err: BaseException) -> str:
+    """One line: a pydantic error's first field and message, else the message's first line."""
+    if isinstance(err, ValidationError) and err.errors():
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        return f"{where}: {first['msg']}" if where else first["msg"]
+    return (str(err).strip().splitlines() or [""])[0]
+
+
+def read_job(run_dir: Path) -> dict | None:
+    path = run_dir / JOB_FILE
+    return json.loads(path.read_text()) if path.is_file() else None

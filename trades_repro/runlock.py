@@ -1,0 +1,274 @@
+"""One trainer per run folder: an exclusive lock, so two launches never train one digest at once.
+
+`runs/<digest>/run.lock` is a small JSON file naming its holder (host, pid, the process's
+start time, submitit job id, when it was taken, the epochs already done then). It is created
+with `os.link` of a complete temporary file, which fails when the lock exists: atomic on local
+disks and on NFS, and a reader never sees a half-written lock. The holder touches it every
+`HEARTBEAT_S` seconds. A lock is *stale* when its holder is gone:
+
+* the same submitit job id from another process: the job was preempted or timed out and
+  SLURM requeued it (same id, maybe another node), so the old incarnation is dead;
+* on this host: the pid is gone, a zombie, or a different process now (start time differs);
+* on another host: `squeue` says the job ended, or, without SLURM, no heartbeat for
+  `STALE_AFTER_S`.
+
+A stale lock is taken over under a second, short-lived lock (`run.lock.takeover`), so two
+launches that both find it stale cannot both take it; every take-over is logged, with its
+reason, to `runs/<digest>/lock.log`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from trades_repro.errors import BadInput
+from trades_repro.store import METRICS_FILE
+
+LOCK_FILE = "run.lock"
+LOG_FILE = "lock.log"
+TAKEOVER_FILE = "run.lock.takeover"
+HEARTBEAT_S = 60.0
+STALE_AFTER_S = 15 * 60.0  # 15 missed heartbeats: a holder on another host is gone
+TAKEOVER_STALE_S = 60.0  # a take-over takes milliseconds; older guards are crashed ones
+SLURM_ALIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED",
+               "RESIZING", "SIGNALING", "STAGE_OUT"}
+
+
+class RunBusy(BadInput):
+    """Another live process holds the run's lock: it is being trained right now."""
+
+    def __init__(self, run_dir: Path, holder: Holder | None) -> None:
+        who = holder.describe() if holder else "another process"
+        super().__init__(f"{run_dir.name}: being trained by {who}; see {run_dir / LOG_FILE}")
+        self.holder = holder
+
+
+@dataclass(frozen=True)
+class Holder:
+    host: str
+    pid: int
+    pid_start: str | None  # /proc start time: a reused pid is another process
+    job_id: str | None  # submitit's job id (SLURM array task, local job); None inline
+    token: str  # this acquisition, so a holder only ever releases its own lock
+    acquired: float  # epoch seconds
+    epoch: int = 0  # epochs already done when taken: the ETA counts from here
+
+    @classmethod
+    def me(cls, epoch: int = 0) -> Holder:
+        pid = os.getpid()
+        return cls(socket.gethostname(), pid, _pid_start(pid), current_job_id(),
+                   uuid.uuid4().hex, time.time(), epoch)
+
+    def describe(self) -> str:
+        job = f", job {self.job_id}" if self.job_id else ""
+        return f"{self.host} pid {self.pid}{job}"
+
+
+def current_job_id() -> str | None:
+    """The submitit job this process runs in (SLURM: `<array>_<task>`), or None."""
+    import submitit
+
+    try:
+        return str(submitit.JobEnvironment().job_id)
+    except RuntimeError:  # not inside a submitit job
+        return None
+
+
+def read(run_dir: Path) -> Holder | None:
+    """The lock's holder, or None when there is no lock (or it vanished while reading)."""
+    try:
+        return Holder(**json.loads((run_dir / LOCK_FILE).read_text()))
+    except (FileNotFoundError, json.JSONDecodeError, TypeError):
+        return None
+
+
+def heartbeat_age(run_dir: Path) -> float | None:
+    with suppress(FileNotFoundError):
+        return time.time() - (run_dir / LOCK_FILE).stat().st_mtime
+    return None
+
+
+def stale_reason(holder: Holder, run_dir: Path, me: Holder | None = None) -> str | None:
+    """Why `holder` is gone, or None while it may still be alive (module docstring)."""
+    me = me or Holder.me()
+    if holder.job_id and holder.job_id == me.job_id and holder.pid != me.pid:
+        return f"job {holder.job_id} was requeued (old process {holder.host} pid {holder.pid})"
+    if holder.host == me.host:
+        return None if _alive(holder.pid, holder.pid_start) else \
+            f"process {holder.pid} on {holder.host} is gone"
+    state = _slurm_state(holder.job_id) if holder.job_id else None
+    if state is not None:
+        return None if state in SLURM_ALIVE else f"job {holder.job_id} is {state or 'gone'}"
+    age = heartbeat_age(run_dir)
+    if age is not None and age > STALE_AFTER_S:
+        return f"no heartbeat from {holder.describe()} for {age / 60:.0f} min"
+    return None
+
+
+def acquire(run_dir: Path) -> Holder:
+    """Take the run's lock, or a stale one over; `RunBusy` when a live process holds it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    me = Holder.me(_epochs_done(run_dir))
+    for _ in range(5):
+        if _link(run_dir / LOCK_FILE, me):
+            log(run_dir, "acquired", me)
+            return me
+        holder = read(run_dir)
+        if holder is None:  # released (or being written) meanwhile: try again
+            time.sleep(0.05)
+            continue
+        reason = stale_reason(holder, run_dir, me)
+        if reason is None:
+            raise RunBusy(run_dir, holder)
+        if _take_over(run_dir, holder, me, reason):
+            return me
+        time.sleep(0.05)
+    raise RunBusy(run_dir, read(run_dir))
+
+
+def release(run_dir: Path, me: Holder) -> None:
+    """Remove the lock if it is still ours (it always is, unless judged stale wrongly)."""
+    holder = read(run_dir)
+    if holder is not None and holder.token == me.token:
+        (run_dir / LOCK_FILE).unlink(missing_ok=True)
+        log(run_dir, "released", me)
+
+
+@contextmanager
+def hold(run_dir: Path) -> Iterator[Holder]:
+    """The lock for the duration of the block, with a heartbeat thread touching it.
+
+    A run that never started (bad data, a bad spec) leaves nothing behind: folders this lock
+    created are removed again when only its own log is in them.
+    """
+    created = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
+    me = acquire(run_dir)
+    stop = threading.Event()
+    beat = threading.Thread(target=_heartbeat, args=(run_dir, me, stop), daemon=True)
+    beat.start()
+    try:
+        yield me
+    finally:
+        stop.set()
+        release(run_dir, me)
+        _tidy(run_dir, created)
+
+
+def _tidy(run_dir: Path, created: list[Path]) -> None:
+    if not created or {p.name for p in run_dir.iterdir()} - {LOG_FILE}:
+        return
+    (run_dir / LOG_FILE).unlink(missing_ok=True)
+    for folder in created:  # innermost first
+        with suppress(OSError):  # another launch may have written there meanwhile
+            folder.rmdir()
+
+
+def log(run_dir: Path, event: str, holder: Holder, reason: str = "") -> None:
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    line = f"{stamp} {event} by {holder.describe()}" + (f": {reason}" if reason else "")
+    with (run_dir / LOG_FILE).open("a") as handle:
+        handle.write(line + "\n")
+
+
+def _take_over(run_dir: Path, stale: Holder, me: Holder, reason: str) -> bool:
+    """Replace the stale lock under the take-over guard; False when someone else did."""
+    guard = run_dir / TAKEOVER_FILE
+    if not _link(guard, me):
+        with suppress(FileNotFoundError):
+            if time.time() - guard.stat().st_mtime > TAKEOVER_STALE_S:
+                guard.unlink()
+        return False
+    try:
+        current = read(run_dir)
+        if current is None or current.token != stale.token:
+            return False  # released or already taken over: start again
+        _write(run_dir / LOCK_FILE, me, replace_existing=True)
+        log(run_dir, "took over", me, reason)
+        return True
+    finally:
+        guard.unlink(missing_ok=True)
+
+
+def _link(path: Path, holder: Holder) -> bool:
+    try:
+        _write(path, holder, replace_existing=False)
+    except FileExistsError:
+        return False
+    return True
+
+
+def _write(path: Path, holder: Holder, *, replace_existing: bool) -> None:
+    tmp = path.with_name(f".{path.name}.{holder.token}.{uuid.uuid4().hex[:6]}.tmp")
+    tmp.write_text(json.dumps(asdict(holder), sort_keys=True) + "\n")
+    try:
+        if replace_existing:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)  # fails if `path` exists: the atomic create
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _heartbeat(run_dir: Path, me: Holder, stop: threading.Event) -> None:
+    while not stop.wait(HEARTBEAT_S):
+        holder = read(run_dir)
+        if holder is None or holder.token != me.token:
+            return
+        with suppress(FileNotFoundError):
+            os.utime(run_dir / LOCK_FILE)
+
+
+def _epochs_done(run_dir: Path) -> int:
+    path = run_dir / METRICS_FILE
+    return len(path.read_text().splitlines()) if path.is_file() else 0
+
+
+def _pid_start(pid: int) -> str | None:
+    """Field 22 of /proc/<pid>/stat (start time in clock ticks); None off Linux."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int, start: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    with suppress(OSError, IndexError):
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        if stat[0] == "Z":  # killed, not yet reaped by its parent
+            return False
+    now = _pid_start(pid)
+    return start is None or now is None or now == start
+
+
+def _slurm_state(job_id: str) -> str | None:
+    """The job's SLURM state ('' when SLURM no longer knows it), or None without squeue."""
+    if shutil.which("squeue") is None:
+        return None
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True,
+                             text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return "" if "Invalid job id" in out.stderr else None
+    return out.stdout.strip().splitlines()[0] if out.stdout.strip() else ""
+
+
+__all__ = ["Holder", "RunBusy", "acquire", "hold", "read", "release", "stale_reason"]
