@@ -21,8 +21,10 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from trades_repro.errors import BadInput
 from trades_repro.spec import ExperimentSpec, SpecError, Sweep, validation_message
 
-Tier = Literal["instant", "reduced", "full"]
-TIERS: tuple[str, ...] = ("instant", "reduced", "full")
+# instant: CPU, minutes (CI); cpu: CPU, under an hour on 2 cores (Fashion-MNIST analogues of
+# the paper's directions, issue 19); reduced / full: one GPU / the paper's protocol
+Tier = Literal["instant", "cpu", "reduced", "full"]
+TIERS: tuple[str, ...] = ("instant", "cpu", "reduced", "full")
 ARMS_FILE = "arms.yaml"
 # pgd10 … autoattack: eval.json's attacks; gap: PGD-10 − AutoAttack (Tables 3, 5, 6, 7);
 # square_gap: PGD-10 − Square (Table 2's rule, as a number)

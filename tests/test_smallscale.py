@@ -1,0 +1,151 @@
+"""The small-scale study (issue 19): sweep order, evidence export, statistics and the report,
+on fabricated evidence (claimsutil.write_run); nothing here trains or attacks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from claimsutil import write_run
+from typer.testing import CliRunner
+
+from trades_repro import smallscale as ss
+from trades_repro import smallscale_report as sr
+from trades_repro.cli import app
+from trades_repro.spec import Sweep, load_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+def _specs(betas=(1, 6), batches=(32, 128), seeds=3, healing=False):
+    sweep = Sweep(base="digits.yaml", grid={"method.beta": list(betas),
+                                            "optim.batch_size": list(batches)},
+                  set={"healing.enabled": healing}, seeds=seeds)
+    return sweep.expand(ROOT / "spec")
+
+
+def _fabricate(runs: Path) -> None:
+    """β 1 / batch 32 runs flagged with a FOSC spike; the rest regular with low FOSC."""
+    for spec in _specs():
+        risky = spec.method.beta == 1 and spec.optim.batch_size == 32
+        fosc = [0.3, 0.2, 0.5 + 0.1 * spec.seed, 0.4] if risky else [0.3, 0.1, 0.12, 0.11]
+        write_run(runs, spec, pgd10=0.45, square=0.30 if risky else 0.43, fosc=fosc)
+    for spec in _specs(betas=(1,), batches=(32,), healing=True):
+        write_run(runs, spec, pgd10=0.44, square=0.42, clean=0.88, fosc=[0.3, 0.1, 0.1, 0.1],
+                  policy="best_pgd10_fosc_ok")
+
+
+@pytest.fixture(scope="module")
+def evidence(tmp_path_factory) -> Path:
+    runs = tmp_path_factory.mktemp("runs")
+    _fabricate(runs)
+    return runs
+
+
+def test_the_shipped_sweeps_expand_and_start_with_the_riskiest_cell():
+    files = sorted((ROOT / "spec" / "sweeps").glob("fashion_*.yaml"))
+    files += sorted((ROOT / "spec" / "sweeps").glob("digits_*.yaml"))
+    for path in files:
+        _, specs = load_sweep(path)
+        first = ss.ordered(specs)[0]
+        assert len(specs) == len({s.digest() for s in specs}) >= 36, path
+        assert (first.seed, first.optim.batch_size, first.optim.lr) == (0, 32, 0.05), path
+        assert first.method.beta == min(s.method.beta for s in specs), path
+        assert first.validation.eps == first.method.attack.eps, path
+        assert first.evaluation.square_queries == 5000, path
+
+
+def test_the_cpu_claims_arms_are_cells_of_the_eps_0p2_sweep():
+    from trades_repro.claims import load_catalogue
+
+    catalogue = load_catalogue(ROOT / "claims")
+    _, specs = load_sweep(ROOT / "spec" / "sweeps" / "fashion_eps0p2.yaml")
+    sweep = {s.digest(): s for s in specs}
+    for arm in ("fashion_e0p2_bs32_b1_lr0p05", "fashion_e0p2_bs128_b6_lr0p01"):
+        mine = catalogue.specs(arm, "cpu")
+        assert [s.digest() in sweep for s in mine] == [True] * 3 + [False] * 2, arm
+        assert mine[0].evaluation == sweep[mine[0].digest()].evaluation, arm
+
+
+def test_order_is_seed_major_then_risk():
+    order = ss.ordered(_specs())
+    assert [s.seed for s in order] == sorted(s.seed for s in order)
+    assert [(s.optim.batch_size, s.method.beta) for s in order[:4]] == [
+        (32, 1), (32, 6), (128, 1), (128, 6)]
+
+
+def test_export_copies_evidence_without_weights(evidence, tmp_path):
+    (next(evidence.iterdir()) / "best.safetensors").write_bytes(b"weights")
+    assert ss.export(evidence, tmp_path / "ev") == 15
+    copied = {p.name for p in (tmp_path / "ev").rglob("*") if p.is_file()}
+    assert copied == set(ss.EVIDENCE_FILES)
+    assert ss.export(evidence, tmp_path / "ev") == 0  # nothing changed: nothing copied
+
+
+def test_rekey_renames_a_finished_run_to_its_current_digest(tmp_path):
+    spec = _specs()[0]
+    write_run(tmp_path, spec, folder="stale0digest0000")
+    assert ss.rekey(tmp_path) == 1 and (tmp_path / spec.digest()).is_dir()
+
+
+def test_cells_count_flagged_runs_with_exact_intervals(evidence):
+    runs = ss.load_runs(evidence)
+    by_key = {(c.key[2], c.key[3], c.key[4]): c for c in ss.cells(runs)}
+    risky = by_key[(False, 32, 1.0)]
+    assert (risky.k, risky.n) == (3, 3) and risky.interval()[0] == pytest.approx(0.292, 1e-2)
+    assert by_key[(False, 128, 6.0)].k == 0 and by_key[(True, 32, 1.0)].k == 0
+
+
+def test_directions_use_fisher_for_two_levels(evidence):
+    found = ss.directions(ss.load_runs(evidence))
+    rows = {d.factor: d for d in found[("digits", 0.1)]}
+    assert rows["batch"].order == (128, 32) and rows["batch"].counts == ((0, 6), (3, 6))
+    assert rows["batch"].test.name.startswith("Fisher")
+    assert rows["beta"].test.p_value == pytest.approx(1 / 11)  # 3/6 vs 0/6: C(6,3)/C(12,3)
+
+
+def test_fosc_separates_the_fabricated_runs_and_the_threshold_is_a_regular_quantile(evidence):
+    runs = [r for r in ss.load_runs(evidence) if not r.healed]
+    peak = ss.separation(runs, "peak")
+    assert peak.auc == 1.0 and peak.p_value < 0.01
+    threshold = ss.fosc_threshold(r for r in runs if not r.flagged)
+    assert 0.11 < threshold <= 0.12  # from epochs 2+ only: epoch 1's 0.3 is left out
+
+
+def test_healing_compares_the_same_seeds(evidence):
+    (row,) = ss.healing_rows(ss.load_runs(evidence))
+    assert row.flagged_seeds == (0, 1, 2) and row.fixed_flagged == 0
+    assert row.fixed_clean == pytest.approx(0.88) and row.regular_clean is None
+
+
+def test_a_healed_run_without_a_fosc_ok_checkpoint_is_read_at_best_pgd10(tmp_path):
+    spec = _specs(betas=(1,), batches=(32,), seeds=1, healing=True)[0]
+    write_run(tmp_path, spec, pgd10=0.45, square=0.30, fosc=[0.3, 0.5, 0.6])
+    (run,) = ss.load_runs(tmp_path)
+    assert run.healed and run.policy == "best_pgd10" and run.flagged
+
+
+def test_report_regenerates_and_keeps_the_conclusion(evidence, tmp_path):
+    out = tmp_path / "docs" / "small_scale.md"
+    result = runner.invoke(app, ["study", "report", "--evidence", str(evidence),
+                                 "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    text = out.read_text()
+    assert "| digits | 0.1 | 1 | 32 | 0.1 | no | 3/3 |" in text
+    assert (tmp_path / "docs" / "small_scale" / "fosc_pgd10_vs_epoch.png").is_file()
+    out.write_text(text.replace(sr.PLACEHOLDER, "Ours: it holds."))
+    sr.write_report(evidence, out)
+    assert "Ours: it holds." in out.read_text()
+
+
+def test_study_sweep_refuses_a_bad_shard(tmp_path):
+    result = runner.invoke(app, ["study", "sweep", str(ROOT / "spec/sweeps/digits_eps0p3.yaml"),
+                                 "--shard", "2/2", "--runs-dir", str(tmp_path)])
+    assert result.exit_code == 2 and "--shard" in result.output
+
+
+def test_evidence_files_are_json(evidence):
+    run = next(evidence.iterdir())
+    assert json.loads((run / "spec.json").read_text())["data"]["dataset"] == "digits"

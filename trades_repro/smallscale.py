@@ -1,0 +1,346 @@
+"""Issue 19's small-scale study: TRADES overestimation on Fashion-MNIST and digits on a CPU.
+
+Three steps, each resumable and each reading only what the one before left:
+
+* `run_sweeps`: expand sweep files (`spec/sweeps/fashion_*.yaml`, `digits_*.yaml`), order the
+  runs so the cells likeliest to flag come first, and train + evaluate them with `run-claim`'s
+  executor (`runclaim.execute`: finished runs skipped, partial ones resumed).
+* `export`: copy each finished, evaluated run's evidence without weights (`spec.json`,
+  `provenance.json`, `metrics.jsonl`, `eval.json`) to ``evidence/cpu/<digest>/``, where
+  `verify --tier cpu --runs-dir evidence/cpu` and the report read it.
+* `summarise` (here) and `smallscale_report.write_report`: per-run numbers, per-cell tables,
+  the paper's directions, FOSC's separation and Algorithm 1, from the evidence alone.
+
+A run is *flagged* by the paper's rule (`pgd10_minus_square_v1`, PGD-10 − Square ≥ 0.08) on
+the checkpoint its policy selects: best PGD-10 (App. B); with Algorithm 1, the best PGD-10
+checkpoint whose FOSC stayed under the threshold (Alg. 1, lines 17-18).
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from trades_repro import stats, store
+from trades_repro.spec import ExperimentSpec, load_sweep
+from trades_repro.verdict import DIAGNOSE_RULE, PRIMARY_RULE
+
+Report = Callable[[str], None]
+EVIDENCE_FILES = (store.SPEC_FILE, store.PROVENANCE_FILE, store.METRICS_FILE, store.EVAL_FILE)
+FOSC_QUANTILE = 0.95  # the threshold: this quantile of the regular runs' per-epoch FOSC
+FOSC_SKIP_EPOCHS = 1  # epoch 1's FOSC is the untrained model's, in every run: left out
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def ordered(specs: Iterable[ExperimentSpec]) -> list[ExperimentSpec]:
+    """Seed-major, then the paper's risk order within a seed (smaller batch, smaller β,
+    larger LR first: Table 2's directions), so a stopped sweep has seen every cell early."""
+    return sorted(specs, key=lambda s: (s.seed, s.optim.batch_size, s.method.beta,
+                                        -s.optim.lr))
+
+
+def sweep_specs(files: Iterable[Path]) -> list[ExperimentSpec]:
+    """Every run of the sweep files, file by file in the order given, each file ordered."""
+    return [spec for path in files for spec in ordered(load_sweep(path)[1])]
+
+
+def policies_of(spec: ExperimentSpec) -> tuple[str, ...]:
+    """The checkpoints evaluated: best PGD-10, and Algorithm 1's own when it heals."""
+    return ("best_pgd10", "best_pgd10_fosc_ok") if spec.healing.enabled else ("best_pgd10",)
+
+
+def rekey(runs_dir: Path, report: Report = lambda line: None) -> int:
+    """Rename finished run folders whose name is not their spec's current digest (a digest
+    definition changed under a long sweep); returns how many were renamed."""
+    from trades_repro.spec import parse_spec
+
+    moved = 0
+    for spec_file in sorted(runs_dir.glob(f"*/{store.SPEC_FILE}")):
+        folder = spec_file.parent
+        if not store.is_finished(folder):
+            continue
+        digest = parse_spec(store.read_json(spec_file)).digest()
+        if digest != folder.name and not (runs_dir / digest).exists():
+            try:
+                folder.rename(runs_dir / digest)
+            except OSError:  # another shard renamed it first
+                continue
+            report(f"renamed {folder.name} -> {digest}")
+            moved += 1
+    return moved
+
+
+def run_sweeps(files: list[Path], runs_dir: Path, *, shard: tuple[int, int] = (0, 1),
+               report: Report = lambda line: None) -> list[str]:
+    """Train and evaluate shard `k` of `n` of the sweeps' runs; returns the failures."""
+    from trades_repro.runclaim import PlannedRun, _state, execute
+
+    k, n = shard
+    specs = [s for i, s in enumerate(sweep_specs(files)) if i % n == k]
+    rekey(runs_dir, report)
+    runs = [PlannedRun(s, (_cell_label(s),), _state(s, runs_dir, policies_of(s)),
+                       policies_of(s)) for s in specs]
+    report(f"shard {k}/{n}: {len(runs)} runs, {sum(r.state == 'done' for r in runs)} done")
+    failures = execute(runs, runs_dir, report=report, progress=False)
+    return [f"{run.digest}: {error}" for run, error in failures]
+
+
+def _cell_label(spec: ExperimentSpec) -> str:
+    heal = ", Alg. 1" if spec.healing.enabled else ""
+    return (f"{spec.data.dataset} eps {spec.method.attack.eps:g} beta {spec.method.beta:g} "
+            f"bs {spec.optim.batch_size} lr {spec.optim.lr:g}{heal}")
+
+
+def export(runs_dir: Path, evidence_dir: Path) -> int:
+    """Copy each finished run with a complete evaluation (no weights) to evidence_dir/<digest>/,
+    named by its spec's current digest; returns how many runs were copied or refreshed."""
+    from trades_repro.evalfile import read_eval
+    from trades_repro.verify import Evidence
+
+    copied = 0
+    for digest, folder in Evidence(runs_dir).index().items():
+        evals = read_eval(folder / store.EVAL_FILE)
+        if evals is None or not any(r.complete for r in evals.checkpoints.values()):
+            continue  # not evaluated yet, or an evaluation still under way
+        target = evidence_dir / digest
+        target.mkdir(parents=True, exist_ok=True)
+        for name in EVIDENCE_FILES:
+            source = folder / name
+            if _newer(source, target / name):
+                shutil.copyfile(source, target / name)
+                copied += name == store.EVAL_FILE
+    return copied
+
+
+def _newer(source: Path, target: Path) -> bool:
+    return not target.exists() or source.read_bytes() != target.read_bytes()
+
+
+# ----------------------------------------------------------------------------- evidence
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """One evaluated run of the study, reduced to the numbers the report uses."""
+
+    digest: str
+    dataset: str
+    eps: float
+    beta: float
+    batch: int
+    lr: float
+    healed: bool
+    seed: int
+    clean: float
+    pgd10: float
+    square: float
+    autoattack: float | None
+    flagged: bool  # rule pgd10_minus_square_v1 (the paper's)
+    outcome: str | None  # rule pgd10_minus_square_v2: flagged / clear / inconclusive
+    ci: tuple[float, float] | None  # its 95 % interval for the paired margin
+    fosc: tuple[float, ...]  # validation FOSC per epoch
+    pgd10_curve: tuple[float, ...]  # validation PGD-10 per epoch
+    gap: tuple[float, ...]  # train clean − TPGD accuracy per epoch (Fig. 3)
+    selected_epoch: int  # the evaluated checkpoint's epoch (1-based)
+    policy: str  # its selection policy (a healed run without a FOSC-ok epoch: best_pgd10)
+    noised_epochs: tuple[int, ...]  # epochs in which Algorithm 1 added noise
+    # provenance.json's wall time (training + validation); a resumed run's is its last part
+    train_seconds: float | None = None
+    resumed: bool = False
+    eval_seconds: float | None = None  # the evaluation record's wall time (every attack)
+
+    @property
+    def cell(self) -> tuple:
+        return (self.dataset, self.eps, self.healed, self.batch, self.beta, self.lr)
+
+    @property
+    def margin(self) -> float:
+        return self.pgd10 - self.square
+
+    @property
+    def peak_fosc(self) -> float:
+        """The largest validation FOSC after the first `FOSC_SKIP_EPOCHS` epochs."""
+        return max(self.fosc[FOSC_SKIP_EPOCHS:] or self.fosc)
+
+    @property
+    def final_fosc(self) -> float:
+        return self.fosc[-1]
+
+
+def load_runs(evidence_dir: Path) -> list[RunSummary]:
+    """Every evaluated run under `evidence_dir` with PGD-10, Square and FOSC, as summaries."""
+    from trades_repro.spec import parse_spec
+    from trades_repro.verify import Evidence
+
+    evidence = Evidence(evidence_dir)
+    runs = []
+    for folder in evidence.index().values():
+        spec = parse_spec(store.read_json(folder / store.SPEC_FILE))
+        for policy in reversed(policies_of(spec)):  # Algorithm 1's checkpoint when it has one
+            run = evidence.run(spec, policy)
+            if run.has(frozenset({"clean", "pgd10", "square"})) and run.fosc():
+                runs.append(_summary(run, policy))
+                break
+    return sorted(runs, key=lambda r: (r.cell, r.seed))
+
+
+def _summary(run, policy: str) -> RunSummary:
+    spec, records = run.spec, run.records
+    v2 = next((v for v in run.evaluation.verdicts if v.rule == DIAGNOSE_RULE.name), None)
+    provenance = store.read_json(run.folder / store.PROVENANCE_FILE)
+    flag_field = "best_pgd10" if policy == "best_pgd10" else "best_pgd10_fosc_ok"
+    selected = max((r.epoch for r in records if getattr(r, flag_field)), default=len(records))
+    return RunSummary(
+        digest=run.digest, dataset=spec.data.dataset, eps=spec.method.attack.eps,
+        beta=spec.method.beta, batch=spec.optim.batch_size, lr=spec.optim.lr,
+        healed=spec.healing.enabled, seed=spec.seed, clean=run.metric("clean"),
+        pgd10=run.metric("pgd10"), square=run.metric("square"),
+        autoattack=run.metric("autoattack"), flagged=bool(run.flagged(PRIMARY_RULE.name)),
+        outcome=v2.outcome if v2 else None,
+        ci=(v2.ci_low, v2.ci_high) if v2 and v2.ci_low is not None else None,
+        fosc=tuple(run.fosc()), pgd10_curve=tuple(r.val_pgd10_acc for r in records),
+        gap=tuple(r.train_gap for r in records), selected_epoch=selected, policy=policy,
+        noised_epochs=tuple(r.epoch for r in records if r.noised_batches),
+        train_seconds=provenance.get("wall_time_s"), resumed=bool(provenance.get("resumed")),
+        eval_seconds=run.evaluation.seconds)
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+@dataclass(frozen=True)
+class Cell:
+    key: tuple  # RunSummary.cell
+    runs: tuple[RunSummary, ...]
+
+    @property
+    def k(self) -> int:
+        return sum(r.flagged for r in self.runs)
+
+    @property
+    def n(self) -> int:
+        return len(self.runs)
+
+    def interval(self) -> tuple[float, float]:
+        return stats.clopper_pearson(self.k, self.n)
+
+    def mean(self, field: str) -> float | None:
+        values = [getattr(r, field) for r in self.runs if getattr(r, field) is not None]
+        return statistics.fmean(values) if values else None
+
+
+def cells(runs: Iterable[RunSummary]) -> list[Cell]:
+    groups: dict[tuple, list[RunSummary]] = {}
+    for run in runs:
+        groups.setdefault(run.cell, []).append(run)
+    return [Cell(key, tuple(rs)) for key, rs in sorted(groups.items())]
+
+
+@dataclass(frozen=True)
+class Direction:
+    """One of the paper's directions on flagged counts, within one dataset and ε."""
+
+    factor: str  # "batch", "beta" or "lr"
+    order: tuple  # the factor's levels in the claimed increasing-risk order
+    counts: tuple[tuple[int, int], ...]  # (k, n) per level, pooled over the other factors
+    test: stats.TestResult
+
+
+DIRECTIONS = {  # factor -> levels in the paper's increasing-risk order
+    "batch": lambda levels: sorted(levels, reverse=True),  # smaller batch: more flagged
+    "beta": lambda levels: sorted(levels, reverse=True),  # smaller β: more flagged
+    "lr": sorted,  # larger LR: more flagged
+}
+
+
+def directions(runs: list[RunSummary]) -> dict[tuple[str, float], list[Direction]]:
+    """Fisher (two levels) or linear-by-linear (three) tests of the paper's directions per
+    (dataset, ε), on TRADES runs without Algorithm 1, pooled over the other two factors."""
+    out: dict[tuple[str, float], list[Direction]] = {}
+    base = [r for r in runs if not r.healed]
+    for group in sorted({(r.dataset, r.eps) for r in base}):
+        mine = [r for r in base if (r.dataset, r.eps) == group]
+        out[group] = [d for f in DIRECTIONS if (d := _direction(mine, f)) is not None]
+    return out
+
+
+def _direction(runs: list[RunSummary], factor: str) -> Direction | None:
+    levels = DIRECTIONS[factor]({getattr(r, factor) for r in runs})
+    if len(levels) < 2:
+        return None
+    counts = tuple((sum(r.flagged for r in runs if getattr(r, factor) == v),
+                    sum(getattr(r, factor) == v for r in runs)) for v in levels)
+    test = (stats.fisher_increasing(counts[0], counts[-1]) if len(levels) == 2
+            else stats.linear_by_linear_increasing(counts))
+    return Direction(factor, tuple(levels), counts, test)
+
+
+@dataclass(frozen=True)
+class Separation:
+    """FOSC of flagged vs regular runs (one dataset and ε, without Algorithm 1)."""
+
+    statistic: str  # "peak" (max over epochs) or "selected" (at the evaluated epoch)
+    flagged: tuple[float, ...]
+    regular: tuple[float, ...]
+    u: float
+    p_value: float  # one-sided Mann-Whitney: flagged runs' FOSC is larger
+    auc: float  # ROC AUC of FOSC as a score for flagged (sklearn)
+
+
+def separation(runs: list[RunSummary], statistic: str) -> Separation | None:
+    from scipy.stats import mannwhitneyu
+    from sklearn.metrics import roc_auc_score
+
+    value = {"peak": lambda r: r.peak_fosc,
+             "selected": lambda r: r.fosc[r.selected_epoch - 1]}[statistic]
+    flagged = tuple(value(r) for r in runs if r.flagged)
+    regular = tuple(value(r) for r in runs if not r.flagged)
+    if not flagged or not regular:
+        return None
+    test = mannwhitneyu(flagged, regular, alternative="greater")
+    auc = roc_auc_score([1] * len(flagged) + [0] * len(regular), flagged + regular)
+    return Separation(statistic, flagged, regular, float(test.statistic), float(test.pvalue),
+                      float(auc))
+
+
+def fosc_threshold(regular: Iterable[RunSummary]) -> float | None:
+    """Algorithm 1's threshold from regular runs: the `FOSC_QUANTILE` quantile of their
+    per-epoch validation FOSC after the first `FOSC_SKIP_EPOCHS` epochs (numpy, linear)."""
+    values = [v for r in regular for v in r.fosc[FOSC_SKIP_EPOCHS:]]
+    return float(np.quantile(values, FOSC_QUANTILE)) if values else None
+
+
+@dataclass(frozen=True)
+class HealingRow:
+    """Algorithm 1 on one cell: baseline flagged seeds vs the same seeds healed."""
+
+    key: tuple  # the baseline cell's key
+    flagged_seeds: tuple[int, ...]
+    fixed_flagged: int  # of those seeds, still flagged with Algorithm 1
+    fixed_total: tuple[int, int]  # (k, n) flagged among every healed seed
+    fixed_clean: float | None  # mean clean accuracy of the healed flagged seeds
+    regular_clean: float | None  # mean clean accuracy of the baseline's regular runs
+
+
+def healing_rows(runs: list[RunSummary]) -> list[HealingRow]:
+    by_cell = {c.key: c for c in cells(runs)}
+    rows = []
+    for key, cell in by_cell.items():
+        base = by_cell.get((key[0], key[1], False, *key[3:]))
+        if not key[2] or base is None:
+            continue
+        fixed = {r.seed: r for r in cell.runs}
+        seeds = tuple(r.seed for r in base.runs if r.flagged and r.seed in fixed)
+        healed = [fixed[s].clean for s in seeds]
+        regular = [r.clean for r in base.runs if not r.flagged]
+        rows.append(HealingRow(base.key, seeds, sum(fixed[s].flagged for s in seeds),
+                               (cell.k, cell.n), statistics.fmean(healed) if healed else None,
+                               statistics.fmean(regular) if regular else None))
+    return rows

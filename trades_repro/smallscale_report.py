@@ -1,0 +1,267 @@
+"""docs/small_scale.md and its plots, regenerated from `evidence/cpu/` alone.
+
+`write_report(evidence_dir, out)` reads the evidence (`smallscale.load_runs`), writes the
+Markdown (per-cell table, directions, FOSC separation and threshold, Algorithm 1) and the
+PNGs beside it (``<out stem>/``). Hand-written prose (the conclusion) lives between the
+markers `BEGIN` and `END` in the report itself and is carried over on every regeneration.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from trades_repro import smallscale as ss
+from trades_repro import stats, store
+
+COMMAND = "trades-repro study report --evidence evidence/cpu --out docs/small_scale.md"
+BEGIN, END = "<!-- conclusion: hand-written, kept on regeneration -->", "<!-- /conclusion -->"
+PLACEHOLDER = "(No conclusion written yet.)"
+
+
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.1f}"
+
+
+def _key_label(key: tuple) -> str:
+    dataset, eps, healed, batch, beta, lr = key
+    return (f"{dataset} | {eps:g} | {beta:g} | {batch} | {lr:g} | "
+            f"{'yes' if healed else 'no'}")
+
+
+def cell_table(cells: list[ss.Cell]) -> list[str]:
+    lines = ["| data | ε | β | batch | LR | Alg. 1 | flagged k/n | 95 % CI | v2 flagged | "
+             "clean | PGD-10 | Square | PGD-10 − Square | AutoAttack | peak FOSC | "
+             "final FOSC |", "|" + "---|" * 16]
+    for c in cells:
+        low, high = c.interval()
+        v2 = sum(r.outcome == "flagged" for r in c.runs)
+        margin = _mean([r.margin for r in c.runs])
+        lines.append(
+            f"| {_key_label(c.key)} | {c.k}/{c.n} | [{low:.2f}, {high:.2f}] | {v2}/{c.n} | "
+            f"{_pct(c.mean('clean'))} | {_pct(c.mean('pgd10'))} | {_pct(c.mean('square'))} | "
+            f"{_pct(margin)} | {_pct(c.mean('autoattack'))} | "
+            f"{_mean([r.peak_fosc for r in c.runs]):.4f} | "
+            f"{_mean([r.final_fosc for r in c.runs]):.4f} |")
+    return lines
+
+
+def _mean(values: list[float]) -> float:
+    return stats.mean_sd(values)[0]
+
+
+def run_table(runs: list[ss.RunSummary]) -> list[str]:
+    lines = ["| data | ε | β | batch | LR | Alg. 1 | seed | digest | clean | PGD-10 | Square | "
+             "margin | v2 outcome (95 % CI) | peak FOSC | evaluated epoch (policy) | train s | "
+             "eval s |", "|" + "---|" * 17]
+    for r in runs:
+        ci = f" [{_pct(r.ci[0])}, {_pct(r.ci[1])}]" if r.ci else ""
+        lines.append(f"| {_key_label(r.cell)} | {r.seed} | `{r.digest[:8]}` | "
+                     f"{_pct(r.clean)} | {_pct(r.pgd10)} | {_pct(r.square)} | "
+                     f"{_pct(r.margin)}{' **F**' if r.flagged else ''} | {r.outcome}{ci} | "
+                     f"{r.peak_fosc:.4f} | {r.selected_epoch} ({r.policy}) | "
+                     f"{_secs(r.train_seconds)}{' (resumed: last part)' if r.resumed else ''} | "
+                     f"{_secs(r.eval_seconds)} |")
+    return lines
+
+
+def _secs(value: float | None) -> str:
+    return "—" if value is None else f"{value:.0f}"
+
+
+def direction_table(found: dict[tuple[str, float], list[ss.Direction]]) -> list[str]:
+    names = {"batch": "smaller batch", "beta": "smaller β", "lr": "larger LR"}
+    lines = ["| data | ε | direction (⇒ more flagged) | levels (low → high risk) | "
+             "flagged k/n per level | test | statistic | one-sided p |", "|" + "---|" * 8]
+    for (dataset, eps), rows in found.items():
+        for d in rows:
+            counts = ", ".join(f"{k}/{n}" for k, n in d.counts)
+            levels = " → ".join(f"{v:g}" for v in d.order)
+            lines.append(f"| {dataset} | {eps:g} | {names[d.factor]} | {levels} | {counts} | "
+                         f"{d.test.name} | {d.test.statistic:.3g} | {d.test.p_value:.3g} |")
+    return lines
+
+
+def separation_lines(runs: list[ss.RunSummary]) -> list[str]:
+    lines = ["| data | ε | FOSC statistic | flagged runs | regular runs | median flagged | "
+             "median regular | Mann–Whitney U | one-sided p | ROC AUC | threshold | "
+             "flagged above | regular above |", "|" + "---|" * 13]
+    base = [r for r in runs if not r.healed]
+    for group in sorted({(r.dataset, r.eps) for r in base}):
+        mine = [r for r in base if (r.dataset, r.eps) == group]
+        threshold = ss.fosc_threshold(r for r in mine if not r.flagged)
+        for statistic in ("peak", "selected"):
+            sep = ss.separation(mine, statistic)
+            if sep is None:
+                continue
+            above = (sum(v > threshold for v in sep.flagged),
+                     sum(v > threshold for v in sep.regular))
+            lines.append(
+                f"| {group[0]} | {group[1]:g} | {statistic} | {len(sep.flagged)} | "
+                f"{len(sep.regular)} | {_median(sep.flagged):.4f} | {_median(sep.regular):.4f}"
+                f" | {sep.u:g} | {sep.p_value:.3g} | {sep.auc:.3f} | {threshold:.4f} | "
+                f"{above[0]}/{len(sep.flagged)} | {above[1]}/{len(sep.regular)} |")
+    return lines
+
+
+def _median(values: tuple[float, ...]) -> float:
+    import statistics
+
+    return statistics.median(values)
+
+
+def healing_table(rows: list[ss.HealingRow]) -> list[str]:
+    lines = ["| cell (data, ε, β, batch, LR) | baseline flagged seeds | still flagged with "
+             "Alg. 1 | flagged among all healed seeds | clean, healed flagged seeds | "
+             "clean, baseline regular runs |", "|" + "---|" * 6]
+    for h in rows:
+        dataset, eps, _, batch, beta, lr = h.key
+        seeds = ", ".join(map(str, h.flagged_seeds)) or "none"
+        lines.append(f"| {dataset}, {eps:g}, {beta:g}, {batch}, {lr:g} | {seeds} | "
+                     f"{h.fixed_flagged}/{len(h.flagged_seeds)} | "
+                     f"{h.fixed_total[0]}/{h.fixed_total[1]} | {_pct(h.fixed_clean)} | "
+                     f"{_pct(h.regular_clean)} |")
+    return lines
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def _figure(width: float = 9, height: float = 3.2, ncols: int = 1):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # no pyplot, no display
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(1, ncols, squeeze=False)[0]
+
+
+def _save(fig, path: Path) -> Path:
+    png = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(png, format="png", dpi=100)
+    store.atomic_write_bytes(path, png.getvalue())
+    return path
+
+
+def examples(runs: list[ss.RunSummary]) -> dict[str, ss.RunSummary]:
+    """A flagged run (the largest margin), a regular run of the same cell or ε, and the
+    healed run of the flagged run's cell and seed, when each exists."""
+    base = [r for r in runs if not r.healed]
+    flagged = max((r for r in base if r.flagged), key=lambda r: r.margin, default=None)
+    chosen = {"flagged": flagged} if flagged else {}
+    if flagged:
+        near = [r for r in base if not r.flagged and (r.dataset, r.eps) == (flagged.dataset,
+                                                                           flagged.eps)]
+        same = [r for r in near if r.cell == flagged.cell]
+        regular = (same or near or [None])[0]
+        healed = next((r for r in runs if r.healed and r.seed == flagged.seed
+                       and r.cell[3:] == flagged.cell[3:] and r.eps == flagged.eps), None)
+        chosen.update({k: v for k, v in (("regular", regular), ("healed", healed)) if v})
+    return chosen
+
+
+def plot_curves(path: Path, chosen: dict[str, ss.RunSummary]) -> Path:
+    """Figs. 2 and 6 analogue: validation FOSC and PGD-10 accuracy per epoch."""
+    fig, (fosc_ax, pgd_ax) = _figure(ncols=2)
+    for name, run in chosen.items():
+        epochs = range(1, len(run.fosc) + 1)
+        label = f"{name}: β {run.beta:g}, bs {run.batch}, LR {run.lr:g}, seed {run.seed}"
+        line, = fosc_ax.plot(epochs, run.fosc, marker=".", label=label)
+        pgd_ax.plot(epochs, run.pgd10_curve, marker=".", color=line.get_color(), label=label)
+        for epoch in run.noised_epochs:
+            fosc_ax.axvline(epoch, color=line.get_color(), alpha=0.2, linewidth=4)
+    fosc_ax.set(xlabel="epoch", ylabel="validation FOSC (Eq. 2)")
+    pgd_ax.set(xlabel="epoch", ylabel="validation PGD-10 accuracy")
+    fosc_ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_gap(path: Path, runs: list[ss.RunSummary]) -> Path:
+    """Fig. 3 analogue: train clean − TPGD gap against validation FOSC, every epoch."""
+    fig, (ax,) = _figure(6, 4)
+    base = [r for r in runs if not r.healed]
+    for flagged, colour in ((False, "tab:blue"), (True, "tab:red")):
+        pts = [(f, g) for r in base if r.flagged is flagged
+               for f, g in zip(r.fosc, r.gap, strict=True)]
+        if pts:
+            ax.scatter(*zip(*pts, strict=True), s=8, alpha=0.5, color=colour,
+                       label="flagged runs" if flagged else "regular runs")
+    ax.set(xlabel="validation FOSC", ylabel="train clean − TPGD accuracy")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def write_report(evidence_dir: Path, out: Path) -> Path:
+    runs = ss.load_runs(evidence_dir)
+    figures = out.parent / out.stem
+    figures.mkdir(parents=True, exist_ok=True)
+    lines = ["# TRADES overestimation on a CPU: Fashion-MNIST and digits (issue 19)", "",
+             f"Generated by `{COMMAND}` from `{evidence_dir}` ({len(runs)} evaluated runs); "
+             "every number in the tables comes from that evidence.", "",
+             BEGIN, kept_conclusion(out), END, ""]
+    lines += _sections(runs, figures, out.parent)
+    store.atomic_write_bytes(out, "\n".join(lines).encode())
+    return out
+
+
+def kept_conclusion(out: Path) -> str:
+    """The hand-written text between the markers of the existing report, if any."""
+    text = out.read_text() if out.is_file() else ""
+    if BEGIN in text and END in text.split(BEGIN, 1)[1]:
+        return text.split(BEGIN, 1)[1].split(END, 1)[0].strip("\n")
+    return PLACEHOLDER
+
+
+REPRODUCE = """## Reproduce
+
+```bash
+# the sweep, file by file (ε 0.2 first), runs ordered riskiest cell first; resumable, and
+# N processes side by side with --shard K/N (each run folder is locked)
+trades-repro study sweep spec/sweeps/fashion_eps0p2.yaml spec/sweeps/digits_eps0p3.yaml \\
+    spec/sweeps/fashion_eps0p15.yaml spec/sweeps/digits_eps0p2.yaml \\
+    spec/sweeps/fashion_eps0p1.yaml --runs-dir runs --shard 0/2
+trades-repro run-claim 'small_scale.*' --tier cpu       # the cpu-tier claims' runs (5 seeds)
+# copy the finished runs' evidence (no weights) and regenerate this page and its plots
+trades-repro study report --runs-dir runs --evidence evidence/cpu --out docs/small_scale.md
+trades-repro verify --tier cpu --runs-dir evidence/cpu  # re-judge the cpu claims, seconds
+```
+"""
+
+
+def _sections(runs: list[ss.RunSummary], figures: Path, root: Path) -> list[str]:
+    lines = [REPRODUCE, "## Per cell", "",
+             "Flagged: rule `pgd10_minus_square_v1` (PGD-10 − Square-5000 ≥ 8 points, "
+             "Table 2's caption) on the evaluated checkpoint; 95 % CI: exact "
+             "Clopper–Pearson (`binomtest(...).proportion_ci`); v2: the paired rule "
+             "(`pgd10_minus_square_v2`, interval at or above 8 points). Accuracies in %, means "
+             "over the cell's runs.", "", *cell_table(ss.cells(runs)), "",
+             "## The paper's directions", "",
+             "Flagged counts of TRADES runs (no Algorithm 1) per level, pooled over the other "
+             "two factors (the grid is balanced only where every cell has its seeds). Two "
+             "levels: one-sided Fisher exact test; three: one-sided linear-by-linear trend "
+             "test (`trades_repro.stats`).", "", *direction_table(ss.directions(runs)), "",
+             "## FOSC separates flagged from regular runs?", "",
+             f"Peak: a run's largest validation FOSC after epoch {ss.FOSC_SKIP_EPOCHS} (the "
+             "first epoch's FOSC is the barely trained model's, high in every run); selected: "
+             "FOSC at the evaluated epoch. "
+             f"One-sided Mann–Whitney U (`scipy.stats.mannwhitneyu`), ROC AUC "
+             f"(`sklearn.metrics.roc_auc_score`). Threshold: the {ss.FOSC_QUANTILE:.0%} "
+             f"quantile of the regular runs' per-epoch FOSC after epoch "
+             f"{ss.FOSC_SKIP_EPOCHS} (so by construction about 5 % of regular epochs lie "
+             "above it).", "", *separation_lines(runs), ""]
+    heal = ss.healing_rows(runs)
+    lines += ["## Algorithm 1 on the flagged cells", ""]
+    lines += [*healing_table(heal), ""] if heal else ["No healed run in the evidence yet.", ""]
+    lines += ["## Plots", ""]
+    chosen = examples(runs)
+    if chosen:
+        png = plot_curves(figures / "fosc_pgd10_vs_epoch.png", chosen)
+        lines += [f"![FOSC and PGD-10 per epoch]({png.relative_to(root)})", ""]
+    if runs:
+        png = plot_gap(figures / "gap_vs_fosc.png", runs)
+        lines += [f"![train gap vs FOSC]({png.relative_to(root)})", ""]
+    return lines + ["## Every run", "", *run_table(runs), ""]
