@@ -121,13 +121,17 @@ def test_monitor_off_records_none(tmp_path):
 
 @pytest.mark.slow
 def test_digits_cli_run_learns_and_is_reproducible(tmp_path):
-    """The README's main job, through the CLI, twice: it learns and repeats bit for bit."""
-    spec = load_spec(SPEC_DIR / "digits.yaml")
+    """spec/digits.yaml through the CLI, twice, shortened to 8 of its 20 epochs (the suite's
+    time): it learns (clean 0.92, PGD-10 0.57 by epoch 6, measured) and repeats bit for bit."""
+    raw = yaml.safe_load((SPEC_DIR / "digits.yaml").read_text())
+    raw["optim"]["epochs"] = 8
+    spec_file = tmp_path / "digits.yaml"
+    spec_file.write_text(yaml.safe_dump(raw))
+    spec = load_spec(spec_file)
     runs = []
     for name in ("a", "b"):
         result = CliRunner().invoke(
-            app, ["train", str(SPEC_DIR / "digits.yaml"), "--runs-dir", str(tmp_path / name),
-                  "--quiet"]
+            app, ["train", str(spec_file), "--runs-dir", str(tmp_path / name), "--quiet"]
         )
         assert result.exit_code == 0, result.output
         runs.append(tmp_path / name / spec.digest())
