@@ -4,8 +4,8 @@ Dynamo guards on shapes, strides, the module's mode and grad mode; each new comb
 recompile, and past `recompile_limit` (8) a frame silently falls back to eager. The engine
 feeds the model a full training batch, a short last batch, validation batches of another size
 and a short last validation batch, in train mode, in eval mode with gradients (the attacks)
-and without (clean forwards), all in channels_last. With a dynamic batch dimension that is
-one graph per (mode, grad mode) whatever the batch sizes.
+and without (clean forwards), all in channels_last. In dynamo's automatic dynamic mode the
+batch dimension becomes symbolic once it changes, so a few graphs cover every batch size.
 
 The test compiles with dynamo's ``eager`` backend: the same tracing, guards and recompiles,
 without inductor's minutes of CPU code generation.
@@ -43,8 +43,8 @@ def test_compiled_training_compiles_once_per_mode_whatever_the_batch(eager_compi
     with caplog.at_level("WARNING", logger="torch._dynamo"):
         train(parse_spec(raw), tmp_path, progress=False, eval_batch=128)
     graphs = eager_compile["stats"]["unique_graphs"]
-    # train; eval with grad (TPGD, PGD-10); eval without (clean forwards): a few graphs each
-    # at most (dynamo may specialise a first shape before it marks the batch dynamic), and
-    # well under the 8 that would make a frame fall back to eager
+    # train; eval with grad (TPGD, PGD-10); eval without (clean forwards): 3 measured, at
+    # most two each (a first static shape, then the batch made symbolic), and well under
+    # the 8 that would make a frame fall back to eager
     assert 0 < graphs <= 6, dict(eager_compile["stats"])
     assert not [r for r in caplog.records if "hit config" in r.getMessage()]

@@ -273,7 +273,7 @@ def test_compile_path_wraps_the_model_and_saves_plain_weights(monkeypatch, tmp_p
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda net, **kw: compiled.append(kw) or net)
     result = run(digits(optim={"epochs": 1}, performance={"compile": True}), tmp_path)
-    assert compiled == [{"dynamic": True}]  # one graph per mode for every batch shape
+    assert compiled == [{"dynamic": None}]  # automatic: only a dimension that changes
     saved = torch.load(result.run_dir / store.LAST_FILE, weights_only=True)
     assert not any(key.startswith("_orig_mod") for key in saved["model"])
 
