@@ -36,6 +36,14 @@ def gpu(session: nox.Session) -> None:
     session.run("python", "-m", "pytest", "-m", "gpu", "-v", "-s", *session.posargs)
 
 
+@nox.session(python=False)
+def mutation(session: nox.Session) -> None:
+    """Mutation testing of the modules in pyproject's [tool.mutmut] (docs/testing.md)."""
+    session.run("python", "-m", "pip", "install", "--quiet", "-e", ".[mutation]")
+    session.run("mutmut", "run", *session.posargs)
+    session.run("mutmut", "results")
+
+
 BENCHMARKS = ("bench_train_paths.py", "bench_monitor.py", "bench_autoattack.py")
 
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from trades_repro.attacks import pgd
-from trades_repro.metrics import accuracy, correct, fosc, sgcs
+from trades_repro.metrics import accuracy, attack_sgcs, correct, fosc, sgcs
 
 f64 = torch.float64
 unit = st.floats(-1.0, 1.0)
@@ -119,6 +119,33 @@ def test_sgcs_known_values() -> None:
     assert sgcs(torch.cat([up, up, down])).item() == pytest.approx(-1 / 3)
 
 
+def test_sgcs_of_a_low_precision_trace_is_computed_in_fp32() -> None:
+    """bf16 holds integers exactly only up to 256: the Gram entries (up to d) must not be
+    computed in the trace's dtype (found by mutation testing: `.to(None)` survived)."""
+    signs = torch.randint(0, 2, (5, 2, 1000), generator=torch.Generator().manual_seed(0))
+    trace = (2 * signs - 1).to(f64)
+    low = sgcs(trace.to(torch.bfloat16))
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low.double(), _sgcs_brute(trace), rtol=0, atol=1e-6)
+
+
+def test_sgcs_of_scalar_inputs() -> None:
+    """A trace [n, B] (one number per example) is d = 1, not an error."""
+    trace = torch.tensor([[1.0, -2.0], [3.0, 2.0], [-1.0, 0.5]], dtype=f64)
+    torch.testing.assert_close(sgcs(trace), _sgcs_brute(trace.unsqueeze(2)), rtol=0,
+                               atol=1e-12)
+
+
+@settings(max_examples=50, deadline=None)
+@given(traces())
+def test_attack_sgcs_averages_the_step_gradients_only(grads: Tensor) -> None:
+    """Eq. 3 over x^0 … x^{k-1}, whose signs moved the iterate; x^k's gradient is FOSC's."""
+    if grads.shape[0] < 3:  # k >= 2 steps recorded as k + 1 gradients
+        grads = torch.cat([grads, grads[:1]])
+    torch.testing.assert_close(attack_sgcs(grads), _sgcs_brute(grads[:-1]), rtol=0,
+                               atol=1e-12)
+
+
 @pytest.mark.parametrize("shape", [(1, 4, 3), (0, 4), (5,)])
 def test_sgcs_needs_two_steps(shape: tuple[int, ...]) -> None:
     with pytest.raises(ValueError, match="n >= 2"):
@@ -130,7 +157,7 @@ def test_correct_and_accuracy() -> None:
     y = torch.tensor([0, 1, 0, 2])
     assert correct(logits, y).tolist() == [True, True, False, False]
     assert accuracy(logits, y) == 0.5
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(ValueError, match="^accuracy: empty batch$"):
         accuracy(logits[:0], y[:0])
 
 

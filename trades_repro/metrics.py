@@ -61,7 +61,8 @@ def sgcs(grads: Tensor) -> Tensor:
     n = grads.shape[0]
     # At least fp32, so that the integer-valued dot products below stay exact.
     dtype = torch.promote_types(grads.dtype, torch.float32)
-    signs = grads.sign().to(dtype).flatten(2).transpose(0, 1)  # [B, n, d]
+    # [B, n, d]; reshape, not flatten(2): a trace [n, B] of scalar inputs has d = 1
+    signs = grads.sign().to(dtype).reshape(n, grads.shape[1], -1).transpose(0, 1)
     dots = signs @ signs.transpose(1, 2)
     nnz = dots.diagonal(dim1=1, dim2=2)
     # Non-zero sign vectors have squared norm >= 1, so the floor only touches zero vectors.
