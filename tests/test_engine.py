@@ -16,7 +16,7 @@ from trades_repro import engine, steps, store
 from trades_repro import train as trainlib
 from trades_repro.awp import TradesAWP
 from trades_repro.engine import lr_at
-from trades_repro.policies import select_checkpoints
+from trades_repro.policies import PolicyState, select_checkpoints, update_policies
 from trades_repro.spec import OptimSpec, SpecError, parse_spec
 
 
@@ -143,6 +143,13 @@ def test_policies_pick_the_first_maximum_among_eligible_epochs(pairs, threshold)
     ok = [(a, i + 1) for i, (a, f) in enumerate(pairs) if f <= threshold]
     expected = min((i for a, i in ok if a == max(a for a, _ in ok)), default=None)
     assert chosen["best_pgd10_fosc_ok"] == expected
+
+
+@pytest.mark.parametrize(("fosc", "ok"), [(0.0499, True), (0.05, True), (0.0501, False)])
+def test_fosc_ok_is_at_most_the_threshold(fosc, ok):
+    """The FOSC-aware policy keeps epochs with FOSC <= threshold: at the threshold is ok."""
+    fields = update_policies(PolicyState(), 1, {"val_pgd10_acc": 0.3, "val_fosc": fosc}, 0.05)
+    assert fields["fosc_ok"] is ok and fields["best_pgd10_fosc_ok"] is ok
 
 
 def test_run_writes_both_policy_checkpoints_and_an_index(tmp_path):

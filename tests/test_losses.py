@@ -96,6 +96,12 @@ def test_terms_reject_mismatched_shapes(nat_shape: tuple[int, ...], adv_shape: t
                      torch.zeros(y_shape, dtype=torch.long))
 
 
+def test_label_shape_error_names_the_batch_size() -> None:
+    logits = torch.zeros(4, 10)  # B = 4, K = 10: the message must say 4, not 10
+    with pytest.raises(ValueError, match=r"y must be \[B\] = \[4\], got \(3,\)"):
+        trades_terms(logits, logits, torch.zeros(3, dtype=torch.long))
+
+
 def test_objective_rejects_negative_beta() -> None:
     logits = torch.zeros(2, 3)
     with pytest.raises(ValueError, match="beta"):
