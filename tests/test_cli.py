@@ -96,3 +96,12 @@ def _commands(group, prefix=""):
             yield from _commands(sub, f"{prefix}{name} ")
         else:
             yield f"{prefix}{name}", sub
+
+
+def test_train_eval_batch_below_one_is_one_line_bad_input_before_any_training(tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("data: {dataset: digits}\nmodel: {arch: small_cnn}\ndevice: cpu\n")
+    result = runner.invoke(app, ["train", str(spec), "--runs-dir", str(tmp_path / "runs"),
+                                 "--eval-batch", "0"])
+    assert_one_line_error(result, "--eval-batch 0")
+    assert not (tmp_path / "runs").exists()  # refused before a run folder or an epoch

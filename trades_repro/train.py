@@ -38,6 +38,8 @@ def train(spec: ExperimentSpec, runs_dir: Path, *, progress: bool = True,
     `eval_batch` sets validation's batch (default: from the image size and free memory); it
     does not change any result, so it is not part of the spec.
     """
+    if eval_batch is not None:
+        eval_batch_size((1, 1, 1), "cpu", eval_batch)  # a bad value fails now, not after epoch 1
     run_dir = store.run_dir_for(spec, runs_dir)
     if store.is_finished(run_dir):
         return store.RunResult(run_dir, store.read_metrics(run_dir), skipped=True)
