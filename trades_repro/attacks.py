@@ -194,16 +194,27 @@ def _check_budget(*, eps: float, step_size: float, steps: int) -> None:
 
 
 @contextmanager
-def _attack_mode(model: nn.Module, x: Tensor) -> Iterator[None]:
-    """Eval mode and full precision for the attack; each submodule's mode restored after."""
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode for a block; each submodule's own mode restored after, even on error.
+
+    ``model.train(was_training)`` would not do: it sets every submodule to one mode, so a
+    submodule kept in eval mode inside a training model (a frozen BatchNorm) would come
+    back in training mode.
+    """
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
-        with torch.autocast(x.device.type, enabled=False):
-            yield
+        yield
     finally:
         for module, training in modes:
             module.training = training
+
+
+@contextmanager
+def _attack_mode(model: nn.Module, x: Tensor) -> Iterator[None]:
+    """Eval mode and full precision for the attack; each submodule's mode restored after."""
+    with eval_mode(model), torch.autocast(x.device.type, enabled=False):
+        yield
 
 
 def _sign_ascent(

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
 from trades_repro import store
+from trades_repro.attacks import eval_mode
 from trades_repro.spec import LandscapeSpec
 
 
@@ -84,17 +85,12 @@ def loss_surface(
     >>> land.surface.shape
     (5, 5)
     """
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
+    with eval_mode(model):
         r1 = _input_grad(model, x, y).sign()
         r2 = torch.randint(0, 2, x.shape, generator=generator).to(x) * 2 - 1
         axis = torch.linspace(-radius, radius, steps, dtype=x.dtype, device=x.device)
         with torch.no_grad():
             rows = [_row(model, x, y, a * r1, r2, axis) for a in axis]
-    finally:
-        for module, training in modes:
-            module.training = training
     return Landscape(axis.cpu().double().numpy(), torch.stack(rows).cpu().double().numpy())
 
 

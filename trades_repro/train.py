@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from trades_repro import data as datalib
 from trades_repro import numerics, store
-from trades_repro.attacks import pgd
+from trades_repro.attacks import eval_mode, pgd
 from trades_repro.awp import awp_active
 from trades_repro.engine import RunState, Session, TrainingError, build_session, lr_at
 from trades_repro.evalbatch import eval_batch_size, out_of_memory_hint
@@ -172,9 +172,9 @@ def validate(model: nn.Module, val: datalib.ImageSet, spec: ExperimentSpec,
     """Clean and PGD-10 accuracy on `val`, with mean FOSC/SGCS of the PGD-10 examples.
 
     Runs under the evaluation numerics (fp32, deterministic cuDNN; `numerics.evaluation`)
-    whatever the training precision, in eval mode, and restores the model's mode after. The
-    random starts are drawn for the whole set at once from (seed, epoch), so the result does
-    not depend on `batch_size` (default: `evalbatch.eval_batch_size`). `prepare` converts
+    whatever the training precision, in eval mode, and restores each submodule's mode after.
+    The random starts are drawn for the whole set at once from (seed, epoch), so the result
+    does not depend on `batch_size` (default: `evalbatch.eval_batch_size`). `prepare` converts
     each input as training does (channels_last), so a compiled model sees one layout.
     """
     attack, monitor = spec.validation, spec.monitor
@@ -184,19 +184,14 @@ def validate(model: nn.Module, val: datalib.ImageSet, spec: ExperimentSpec,
     noise = torch.rand((n, *val.images.shape[1:]), generator=gen, device=device)
     size = eval_batch_size(val.images.shape[1:], device, batch_size)
     prepare = prepare or (lambda x: x)
-    was_training = model.training
-    model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # clean, robust, FOSC, SGCS
     batches = datalib.batches(val, size, generator=None, shuffle=False, augment=False,
                               padding=0, device=device)
-    try:
-        with numerics.evaluation(), out_of_memory_hint(size):
-            for index, (x, y) in enumerate(batches):
-                x = prepare(x)
-                start = noise[index * size:index * size + len(y)]
-                _validate_batch(model, x, y, attack, monitor, record, start, sums)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), numerics.evaluation(), out_of_memory_hint(size):
+        for index, (x, y) in enumerate(batches):
+            x = prepare(x)
+            start = noise[index * size:index * size + len(y)]
+            _validate_batch(model, x, y, attack, monitor, record, start, sums)
     clean, robust, fosc_sum, sgcs_sum = sums.tolist()  # the one host sync of validation
     return {
         "val_clean_acc": clean / n,
