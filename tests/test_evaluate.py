@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 from _evalutil import trained_run
+from factories import assert_one_line_error
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
@@ -205,6 +206,15 @@ def test_evaluate_cli_writes_a_valid_resumable_eval_json(tmp_path_factory):
     assert both[(40, 0)] == resumed, "another key must not replace a finished evaluation"
     assert both[(20, 3)].complete and len(both) == 2 and not both[(20, 3)].attacks.keys() - {
         "pgd10"}
+    probe = runner.invoke(app, ["evaluate", str(run), "--attacks", "square", "--n-examples",
+                                "20", "--seed", "3", "--square-queries", "200", "--quiet"])
+    assert probe.exit_code == 0, probe.output
+    (short,) = [r for r in run_records(run) if r.settings.square_queries == 200]
+    assert short.complete and set(short.attacks) == {"square"}
+    assert short.attacks["square"].params["queries"] == 200
+    assert read_eval(run / store.EVAL_FILE).checkpoints[record.key] == resumed
+    bad = runner.invoke(app, ["evaluate", str(run), "--square-queries", "0"])
+    assert_one_line_error(bad, "--square-queries 0", "at least 1")
 
 
 def test_version_1_eval_files_are_rekeyed_not_lost(tmp_path):

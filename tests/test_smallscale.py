@@ -45,8 +45,8 @@ def evidence(tmp_path_factory) -> Path:
 
 
 def test_the_shipped_sweeps_expand_and_start_with_the_riskiest_cell():
-    files = sorted((ROOT / "spec" / "sweeps").glob("fashion_*.yaml"))
-    files += sorted((ROOT / "spec" / "sweeps").glob("digits_*.yaml"))
+    files = sorted((ROOT / "spec" / "sweeps").glob("fashion_eps*.yaml"))
+    files += sorted((ROOT / "spec" / "sweeps").glob("digits_eps*.yaml"))
     for path in files:
         _, specs = load_sweep(path)
         first = ss.ordered(specs)[0]
@@ -55,6 +55,18 @@ def test_the_shipped_sweeps_expand_and_start_with_the_riskiest_cell():
         assert first.method.beta == min(s.method.beta for s in specs), path
         assert first.validation.eps == first.method.attack.eps, path
         assert first.evaluation.square_queries == 5000, path
+
+
+def test_the_healing_sweep_is_the_risky_arm_with_algorithm_1_on_the_same_seeds():
+    from trades_repro.claims import load_catalogue
+
+    risky = load_catalogue(ROOT / "claims").specs("fashion_e0p2_bs32_b1_lr0p05", "cpu")
+    _, healed = load_sweep(ROOT / "spec" / "sweeps" / "fashion_healing.yaml")
+    assert [s.seed for s in healed] == [s.seed for s in risky] == [0, 1, 2, 3, 4]
+    for plain, fixed in zip(risky, healed, strict=True):
+        assert fixed.healing.enabled and not plain.healing.enabled
+        assert fixed.healing.noise_batches == 10 and fixed.healing.noise_std == 0.1
+        assert fixed.model_copy(update={"healing": plain.healing}) == plain
 
 
 def test_the_cpu_claims_arms_are_cells_of_the_eps_0p2_sweep():

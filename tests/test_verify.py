@@ -3,6 +3,8 @@ directly on the same counts."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from claimsutil import arm, claim, claims_folder, write_run
@@ -10,6 +12,7 @@ from scipy import stats
 from statsmodels.stats.contingency_tables import Table
 
 from trades_repro.claims import load_catalogue
+from trades_repro.runclaim import _evaluated
 from trades_repro.verify import Context, Evidence, judge
 
 RATE = {"test": {"name": "clopper_pearson"}}
@@ -78,6 +81,34 @@ def test_runs_without_the_rules_attacks_are_not_evidence_yet(tmp_path):
     catalogue, _ = _judge(tmp_path, {"a": arm(seeds=1)}, [c])
     write_run(tmp_path / "runs", catalogue.specs("a", "full")[0], drop=("square",))
     assert _rejudge(tmp_path, catalogue, "table_9.rate").status == "not run"
+
+
+def test_a_record_of_another_square_budget_is_never_the_runs_own(tmp_path):
+    """A 1,000-query Square probe added later, with more attacks, must not replace the
+    arm's own Square-5000 record (it used to: the record with the most attacks won)."""
+    c = claim("table_9.rate", "instability_rate", arm="a", expected={"k": 0, "n": 1}, **RATE)
+    catalogue, _ = _judge(tmp_path, {"a": arm(seeds=1)}, [c])
+    run = write_run(tmp_path / "runs", catalogue.specs("a", "full")[0], square=0.38)
+    evals = json.loads((run / "eval.json").read_text())
+    (own,) = evals["checkpoints"].values()
+    probe = json.loads(json.dumps(own))
+    probe["key"], probe["settings"]["square_queries"] = "probe", 1000
+    square = probe["attacks"]["square"]  # flagged, were it taken for the run's own
+    square["n_robust"] = square["n_examples"] // 10
+    square["accuracy"] = square["n_robust"] / square["n_examples"]
+    square["robust"] = "1" * square["n_robust"] + "0" * (square["n_examples"] - square["n_robust"])
+    probe["attacks"]["apgd-ce"] = dict(probe["attacks"]["pgd10"], name="apgd-ce")
+    evals["checkpoints"]["probe"] = probe
+    (run / "eval.json").write_text(json.dumps(evals))
+    judged = _rejudge(tmp_path, catalogue, "table_9.rate")
+    assert (judged.status, judged.ours) == ("held", "0/1")
+    arm_spec = catalogue.specs("a", "full")[0]
+    spec = arm_spec.model_copy(update={"evaluation": arm_spec.evaluation.model_copy(
+        update={"attacks": ("pgd10", "square")})})
+    assert _evaluated(run, spec, ("best_pgd10",))
+    del evals["checkpoints"][own["key"]]  # the probe alone: run-claim must still evaluate
+    (run / "eval.json").write_text(json.dumps(evals))
+    assert not _evaluated(run, spec, ("best_pgd10",))
 
 
 def test_unfinished_runs_are_not_evidence(tmp_path):

@@ -224,6 +224,10 @@ def evaluate(
     run_dir: Annotated[Path, typer.Argument(help="A run folder (runs/<digest>/).")],
     attacks: AttacksOption = None,
     n_examples: Annotated[int | None, typer.Option(help="First N test images.")] = None,
+    square_queries: Annotated[int | None, typer.Option(
+        help="Square's query budget (default: the spec's, normally AutoAttack's standard "
+        "5000). Another budget is a separate record, never the run's own evaluation.")]
+    = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
     seed: SeedOption = None,
     save_adversarial: SaveAdvOption = False,
@@ -241,7 +245,8 @@ def evaluate(
     chosen = parse_attacks(attacks) if attacks else None
     records = evaluate_run(run_dir, attacks=chosen, n_examples=n_examples, device=device,
                            seed=seed, save_adversarial=save_adversarial,
-                           eval_batch=eval_batch, report=_progress(quiet))
+                           eval_batch=eval_batch, square_queries=square_queries,
+                           report=_progress(quiet))
     for record in records:
         _print_record(Console(), f"{record.checkpoint} ({', '.join(record.policies)})", record)
     typer.echo(str(run_dir / "eval.json"))

@@ -117,6 +117,7 @@ def evaluate_run(run_dir: Path, *, attacks: tuple[str, ...] | None = None,
                  n_examples: int | None = None, device: str | None = None,
                  seed: int | None = None, save_adversarial: bool = False,
                  policies: Iterable[str] | None = None, eval_batch: int | None = None,
+                 square_queries: int | None = None,
                  report: Report = lambda line: None) -> list[CheckpointEval]:
     """Evaluate the run's selected checkpoint(s) into ``run_dir/eval.json`` (resumable).
 
@@ -124,7 +125,7 @@ def evaluate_run(run_dir: Path, *, attacks: tuple[str, ...] | None = None,
     this evaluation's records, one per distinct policy checkpoint; records of other settings
     already in the file are kept.
     """
-    spec = _run_spec(run_dir, attacks, n_examples, seed, eval_batch)
+    spec = _run_spec(run_dir, attacks, n_examples, seed, eval_batch, square_queries)
     splits = load_splits(spec.data, spec.seed, train=False)  # only the split it scores
     settings = _settings(spec, splits, resolve_device(device or spec.device),
                          spec.model.model_dump_json())
@@ -300,16 +301,19 @@ def run_checkpoints(run_dir: Path) -> list[tuple[str, list[str]]]:
 
 
 def _run_spec(run_dir: Path, attacks: tuple[str, ...] | None, n_examples: int | None,
-              seed: int | None, eval_batch: int | None = None) -> ExperimentSpec:
+              seed: int | None, eval_batch: int | None = None,
+              square_queries: int | None = None) -> ExperimentSpec:
     path = run_dir / store.SPEC_FILE
     if not path.is_file():
         raise EvaluationError(f"{run_dir}: not a run folder (no {store.SPEC_FILE})")
-    if n_examples is not None and n_examples < 1:
-        raise EvaluationError(f"--n-examples {n_examples}: must be at least 1")
+    for flag, value in (("--n-examples", n_examples), ("--square-queries", square_queries)):
+        if value is not None and value < 1:
+            raise EvaluationError(f"{flag} {value}: must be at least 1")
     raw = store.read_json(path)
     evaluation = dict(raw.get("evaluation", {}))
     evaluation.update({k: v for k, v in (("attacks", attacks), ("n_examples", n_examples),
-                                         ("seed", seed), ("batch_size", eval_batch))
+                                         ("seed", seed), ("batch_size", eval_batch),
+                                         ("square_queries", square_queries))
                        if v is not None})
     return parse_spec({**raw, "evaluation": evaluation}, source=str(path))
 

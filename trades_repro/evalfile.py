@@ -48,6 +48,14 @@ def records_for(evals: EvalFile | None, file: str | None = None) -> list[Checkpo
     return [r for r in evals.checkpoints.values() if file is None or r.checkpoint == file]
 
 
+def made_with(record: CheckpointEval, evaluation) -> bool:
+    """Whether `record` was made with `evaluation`'s (an `EvaluationSpec`) test images
+    (`n_examples` None: any) and Square budget: a record of another budget, such as a
+    1,000-query probe added to a run later, is never the run's own evaluation."""
+    return (evaluation.n_examples in (None, record.settings.n_examples)
+            and record.settings.square_queries == evaluation.square_queries)
+
+
 def write_eval(path: Path, evals: EvalFile, device: str) -> None:
     from pyautoattack import __version__ as autoattack_version
 

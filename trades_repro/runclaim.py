@@ -97,13 +97,13 @@ def _state(spec: ExperimentSpec, runs_dir: Path, policies: tuple[str, ...]) -> s
 
 def _evaluated(run_dir: Path, spec: ExperimentSpec, policies: tuple[str, ...]) -> bool:
     """Each policy's checkpoint has a record holding every attack the spec asks for."""
-    from trades_repro.evalfile import read_eval
+    from trades_repro.evalfile import made_with, read_eval
 
     evals = read_eval(run_dir / store.EVAL_FILE)
     records = list(evals.checkpoints.values()) if evals is not None else []
-    wanted, n = set(spec.evaluation.attacks), spec.evaluation.n_examples
+    wanted = set(spec.evaluation.attacks)
     return all(any(p in r.policies and wanted <= set(r.attacks)
-                   and n in (None, r.settings.n_examples) for r in records)
+                   and made_with(r, spec.evaluation) for r in records)
                for p in policies)
 
 

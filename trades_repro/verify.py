@@ -135,7 +135,7 @@ class Evidence:
         if folder is None:
             return None
         return RunEvidence(spec.digest(), folder, spec, tuple(store.read_metrics(folder)),
-                           _policy_eval(folder, policy, spec.evaluation.n_examples))
+                           _policy_eval(folder, policy, spec.evaluation))
 
     def property_outcome(self, claim_id: str) -> dict[str, Any] | None:
         path = self.runs_dir / PROPERTIES_DIR / f"{claim_id}.json"
@@ -149,10 +149,10 @@ def _digest_of(spec_file: Path) -> str | None:
         return None
 
 
-def _policy_eval(folder: Path, policy: str, n_examples: int | None) -> Any | None:
-    """The policy checkpoint's record on the arm's test images (`n_examples`; None: any),
-    the one with the most attacks when several."""
-    from trades_repro.evalfile import read_eval
+def _policy_eval(folder: Path, policy: str, evaluation: Any) -> Any | None:
+    """The policy checkpoint's record made with the arm's evaluation settings
+    (`evalfile.made_with`), the one with the most attacks when several."""
+    from trades_repro.evalfile import made_with, read_eval
 
     try:
         evals = read_eval(folder / store.EVAL_FILE)
@@ -160,8 +160,8 @@ def _policy_eval(folder: Path, policy: str, n_examples: int | None) -> Any | Non
         return None
     if evals is None:
         return None
-    chosen = [r for r in evals.checkpoints.values() if policy in r.policies
-              and n_examples in (None, r.settings.n_examples)]
+    chosen = [r for r in evals.checkpoints.values()
+              if policy in r.policies and made_with(r, evaluation)]
     return max(chosen, key=lambda r: len(r.attacks), default=None)
 
 
