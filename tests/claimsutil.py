@@ -74,6 +74,22 @@ def write_run(runs: Path, spec: ExperimentSpec, *, pgd10: float = 0.40, square: 
     return run
 
 
+def add_probe(run: Path, square_queries: int, square: float, *, extra: tuple[str, ...] = ()
+              ) -> dict:
+    """Add a record of the run's checkpoint made with another Square budget (its Square at
+    `square`, plus copies of PGD-10 named `extra`); returns the run's own record."""
+    evals = json.loads((run / "eval.json").read_text())
+    (own,) = evals["checkpoints"].values()
+    probe = json.loads(json.dumps(own))
+    probe["key"], probe["settings"]["square_queries"] = f"probe{square_queries}", square_queries
+    probe["attacks"]["square"] = _attack("square", square)
+    for name in extra:
+        probe["attacks"][name] = dict(probe["attacks"]["pgd10"], name=name)
+    evals["checkpoints"][probe["key"]] = probe
+    (run / "eval.json").write_text(json.dumps(evals))
+    return own
+
+
 def _attack(name: str, accuracy: float) -> dict:
     k = round(accuracy * N_EXAMPLES)
     return {"name": name, "paper_column": name, "accuracy": k / N_EXAMPLES, "n_robust": k,

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from claimsutil import write_run
+from claimsutil import add_probe, write_run
 from typer.testing import CliRunner
 
 from trades_repro import smallscale as ss
@@ -150,6 +150,50 @@ def test_report_regenerates_and_keeps_the_conclusion(evidence, tmp_path):
     out.write_text(text.replace(sr.PLACEHOLDER, "Ours: it holds."))
     sr.write_report(evidence, out)
     assert "Ours: it holds." in out.read_text()
+
+
+def test_a_square_probe_is_read_beside_the_runs_own_square(tmp_path):
+    first, second = _specs(betas=(1,), batches=(32,), seeds=2)
+    add_probe(write_run(tmp_path, first, pgd10=0.45, square=0.30), 1000, square=0.42)
+    write_run(tmp_path, second, pgd10=0.45, square=0.30)
+    probed, plain = ss.load_runs(tmp_path)
+    assert (probed.square, probed.square_probe) == (pytest.approx(0.30), pytest.approx(0.42))
+    assert probed.flagged and probed.probe_flagged is False  # 3 points at 1,000 queries
+    assert plain.square_probe is None and plain.probe_flagged is None
+    rows = sr.probe_table(ss.cells([probed, plain]))
+    assert rows[2].startswith("| digits | 0.1 | 1 | 32 | 0.1 | no | 1/2 | 30.0 | 42.0 | 15.0 |")
+    assert rows[2].endswith("| 1/1 | 0/1 |")
+    assert sr.probe_table(ss.cells([plain])) == ["No run probed yet."]
+
+
+def test_study_probe_evaluates_square_alone_on_the_done_runs_of_its_shard(tmp_path,
+                                                                           monkeypatch):
+    import trades_repro.diagnose as diagnose
+
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(f"base: {ROOT / 'spec' / 'digits.yaml'}\nseeds: 3\n"
+                     "set: {evaluation.attacks: [pgd10, square]}\n")
+    specs = ss.sweep_specs([sweep])
+    for spec in specs[:2]:  # seed 2 not trained: nothing to probe
+        write_run(tmp_path / "runs", spec)
+    calls = []
+    monkeypatch.setattr(diagnose, "evaluate_run", lambda run_dir, **kw: calls.append(
+        (run_dir.name, kw)))
+    result = runner.invoke(app, ["study", "probe", str(sweep), "--runs-dir",
+                                 str(tmp_path / "runs"), "--shard", "1/2"])
+    assert result.exit_code == 0, result.output
+    assert "probed 1 run(s) with Square at 1000 queries" in result.output
+    assert calls == [(specs[1].digest(), {"attacks": ("square",), "square_queries": 1000,
+                                          "policies": ("best_pgd10",)})]
+
+
+@pytest.mark.parametrize("args", [["--square-queries", "0"], ["--shard", "1/1"]])
+def test_study_probe_refuses_bad_input_in_one_line(tmp_path, args):
+    from factories import assert_one_line_error
+
+    result = runner.invoke(app, ["study", "probe", str(ROOT / "spec/sweeps/digits_eps0p3.yaml"),
+                                 "--runs-dir", str(tmp_path), *args])
+    assert_one_line_error(result, args[0])
 
 
 def test_study_sweep_refuses_a_bad_shard(tmp_path):

@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from claimsutil import arm, claim, claims_folder, write_run
+from claimsutil import add_probe, arm, claim, claims_folder, write_run
 from scipy import stats
 from statsmodels.stats.contingency_tables import Table
 
@@ -89,23 +89,14 @@ def test_a_record_of_another_square_budget_is_never_the_runs_own(tmp_path):
     c = claim("table_9.rate", "instability_rate", arm="a", expected={"k": 0, "n": 1}, **RATE)
     catalogue, _ = _judge(tmp_path, {"a": arm(seeds=1)}, [c])
     run = write_run(tmp_path / "runs", catalogue.specs("a", "full")[0], square=0.38)
-    evals = json.loads((run / "eval.json").read_text())
-    (own,) = evals["checkpoints"].values()
-    probe = json.loads(json.dumps(own))
-    probe["key"], probe["settings"]["square_queries"] = "probe", 1000
-    square = probe["attacks"]["square"]  # flagged, were it taken for the run's own
-    square["n_robust"] = square["n_examples"] // 10
-    square["accuracy"] = square["n_robust"] / square["n_examples"]
-    square["robust"] = "1" * square["n_robust"] + "0" * (square["n_examples"] - square["n_robust"])
-    probe["attacks"]["apgd-ce"] = dict(probe["attacks"]["pgd10"], name="apgd-ce")
-    evals["checkpoints"]["probe"] = probe
-    (run / "eval.json").write_text(json.dumps(evals))
+    own = add_probe(run, 1000, square=0.10, extra=("apgd-ce",))  # flagged, if taken
     judged = _rejudge(tmp_path, catalogue, "table_9.rate")
     assert (judged.status, judged.ours) == ("held", "0/1")
     arm_spec = catalogue.specs("a", "full")[0]
     spec = arm_spec.model_copy(update={"evaluation": arm_spec.evaluation.model_copy(
         update={"attacks": ("pgd10", "square")})})
     assert _evaluated(run, spec, ("best_pgd10",))
+    evals = json.loads((run / "eval.json").read_text())
     del evals["checkpoints"][own["key"]]  # the probe alone: run-claim must still evaluate
     (run / "eval.json").write_text(json.dumps(evals))
     assert not _evaluated(run, spec, ("best_pgd10",))

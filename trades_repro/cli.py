@@ -23,6 +23,7 @@ import typer
 from rich.console import Console
 
 from trades_repro.data import DataError
+from trades_repro.errors import BadInput
 from trades_repro.spec import ExperimentSpec, SpecError, load_spec
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INCONCLUSIVE, EXIT_CRASHED = 1, 2, 3, 4
@@ -52,7 +53,6 @@ def _bad_input_errors() -> tuple[type[Exception], ...]:
     """Exception types that mean bad input (exit 2). A module with its own error type adds it
     here, or subclasses `trades_repro.errors.BadInput` (always included)."""
     from trades_repro.checkpoints import CheckpointError
-    from trades_repro.errors import BadInput
     from trades_repro.evaluate import EvaluationError
 
     return (BadInput, SpecError, DataError, CheckpointError, EvaluationError)
@@ -606,26 +606,53 @@ study_app = typer.Typer(help="The CPU study of when TRADES overestimates robustn
 app.add_typer(study_app, name="study")
 
 
+ShardOption = Annotated[str, typer.Option(
+    help="K/N: every N-th run from the K-th (0-based), for N processes side by side.")]
+
+
 @study_app.command("sweep")
 @_user_errors
 def study_sweep(
     sweeps: Annotated[list[Path], typer.Argument(help="Sweep files, run in this order.")],
     runs_dir: RunsDir = Path("runs"),
-    shard: Annotated[str, typer.Option(help="K/N: run every N-th run from the K-th (0-based), "
-                                       "for N processes side by side.")] = "0/1",
+    shard: ShardOption = "0/1",
 ) -> None:
     """Train and evaluate the sweeps' runs (finished skipped, partial resumed); exit 1 when
     a run failed."""
-    from trades_repro.errors import BadInput
     from trades_repro.smallscale import run_sweeps
 
+    _set_threads(None, None)
+    _exit_if_failed(run_sweeps(sweeps, runs_dir, shard=_shard(shard), report=_progress(False)))
+
+
+def _shard(shard: str) -> tuple[int, int]:
     try:
         k, n = (int(part) for part in shard.split("/"))
         assert 0 <= k < n
     except (ValueError, AssertionError):
         raise BadInput(f"--shard {shard!r}: expected K/N with 0 <= K < N") from None
+    return k, n
+
+
+@study_app.command("probe")
+@_user_errors
+def study_probe(
+    sweeps: Annotated[list[Path], typer.Argument(help="Sweep files.")],
+    runs_dir: RunsDir = Path("runs"),
+    square_queries: Annotated[int, typer.Option(help="Square's query budget of the probe.")]
+    = 1000,
+    shard: ShardOption = "0/1",
+) -> None:
+    """Square alone at another query budget on every finished, evaluated run of the sweeps,
+    kept as a record of its own (the report's Square-1000 columns)."""
+    from trades_repro.smallscale import probe_square
+
+    if square_queries < 1:
+        raise BadInput(f"--square-queries {square_queries}: must be at least 1")
     _set_threads(None, None)
-    _exit_if_failed(run_sweeps(sweeps, runs_dir, shard=(k, n), report=_progress(False)))
+    n = probe_square(sweeps, runs_dir, queries=square_queries, shard=_shard(shard),
+                     report=_progress(False))
+    typer.echo(f"probed {n} run(s) with Square at {square_queries} queries")
 
 
 @study_app.command("report")

@@ -51,6 +51,10 @@ def sweep_specs(files: Iterable[Path]) -> list[ExperimentSpec]:
     return [spec for path in files for spec in ordered(load_sweep(path)[1])]
 
 
+# The issue's second budget: a 1,000-query Square is said to hide most of what 5,000 find.
+PROBE_QUERIES = 1000
+
+
 def policies_of(spec: ExperimentSpec) -> tuple[str, ...]:
     """The checkpoints evaluated: best PGD-10, and Algorithm 1's own when it heals."""
     return ("best_pgd10", "best_pgd10_fosc_ok") if spec.healing.enabled else ("best_pgd10",)
@@ -90,6 +94,27 @@ def run_sweeps(files: list[Path], runs_dir: Path, *, shard: tuple[int, int] = (0
     report(f"shard {k}/{n}: {len(runs)} runs, {sum(r.state == 'done' for r in runs)} done")
     failures = execute(runs, runs_dir, report=report, progress=False)
     return [f"{run.digest}: {error}" for run, error in failures]
+
+
+def probe_square(files: list[Path], runs_dir: Path, *, queries: int = PROBE_QUERIES,
+                 shard: tuple[int, int] = (0, 1),
+                 report: Report = lambda line: None) -> int:
+    """Square alone at `queries` on every finished, evaluated run of the sweeps (shard `k`
+    of `n`), as a record of its own beside the run's Square-5000 one; returns how many runs
+    were probed (already probed ones are skipped inside `evaluate_run`)."""
+    from trades_repro.diagnose import evaluate_run
+    from trades_repro.runclaim import _state
+
+    k, n = shard
+    probed = 0
+    for i, spec in enumerate(sweep_specs(files)):
+        if i % n != k or _state(spec, runs_dir, policies_of(spec)) != "done":
+            continue
+        report(f"Square-{queries}: {_cell_label(spec)} seed {spec.seed}")
+        evaluate_run(store.run_dir_for(spec, runs_dir), attacks=("square",),
+                     square_queries=queries, policies=policies_of(spec))
+        probed += 1
+    return probed
 
 
 def _cell_label(spec: ExperimentSpec) -> str:
@@ -155,6 +180,8 @@ class RunSummary:
     train_seconds: float | None = None
     resumed: bool = False
     eval_seconds: float | None = None  # the evaluation record's wall time (every attack)
+    square_probe: float | None = None  # Square at PROBE_QUERIES, where probed
+    probe_flagged: bool | None = None  # the paper's rule with that Square instead
 
     @property
     def cell(self) -> tuple:
@@ -186,12 +213,28 @@ def load_runs(evidence_dir: Path) -> list[RunSummary]:
         for policy in reversed(policies_of(spec)):  # Algorithm 1's checkpoint when it has one
             run = evidence.run(spec, policy)
             if run.has(frozenset({"clean", "pgd10", "square"})) and run.fosc():
-                runs.append(_summary(run, policy))
+                runs.append(_summary(run, policy, _probe(run, policy)))
                 break
     return sorted(runs, key=lambda r: (r.cell, r.seed))
 
 
-def _summary(run, policy: str) -> RunSummary:
+def _probe(run, policy: str) -> dict:
+    """The run's Square at PROBE_QUERIES (same checkpoint and test images), and the paper's
+    rule applied with it; empty where not probed."""
+    from trades_repro.verdict import apply_rule
+    from trades_repro.verify import policy_record
+
+    probe = run.spec.evaluation.model_copy(update={"square_queries": PROBE_QUERIES})
+    record = policy_record(run.folder, policy, probe)
+    square = record.attacks.get("square") if record is not None else None
+    if square is None:
+        return {}
+    attacks = {"pgd10": run.evaluation.attacks["pgd10"], "square": square}
+    return {"square_probe": square.accuracy,
+            "probe_flagged": apply_rule(PRIMARY_RULE, attacks).flagged}
+
+
+def _summary(run, policy: str, probe: dict | None = None) -> RunSummary:
     spec, records = run.spec, run.records
     v2 = next((v for v in run.evaluation.verdicts if v.rule == DIAGNOSE_RULE.name), None)
     provenance = store.read_json(run.folder / store.PROVENANCE_FILE)
@@ -209,7 +252,7 @@ def _summary(run, policy: str) -> RunSummary:
         gap=tuple(r.train_gap for r in records), selected_epoch=selected, policy=policy,
         noised_epochs=tuple(r.epoch for r in records if r.noised_batches),
         train_seconds=provenance.get("wall_time_s"), resumed=bool(provenance.get("resumed")),
-        eval_seconds=run.evaluation.seconds)
+        eval_seconds=run.evaluation.seconds, **(probe or {}))
 
 
 # ----------------------------------------------------------------------------- statistics

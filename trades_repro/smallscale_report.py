@@ -46,6 +46,27 @@ def cell_table(cells: list[ss.Cell]) -> list[str]:
     return lines
 
 
+def probe_table(cells: list[ss.Cell]) -> list[str]:
+    """Per cell, over its runs probed at PROBE_QUERIES: both Squares, margins and flags."""
+    q = ss.PROBE_QUERIES
+    lines = [f"| data | ε | β | batch | LR | Alg. 1 | probed runs | Square-5000 | Square-{q} | "
+             f"PGD-10 − Square-5000 | PGD-10 − Square-{q} | flagged at 5,000 | "
+             f"flagged at {q:,} |", "|" + "---|" * 13]
+    probed_cells = [(c, [r for r in c.runs if r.square_probe is not None]) for c in cells]
+    probed_cells = [(c, probed) for c, probed in probed_cells if probed]
+    if not probed_cells:
+        return ["No run probed yet."]
+    for c, probed in probed_cells:
+        m = len(probed)
+        lines.append(
+            f"| {_key_label(c.key)} | {m}/{c.n} | {_pct(_mean([r.square for r in probed]))} | "
+            f"{_pct(_mean([r.square_probe for r in probed]))} | "
+            f"{_pct(_mean([r.margin for r in probed]))} | "
+            f"{_pct(_mean([r.pgd10 - r.square_probe for r in probed]))} | "
+            f"{sum(r.flagged for r in probed)}/{m} | {sum(r.probe_flagged for r in probed)}/{m} |")
+    return lines
+
+
 def _mean(values: list[float]) -> float:
     return stats.mean_sd(values)[0]
 
@@ -221,10 +242,12 @@ REPRODUCE = """## Reproduce
 ```bash
 # the sweep, file by file (ε 0.2 first), runs ordered riskiest cell first; resumable, and
 # N processes side by side with --shard K/N (each run folder is locked)
-trades-repro study sweep spec/sweeps/fashion_eps0p2.yaml spec/sweeps/digits_eps0p3.yaml \\
-    spec/sweeps/fashion_eps0p15.yaml spec/sweeps/digits_eps0p2.yaml \\
-    spec/sweeps/fashion_eps0p1.yaml --runs-dir runs --shard 0/2
+SWEEPS="spec/sweeps/fashion_healing.yaml spec/sweeps/fashion_eps0p2.yaml \\
+    spec/sweeps/digits_eps0p3.yaml spec/sweeps/fashion_eps0p15.yaml \\
+    spec/sweeps/digits_eps0p2.yaml spec/sweeps/fashion_eps0p1.yaml"
+trades-repro study sweep $SWEEPS --runs-dir runs --shard 0/2
 trades-repro run-claim 'small_scale.*' --tier cpu       # the cpu-tier claims' runs (5 seeds)
+trades-repro study probe $SWEEPS --runs-dir runs        # Square at 1,000 queries as well
 # copy the finished runs' evidence (no weights) and regenerate this page and its plots
 trades-repro study report --runs-dir runs --evidence evidence/cpu --out docs/small_scale.md
 trades-repro verify --tier cpu --runs-dir evidence/cpu  # re-judge the cpu claims, seconds
@@ -239,6 +262,12 @@ def _sections(runs: list[ss.RunSummary], figures: Path, root: Path) -> list[str]
              "Clopper–Pearson (`binomtest(...).proportion_ci`); v2: the paired rule "
              "(`pgd10_minus_square_v2`, interval at or above 8 points). Accuracies in %, means "
              "over the cell's runs.", "", *cell_table(ss.cells(runs)), "",
+             f"## Square at {ss.PROBE_QUERIES:,} queries", "",
+             f"The same checkpoints and test images with Square at {ss.PROBE_QUERIES:,} "
+             "queries instead of AutoAttack's 5,000 (`trades-repro study probe`; a record of "
+             "its own in each run's eval.json, never the run's verdict). Flagged: the same "
+             "rule with that Square. Means over the probed runs of each cell.", "",
+             *probe_table(ss.cells(runs)), "",
              "## The paper's directions", "",
              "Flagged counts of TRADES runs (no Algorithm 1) per level, pooled over the other "
              "two factors (the grid is balanced only where every cell has its seeds). Two "

@@ -135,7 +135,7 @@ class Evidence:
         if folder is None:
             return None
         return RunEvidence(spec.digest(), folder, spec, tuple(store.read_metrics(folder)),
-                           _policy_eval(folder, policy, spec.evaluation))
+                           policy_record(folder, policy, spec.evaluation))
 
     def property_outcome(self, claim_id: str) -> dict[str, Any] | None:
         path = self.runs_dir / PROPERTIES_DIR / f"{claim_id}.json"
@@ -149,7 +149,7 @@ def _digest_of(spec_file: Path) -> str | None:
         return None
 
 
-def _policy_eval(folder: Path, policy: str, evaluation: Any) -> Any | None:
+def policy_record(folder: Path, policy: str, evaluation: Any) -> Any | None:
     """The policy checkpoint's record made with the arm's evaluation settings
     (`evalfile.made_with`), the one with the most attacks when several."""
     from trades_repro.evalfile import made_with, read_eval
