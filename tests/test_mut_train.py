@@ -114,6 +114,20 @@ def test_run_epoch_commits_the_record_it_returns(tmp_path):
     (line,) = (session.run_dir / store.METRICS_FILE).read_text().splitlines()
     assert json.loads(line)["epoch"] == 1 and record.val_source == "holdout"
     assert record.best_pgd10 and record.val_pgd10_acc == json.loads(line)["val_pgd10_acc"]
+    assert session.state.policies.best_epoch["best_pgd10"] == 1
+    assert session.state.policies.best["best_pgd10"] == record.val_pgd10_acc
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_run_epoch_records_algorithm_1s_trigger(tmp_path, enabled):
+    spec = _spec(**{"healing.enabled": enabled, "healing.fosc_threshold": 0.0})
+    session = _session(tmp_path, spec)
+    record = trainlib.run_epoch(session, 1)
+    if enabled:  # any positive FOSC is above a threshold of 0
+        assert record.healing_event.fosc == record.val_fosc > 0
+        assert record.healing_event.epoch == 1 and session.state.noise_left == 10
+    else:
+        assert record.healing_event is None and session.state.noise_left == 0
 
 
 def _spy_steps(monkeypatch):
@@ -181,12 +195,12 @@ def test_app_g_records_wait_for_the_commit(tmp_path):
 def test_a_run_trains_every_epoch_and_then_is_skipped(tmp_path):
     spec = _spec()
     first = trainlib.train(spec, tmp_path, progress=False)
-    assert not first.skipped and [r.epoch for r in first.records] == [1, 2]
+    assert first.skipped is False and [r.epoch for r in first.records] == [1, 2]
     provenance = store.read_json(first.run_dir / store.PROVENANCE_FILE)
     assert provenance["status"] == "finished" and provenance["wall_time_s"] > 0
     assert set(provenance["backend"]) == {"training", "validation"}
     again = trainlib.train(spec, tmp_path, progress=False)
-    assert again.skipped and again.run_dir == first.run_dir
+    assert again.skipped is True and again.run_dir == first.run_dir
     assert [r.epoch for r in again.records] == [1, 2]
 
 
@@ -246,3 +260,23 @@ def test_validation_uses_the_runs_eval_batch_and_input_layout(tmp_path, monkeypa
     trainlib.train(spec.model_copy(update={"optim": spec.optim.model_copy(
         update={"epochs": 1})}), tmp_path, progress=False, eval_batch=5)
     assert seen == {"batch_size": 5, "epoch": 1, "layout": True}
+
+
+def test_the_progress_bar_shows_each_epoch_and_a_resume(tmp_path, monkeypatch, capsys):
+    spec = _spec()
+    real = trainlib.run_epoch
+
+    def stop_at_two(session, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real(session, epoch)
+
+    monkeypatch.setattr(trainlib, "run_epoch", stop_at_two)
+    with pytest.raises(KeyboardInterrupt):
+        trainlib.train(spec, tmp_path, progress=True)
+    first = capsys.readouterr().out
+    assert spec.name in first and "1/2" in first and "PGD-10" in first and "FOSC" in first
+    monkeypatch.setattr(trainlib, "run_epoch", real)
+    trainlib.train(spec, tmp_path, progress=True)
+    resumed = capsys.readouterr().out  # one epoch left, counted from the resumed one
+    assert "2/2" in resumed and "1/2" not in resumed

@@ -34,14 +34,19 @@ def eval_batch_size(image_shape: Sequence[int], device: torch.device | str,
                     requested: int | None = None) -> int:
     """`requested` if given, else the CPU default or the largest power of two that fits."""
     if requested is not None:
-        if requested < 1:
-            raise BadInput(f"--eval-batch {requested}: must be at least 1")
-        return int(requested)
+        return checked(requested)
     device = torch.device(device)
     if device.type != "cuda":
         return CPU_BATCH
     free, _ = torch.cuda.mem_get_info(device)
     return fitting_batch(free, image_shape)
+
+
+def checked(requested: int) -> int:
+    """A batch size the user asked for (`--eval-batch`), refused below 1 as bad input."""
+    if requested < 1:
+        raise BadInput(f"--eval-batch {requested}: must be at least 1")
+    return int(requested)
 
 
 def fitting_batch(free_bytes: int, image_shape: Sequence[int]) -> int:

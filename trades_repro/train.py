@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from trades_repro import data as datalib
-from trades_repro import numerics, store
+from trades_repro import evalbatch, numerics, store
 from trades_repro.attacks import eval_mode, pgd
 from trades_repro.awp import awp_active
 from trades_repro.engine import RunState, Session, TrainingError, build_session, lr_at
@@ -39,7 +39,7 @@ def train(spec: ExperimentSpec, runs_dir: Path, *, progress: bool = True,
     does not change any result, so it is not part of the spec.
     """
     if eval_batch is not None:
-        eval_batch_size((1, 1, 1), "cpu", eval_batch)  # a bad value fails now, not after epoch 1
+        evalbatch.checked(eval_batch)  # a bad value fails now, not after epoch 1
     run_dir = store.run_dir_for(spec, runs_dir)
     if store.is_finished(run_dir):
         return store.RunResult(run_dir, store.read_metrics(run_dir), skipped=True)
