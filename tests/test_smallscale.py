@@ -60,8 +60,11 @@ def test_the_shipped_sweeps_expand_and_start_with_the_riskiest_cell():
 def test_the_healing_sweep_is_the_risky_arm_with_algorithm_1_on_the_same_seeds():
     from trades_repro.claims import load_catalogue
 
-    risky = load_catalogue(ROOT / "claims").specs("fashion_e0p2_bs32_b1_lr0p05", "cpu")
+    catalogue = load_catalogue(ROOT / "claims")
+    risky = catalogue.specs("fashion_e0p2_bs32_b1_lr0p05", "cpu")
     _, healed = load_sweep(ROOT / "spec" / "sweeps" / "fashion_healing.yaml")
+    arm = catalogue.specs("fashion_e0p2_bs32_b1_lr0p05_healed", "cpu")
+    assert [s.digest() for s in arm] == [s.digest() for s in healed]  # the sweep's runs
     assert [s.seed for s in healed] == [s.seed for s in risky] == [0, 1, 2, 3, 4]
     for plain, fixed in zip(risky, healed, strict=True):
         assert fixed.healing.enabled and not plain.healing.enabled

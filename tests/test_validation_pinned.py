@@ -18,6 +18,7 @@ from torch import nn
 
 from trades_repro import data as datalib
 from trades_repro import train as trainlib
+from trades_repro.attacks import eval_mode
 from trades_repro.engine import RunState
 from trades_repro.spec import parse_spec
 
@@ -41,10 +42,15 @@ def _net() -> nn.Module:
     return net
 
 
-def _val(n: int = 24) -> datalib.ImageSet:
+def _val(n: int = 24, labels_from: nn.Module | None = None) -> datalib.ImageSet:
+    """Random images; random labels, or `labels_from`'s own predictions (all clean-correct,
+    so a weak attack leaves some of them robust)."""
     gen = torch.Generator().manual_seed(1)
-    return datalib.ImageSet(torch.rand(n, 1, 8, 8, generator=gen),
-                            torch.randint(0, 10, (n,), generator=gen))
+    x = torch.rand(n, 1, 8, 8, generator=gen)
+    if labels_from is None:
+        return datalib.ImageSet(x, torch.randint(0, 10, (n,), generator=gen))
+    with torch.no_grad(), eval_mode(labels_from):
+        return datalib.ImageSet(x, labels_from(x).argmax(1))
 
 
 def _validate(net, val, spec, batch_size=7):
@@ -132,11 +138,18 @@ def _sgcs_by_hand(step_grads) -> list[float]:
     return out
 
 
+# A strong attack (ε 0.3, 5 steps) and a weak one (ε 0.05, 2 steps): in the weak one the
+# random start still shows at the end, and some images stay robust in every batch of 7.
+ATTACKS = {"strong": {}, "weak": {"eps": 0.05, "step_size": 0.025, "steps": 2}}
+
+
 @pytest.mark.parametrize("random_start", [False, True])
-def test_recorded_fosc_and_sgcs_equal_eqs_2_and_3_at_the_final_iterate(random_start):
-    spec = _spec(random_start=random_start)
-    net, val = _net(), _val()
+@pytest.mark.parametrize("attack", ATTACKS)
+def test_recorded_fosc_and_sgcs_equal_eqs_2_and_3_at_the_final_iterate(random_start, attack):
+    spec = _spec(random_start=random_start, **ATTACKS[attack])
+    net = _net()
     net.eval()
+    val = _val(labels_from=net)
     got = _validate(net, val, spec)
 
     x, y = val.images, val.labels
@@ -161,6 +174,50 @@ def test_recorded_fosc_and_sgcs_equal_eqs_2_and_3_at_the_final_iterate(random_st
         robust = (net64(x_k).argmax(1) == y).double().mean().item()
     assert got["val_clean_acc"] == pytest.approx(clean)
     assert got["val_pgd10_acc"] == pytest.approx(robust)
+    if attack == "weak":  # so the robust count is summed over batches, not the last one's
+        assert 0 < robust < clean
+
+
+def test_the_weak_attacks_random_start_changes_the_result():
+    """So the test above would notice another draw than (seed, epoch)'s."""
+    spec, val = _spec(**ATTACKS["weak"]), _val(labels_from=_net())
+    starts = [_validate(_net(), val, spec)]
+    spec = spec.model_copy(update={"seed": spec.seed + 1})
+    starts.append(_validate(_net(), val, spec))
+    assert starts[0]["val_fosc"] != pytest.approx(starts[1]["val_fosc"], rel=1e-3)
+
+
+@pytest.mark.parametrize(("fosc", "sgcs"), [(True, False), (False, True), (False, False)])
+def test_each_monitor_is_recorded_alone(fosc, sgcs):
+    spec = _spec()
+    spec = spec.model_copy(update={"monitor": spec.monitor.model_copy(
+        update={"fosc": fosc, "sgcs": sgcs})})
+    both = _validate(_net(), _val(), _spec())
+    got = _validate(_net(), _val(), spec)
+    assert got["val_fosc"] == (both["val_fosc"] if fosc else None)
+    assert got["val_sgcs"] == (both["val_sgcs"] if sgcs else None)
+    assert got["val_pgd10_acc"] == both["val_pgd10_acc"]
+
+
+def test_validation_attacks_in_batches_of_the_size_asked(monkeypatch):
+    sizes = []
+    real = trainlib._validate_batch
+    monkeypatch.setattr(trainlib, "_validate_batch", lambda model, x, *rest: (
+        sizes.append(len(x)), real(model, x, *rest))[1])
+    _validate(_net(), _val(), _spec(), batch_size=5)
+    assert sizes == [5, 5, 5, 5, 4]
+
+
+def test_running_out_of_gpu_memory_names_a_smaller_eval_batch(monkeypatch):
+    from trades_repro.errors import BadInput
+
+    def oom(*args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(trainlib, "_validate_batch", oom)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    with pytest.raises(BadInput, match=r"evaluation batch 6: pass --eval-batch 3 "):
+        _validate(_net(), _val(), _spec(), batch_size=6)
 
 
 def test_the_wrong_trace_would_be_visible():
