@@ -172,8 +172,12 @@ def _backward_with_norms(model: nn.Module, ce: Tensor, weighted_kl: Tensor) -> d
     g_kl = torch.autograd.grad(weighted_kl, params, allow_unused=True)
     full = []
     for p, a, b in zip(params, g_ce, g_kl, strict=True):
-        p.grad = _zero_if_none(a, p) + _zero_if_none(b, p)
-        full.append(p.grad.detach().flatten().float())
+        g = _zero_if_none(a, p) + _zero_if_none(b, p)
+        # as backward(): a parameter outside the loss keeps no gradient, so the optimiser
+        # skips it (no weight decay or momentum), as in an unmonitored step
+        if a is not None or b is not None:
+            p.grad = g
+        full.append(g.detach().flatten().float())
     grad_before = torch.cat(full)
     return {
         "w_grad_norm": grad_before.norm().item(),
