@@ -55,7 +55,17 @@ def test_totals_weight_each_batch_loss_by_its_size_and_count_hits():
     totals = trainlib._Totals(torch.device("cpu"))
     totals.add(_step(2.0, 3, 1), 4)
     totals.add(_step(0.5, 2, 2), 2)
-    assert totals.read() == {"loss": 2.0 * 4 + 0.5 * 2, "clean": 5, "adv": 3, "n": 6}
+    read = totals.read()
+    assert read == {"loss": 2.0 * 4 + 0.5 * 2, "clean": 5, "adv": 3, "n": 6}
+    assert all(type(read[key]) is int for key in ("clean", "adv"))  # counts, exactly
+
+
+def test_totals_sum_losses_in_float64():
+    """An epoch of many batches: float32 would drop the small ones against a large sum."""
+    totals = trainlib._Totals(torch.device("cpu"))
+    totals.add(_step(1e8, 0, 0), 1)
+    totals.add(_step(1.0, 0, 0), 1)
+    assert totals.read()["loss"] == 100_000_001.0
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
@@ -64,7 +74,7 @@ def test_totals_notice_a_non_finite_loss_in_any_batch(bad):
     totals.add(_step(1.0, 1, 1), 2)
     totals.add(_step(bad, 1, 1), 2)
     totals.add(_step(1.0, 1, 1), 2)  # a finite batch after it does not hide it
-    with pytest.raises(NonFiniteLoss, match="non-finite training loss"):
+    with pytest.raises(NonFiniteLoss, match="^non-finite training loss$"):
         totals.read()
     with pytest.raises(NonFiniteLoss):
         totals.check_finite()
@@ -159,6 +169,18 @@ def test_algorithm_1_noises_exactly_the_counted_batches_with_its_std(tmp_path, m
             assert torch.allclose(x, expected, atol=1e-6)
         else:
             assert torch.equal(x, x0)
+
+
+def test_an_epoch_does_not_depend_on_the_global_rng(tmp_path):
+    """The attack's starts come from the session's own generator, so what a run trains is
+    fixed by its spec, whatever else drew from torch's global generator before."""
+    results = []
+    for i, noise in enumerate((0, 12345)):
+        torch.manual_seed(noise)
+        session = _session(tmp_path / str(i), _spec(**{"method.attack.init_std": 0.05}))
+        torch.manual_seed(noise + 1)
+        results.append(trainlib.train_epoch(session, 1))
+    assert results[0] == results[1]
 
 
 def test_the_step_counter_advances_once_per_batch(tmp_path):
@@ -280,3 +302,9 @@ def test_the_progress_bar_shows_each_epoch_and_a_resume(tmp_path, monkeypatch, c
     trainlib.train(spec, tmp_path, progress=True)
     resumed = capsys.readouterr().out  # one epoch left, counted from the resumed one
     assert "2/2" in resumed and "1/2" not in resumed
+
+
+def test_train_shows_progress_unless_asked_not_to(tmp_path, capsys):
+    spec = _spec(**{"optim.epochs": 1})
+    trainlib.train(spec, tmp_path)
+    assert spec.name in capsys.readouterr().out

@@ -27,7 +27,7 @@ EPOCH = 3
 
 def _spec(**validation):
     raw = digits(validation={"eps": 0.3, "step_size": 0.1, "steps": 5, **validation})
-    return parse_spec(raw)
+    return parse_spec({**raw, "seed": 3})  # not 0: the start's draw depends on seed × a prime
 
 
 def _net() -> nn.Module:
