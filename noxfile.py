@@ -44,6 +44,14 @@ def mutation(session: nox.Session) -> None:
     session.run("mutmut", "results")
 
 
+@nox.session(python=False)
+def mutation_quick(session: nox.Session) -> None:
+    """CI's gate: the core math and validation monitor's mutants, against the recorded kill
+    rate in docs/mutation_quick.json (tests/mutation_gate.py; `-- --record` rewrites it)."""
+    session.run("python", "-m", "pip", "install", "--quiet", "-e", ".[mutation]")
+    session.run("python", "tests/mutation_gate.py", *session.posargs)
+
+
 BENCHMARKS = ("bench_train_paths.py", "bench_monitor.py", "bench_autoattack.py")
 
 
