@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from trades_repro import store
+
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = ROOT / "docs" / "mutation_quick.json"
 
@@ -43,10 +45,22 @@ MUTANTS = ["trades_repro.metrics.*", "trades_repro.losses.*", "trades_repro.poli
            "trades_repro.train.x__healing_trigger__*"]
 
 DETECTED = {1, 3, 24, -24, 36, 37, 152, 255, -9, -11}  # killed, timeout, type check, crash
+OWN_FAILURE = 4  # the project's exit code for "our own failure": never 0 or 1
+
+
+class GateError(RuntimeError):
+    """The gate could not measure (mutmut did not run, config missing): exit 4, not 1."""
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parse(argv)
+    try:
+        return _gate(_parse(argv))
+    except GateError as err:
+        print(f"mutation gate: {err}", file=sys.stderr)
+        return OWN_FAILURE
+
+
+def _gate(args: argparse.Namespace) -> int:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="mutation-gate-") as tmp:
         copy = Path(tmp) / "proj"
@@ -55,12 +69,13 @@ def main(argv: list[str] | None = None) -> int:
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         subprocess.run(["mutmut", "run", "--max-children", str(args.children), *MUTANTS],
                        cwd=copy, env=env, check=False, stdout=subprocess.DEVNULL)
+        # mutmut's exit status does not say whether mutants survived: the meta files do
         rates = _rates(copy)
     minutes = (time.monotonic() - started) / 60
     _print(rates, minutes)
     if args.record:
-        BASELINE.write_text(json.dumps({"modules": rates, "minutes": round(minutes, 1)},
-                                       indent=2) + "\n")
+        record = {"modules": rates, "minutes": round(minutes, 1)}
+        store.atomic_write_bytes(BASELINE, (json.dumps(record, indent=2) + "\n").encode())
         print(f"recorded {BASELINE.relative_to(ROOT)}")
         return 0
     return _compare(rates, json.loads(BASELINE.read_text())["modules"])
@@ -92,7 +107,7 @@ def _configure(pyproject: Path) -> None:
         text, found = re.subn(rf"^{key} = \[.*?\]$", f"{key} = {json.dumps(value)}", text,
                               count=1, flags=re.M | re.S)
         if not found:
-            raise SystemExit(f"mutation gate: no {key} in [tool.mutmut] of {pyproject.name}")
+            raise GateError(f"no {key} in [tool.mutmut] of {pyproject.name}")
     pyproject.write_text(text)
 
 
@@ -101,10 +116,12 @@ def _rates(copy: Path) -> dict[str, dict[str, int]]:
     rates = {}
     for module in MODULES:
         meta = copy / "mutants" / f"{module}.meta"
-        codes = json.loads(meta.read_text())["exit_code_by_key"] if meta.is_file() else {}
+        if not meta.is_file():
+            raise GateError(f"mutmut wrote no results for {module} (did it run?)")
+        codes = json.loads(meta.read_text())["exit_code_by_key"]
         chosen = {k: v for k, v in codes.items() if any(fnmatch.fnmatch(k, p) for p in MUTANTS)}
         if any(code is None for code in chosen.values()):
-            raise SystemExit(f"mutation gate: mutmut left mutants of {module} unchecked")
+            raise GateError(f"mutmut left mutants of {module} unchecked")
         rates[module] = {"mutants": len(chosen),
                          "killed": sum(code in DETECTED for code in chosen.values()),
                          "survived": sorted(k for k, v in chosen.items() if v not in DETECTED)}
