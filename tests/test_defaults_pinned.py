@@ -348,6 +348,11 @@ def test_cli_diagnose_passes_the_standard_defaults(tmp_path, diagnoses):
     assert callable(report)
 
 
+def _diagnose_with_eps(tmp_path, text):
+    return runner.invoke(app, ["diagnose", str(tmp_path / "w.pt"), "--dataset", "digits",
+                               "--model", "small_cnn", "--eps", text])
+
+
 @pytest.mark.parametrize(
     ("text", "eps"),
     [
@@ -360,19 +365,7 @@ def test_cli_diagnose_passes_the_standard_defaults(tmp_path, diagnoses):
     ],
 )
 def test_cli_eps_is_parsed_exactly(tmp_path, diagnoses, text, eps):
-    result = runner.invoke(
-        app,
-        [
-            "diagnose",
-            str(tmp_path / "w.pt"),
-            "--dataset",
-            "digits",
-            "--model",
-            "small_cnn",
-            "--eps",
-            text,
-        ],
-    )
+    result = _diagnose_with_eps(tmp_path, text)
     assert result.exit_code == 0, result.output
     assert diagnoses[0]["eps"] == eps  # exactly: one rounding of the fraction, no more
 
@@ -391,19 +384,7 @@ def test_cli_eps_is_parsed_exactly(tmp_path, diagnoses, text, eps):
     ],
 )
 def test_cli_refuses_bad_eps_with_exit_2_before_diagnosing(tmp_path, diagnoses, text, why):
-    result = runner.invoke(
-        app,
-        [
-            "diagnose",
-            str(tmp_path / "w.pt"),
-            "--dataset",
-            "digits",
-            "--model",
-            "small_cnn",
-            "--eps",
-            text,
-        ],
-    )
+    result = _diagnose_with_eps(tmp_path, text)
     assert_one_line_error(result)
     expected = {
         "format": f"--eps {text!r}: not a number or fraction like 8/255",
