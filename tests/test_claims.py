@@ -180,9 +180,13 @@ def test_run_claim_dry_run_lists_table_2s_150_runs_with_gpu_hours():
     assert re.search(r"estimated GPU time \(h100, spec/costs.yaml\): [\d.]+ h", result.stdout)
 
 
-def test_run_claim_refuses_a_gpu_tier_without_a_gpu(monkeypatch):
+def test_run_claim_refuses_a_gpu_tier_without_a_gpu(monkeypatch, tmp_path):
+    """Were the refusal to fail, the full tier's CIFAR runs must neither start (train would
+    raise, exit 4) nor write into the checkout's own runs/ folder."""
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
-    result = runner.invoke(app, ["run-claim", "table_2.lr0p1.beta3_bs256", "--tier", "full"])
+    monkeypatch.setattr("trades_repro.train.train", lambda *a, **k: pytest.fail("trained"))
+    result = runner.invoke(app, ["run-claim", "table_2.lr0p1.beta3_bs256", "--tier", "full",
+                                 "--runs-dir", str(tmp_path / "runs")])
     assert result.exit_code == 3
     assert "needs a CUDA GPU" in result.stderr and "Traceback" not in result.stderr
 

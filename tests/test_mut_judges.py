@@ -1,0 +1,1066 @@
+"""judges.py's decision rules, every field of each Judgement pinned (issue 21, mutation).
+
+Each test fabricates run folders (claimsutil), judges one claim and compares the whole
+`Judgement` with one written here by hand: the verdict at the boundary of its rule (a
+tolerance met exactly, an α equal to the p-value, a rate at the interval's edge), and the
+numbers from scipy/statsmodels called directly on the same values, never through `stats`.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import numpy as np
+import pytest
+from claimsutil import arm, claim, claims_folder, write_run
+from scipy import stats
+from statsmodels.stats.contingency_tables import Table
+
+from trades_repro.claims import load_catalogue
+from trades_repro.verify import Context, Evidence, judge
+
+V1 = "pgd10_minus_square_v1"
+V2 = "pgd10_minus_square_v2"
+FLAGGED = {"square": 0.20}  # PGD-10 0.40 − Square 0.20 = 0.20 ≥ 0.08: flagged by v1 and v2
+REGULAR = {"square": 0.38}  # margin 0.02: clear by both
+INCONCLUSIVE = {"square": 0.32}  # margin 0.08 on 100 examples: v2's interval straddles 0.08
+RATE = {"test": {"name": "clopper_pearson"}}
+FLOATS = ("statistic", "p_value")
+
+
+def _catalogue(tmp_path: Path, arms: dict, claims: list[dict]):
+    return load_catalogue(claims_folder(tmp_path, arms, claims))
+
+
+def _judge(tmp_path: Path, catalogue, claim_id: str, partial: bool = False) -> dict:
+    ctx = Context(catalogue, Evidence(tmp_path / "runs"), "full", partial)
+    return judge(catalogue.by_id[claim_id], ctx).model_dump()
+
+
+def _runs(tmp_path: Path, catalogue, name: str, *per_seed: dict) -> list[Path]:
+    """One run per dict, for the arm's seeds in order (fewer dicts: fewer runs)."""
+    specs = catalogue.specs(name, "full")
+    return [
+        write_run(tmp_path / "runs", spec, **kw) for spec, kw in zip(specs, per_seed, strict=False)
+    ]
+
+
+def _label(catalogue, name: str, index: int) -> str:
+    spec = catalogue.specs(name, "full")[index]
+    return f"seed {spec.seed} ({spec.digest()[:8]})"
+
+
+def _set_series(run: Path, **series: list) -> None:
+    """Overwrite per-epoch fields of a run's metrics.jsonl (e.g. val_pgd10_acc)."""
+    path = run / "metrics.jsonl"
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    for key, values in series.items():
+        for line, value in zip(lines, values, strict=True):
+            line[key] = value
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+def _expect(claim_id: str, kind: str, status: str, paper: str, **fields) -> dict:
+    base = {
+        "id": claim_id,
+        "artefact": "table_9",
+        "kind": kind,
+        "tier": "full",
+        "status": status,
+        "paper": paper,
+        "ours": "—",
+        "test": "",
+        "statistic": None,
+        "p_value": None,
+        "interval": None,
+        "detail": "",
+        "n_required": 0,
+        "n_found": 0,
+        "partial": False,
+        "series": {},
+        "line": None,
+    }
+    return {**base, **fields}
+
+
+def _assert_same(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        if key in FLOATS and value is not None:
+            assert got[key] == pytest.approx(value, rel=1e-12, abs=1e-15), key
+        elif key == "interval" and value is not None:
+            assert got[key] == pytest.approx(value, rel=1e-12, abs=1e-15), key
+        elif key == "line" and value is not None:
+            assert (got[key][0], got[key][1]) == (value[0], pytest.approx(value[1])), key
+        else:
+            assert got[key] == value, key
+
+
+# ----------------------------------------------------------------------------- table_cell
+
+
+def _cell(tmp_path, values, test, *, expected=None, metric="clean", **extra):
+    c = claim(
+        "table_9.cell",
+        "table_cell",
+        arm="a",
+        metric=metric,
+        test=test,
+        expected=expected or {"mean": 0.5},
+        **extra,
+    )
+    catalogue = _catalogue(tmp_path, {"a": arm(seeds=len(values))}, [c])
+    _runs(tmp_path, catalogue, "a", *({"clean": v} for v in values))
+    return catalogue
+
+
+@pytest.mark.parametrize(
+    ("values", "status", "ours", "diff"),
+    [
+        ((0.5, 0.75, 1.0), "held", "0.7500 ± 0.2500 (n = 3)", 0.25),  # |diff| = abs: held (≤)
+        ((0.25, 0.25, 0.25), "held", "0.2500 ± 0.0000 (n = 3)", -0.25),  # below, at the edge
+        ((1.0, 1.0, 1.0), "failed", "1.0000 ± 0.0000 (n = 3)", 0.5),
+        ((0.0, 0.0, 0.0), "failed", "0.0000 ± 0.0000 (n = 3)", -0.5),  # far below: |·| matters
+    ],
+)
+def test_tolerance_cell_holds_iff_the_absolute_difference_is_at_most_abs(
+    tmp_path, values, status, ours, diff
+):
+    catalogue = _cell(tmp_path, values, {"name": "tolerance", "abs": 0.25})
+    _assert_same(
+        _judge(tmp_path, catalogue, "table_9.cell"),
+        _expect(
+            "table_9.cell",
+            "table_cell",
+            status,
+            "0.5000",
+            ours=ours,
+            statistic=diff,
+            test="|ours − paper| ≤ 0.25",
+            detail=f"difference {diff:+.4f}",
+            n_required=3,
+            n_found=3,
+        ),
+    )
+
+
+@pytest.mark.parametrize(
+    ("values", "ours"), [((0.75,), "0.7500 (n = 1)"), ((0.5, 1.0), "0.7500 ± 0.3536 (n = 2)")]
+)
+def test_a_cell_prints_its_spread_from_two_runs_on(tmp_path, values, ours):
+    catalogue = _cell(tmp_path, values, {"name": "tolerance", "abs": 0.5})
+    got = _judge(tmp_path, catalogue, "table_9.cell")
+    assert (got["status"], got["ours"]) == ("held", ours)
+
+
+def _welch_reference(values):
+    ours = np.array(values)
+    return stats.ttest_ind_from_stats(
+        0.90, 0.01, 5, ours.mean(), ours.std(ddof=1), len(ours), equal_var=False
+    )
+
+
+@pytest.mark.parametrize("at_alpha", [True, False])
+def test_welch_cell_holds_unless_p_is_below_alpha(tmp_path, at_alpha):
+    values = (0.85, 0.86, 0.87)
+    ref = _welch_reference(values)
+    assert 0 < ref.pvalue < 0.5 and ref.statistic > 0  # paper first: 0.90 − 0.86 > 0
+    alpha = float(ref.pvalue) if at_alpha else float(np.nextafter(ref.pvalue, 1))
+    catalogue = _cell(
+        tmp_path,
+        values,
+        {"name": "welch", "alpha": alpha},
+        expected={"mean": 0.90, "sd": 0.01, "n": 5},
+    )
+    _assert_same(
+        _judge(tmp_path, catalogue, "table_9.cell"),
+        _expect(
+            "table_9.cell",
+            "table_cell",
+            "held" if at_alpha else "failed",
+            "0.9000 ± 0.0100 (n = 5)",
+            ours="0.8600 ± 0.0100 (n = 3)",
+            test=f"Welch t-test, held unless p < {alpha:g}",
+            statistic=ref.statistic,
+            p_value=ref.pvalue,
+            detail="difference -0.0400",
+            n_required=3,
+            n_found=3,
+        ),
+    )
+
+
+def test_welch_cell_needs_two_runs_and_two_are_enough(tmp_path):
+    welch = {"name": "welch"}
+    paper = {"mean": 0.90, "sd": 0.01, "n": 5}
+    catalogue = _cell(tmp_path / "one", (0.85,), welch, expected=paper)
+    _assert_same(
+        _judge(tmp_path / "one", catalogue, "table_9.cell"),
+        _expect(
+            "table_9.cell",
+            "table_cell",
+            "undetermined",
+            "0.9000 ± 0.0100 (n = 5)",
+            ours="0.8500 (n = 1)",
+            test="Welch t-test",
+            n_required=1,
+            n_found=1,
+            detail="a Welch test needs at least 2 of our runs",
+        ),
+    )
+    catalogue = _cell(tmp_path / "two", (0.85, 0.87), welch, expected=paper)
+    got = _judge(tmp_path / "two", catalogue, "table_9.cell")
+    ref = _welch_reference((0.85, 0.87))
+    assert got["status"] == ("held" if ref.pvalue >= 0.05 else "failed")
+    assert got["p_value"] == pytest.approx(ref.pvalue)
+
+
+@pytest.mark.parametrize(("which", "mean"), [("flagged", 0.25), ("regular", 0.75)])
+def test_a_subset_cell_averages_only_its_runs(tmp_path, which, mean):
+    c = claim(
+        "table_9.cell",
+        "table_cell",
+        arm="a",
+        metric="clean",
+        subset=which,
+        rule=V1,
+        expected={"mean": mean},
+        test={"name": "tolerance", "abs": 0.01},
+    )
+    catalogue = _catalogue(tmp_path, {"a": arm(seeds=3)}, [c])
+    _runs(
+        tmp_path,
+        catalogue,
+        "a",
+        {"clean": 0.25, **FLAGGED},
+        {"clean": 0.75, **REGULAR},
+        {"clean": 0.75, **REGULAR},
+    )
+    got = _judge(tmp_path, catalogue, "table_9.cell")
+    n = 1 if which == "flagged" else 2
+    sd = "" if n == 1 else " ± 0.0000"
+    assert (got["status"], got["ours"]) == ("held", f"{mean:.4f}{sd} (n = {n})")
+
+
+def test_an_empty_subset_is_undetermined_with_the_counts(tmp_path):
+    c = claim(
+        "table_9.cell",
+        "table_cell",
+        arm="a",
+        metric="clean",
+        subset="flagged",
+        rule=V1,
+        expected={"mean": 0.5},
+        test={"name": "tolerance", "abs": 0.1},
+    )
+    catalogue = _catalogue(tmp_path, {"a": arm(seeds=2)}, [c])
+    _runs(tmp_path, catalogue, "a", REGULAR, REGULAR)
+    _assert_same(
+        _judge(tmp_path, catalogue, "table_9.cell"),
+        _expect(
+            "table_9.cell",
+            "table_cell",
+            "undetermined",
+            "0.5000",
+            n_required=2,
+            n_found=2,
+            detail="no flagged run with 'clean' among 2",
+        ),
+    )
+
+
+def test_a_partial_cell_says_so_with_required_and_found(tmp_path):
+    c = claim(
+        "table_9.cell",
+        "table_cell",
+        arm="a",
+        metric="clean",
+        expected={"mean": 0.5},
+        test={"name": "tolerance", "abs": 0.5},
+    )
+    catalogue = _catalogue(tmp_path, {"a": arm(seeds=3)}, [c])
+    _runs(tmp_path, catalogue, "a", {"clean": 0.5})
+    got = _judge(tmp_path, catalogue, "table_9.cell", partial=True)
+    assert (got["status"], got["partial"], got["n_required"], got["n_found"]) == (
+        "held",
+        True,
+        3,
+        1,
+    )
+
+
+def test_a_gap_cell_waits_for_autoattack(tmp_path):
+    """Table 3's Gap needs PGD-10 and AutoAttack: a run without AutoAttack is no evidence."""
+    c = claim(
+        "table_9.cell",
+        "table_cell",
+        arm="a",
+        metric="gap",
+        expected={"mean": 0.03},
+        test={"name": "tolerance", "abs": 0.001},
+    )
+    catalogue = _catalogue(tmp_path, {"a": arm(seeds=1)}, [c])
+    (run,) = _runs(tmp_path, catalogue, "a", {"drop": ("autoattack",)})
+    assert _judge(tmp_path, catalogue, "table_9.cell")["status"] == "not run"
+    write_run(tmp_path / "runs", catalogue.specs("a", "full")[0])  # AA = 0.37: gap 0.03
+    assert _judge(tmp_path, catalogue, "table_9.cell")["ours"] == "0.0300 (n = 1)"
+
+
+# ----------------------------------------------------------------------- instability_rate
+
+
+def _rate(tmp_path, paper_k, paper_n, flagged, n, confidence=None, rule=V1):
+    test = {"name": "clopper_pearson"} | ({"confidence": confidence} if confidence else {})
+    c = claim(
+        "table_9.rate",
+        "instability_rate",
+        arm="a",
+        rule=rule,
+        expected={"k": paper_k, "n": paper_n},
+        test=test,
+    )
+    catalogue = _catalogue(tmp_path, {"a": arm(seeds=n)}, [c])
+    _runs(tmp_path, catalogue, "a", *([FLAGGED] * flagged + [REGULAR] * (n - flagged)))
+    return _judge(tmp_path, catalogue, "table_9.rate")
+
+
+def _exact(k, n, confidence=0.95):
+    ci = stats.binomtest(k, n).proportion_ci(confidence_level=confidence, method="exact")
+    return ci.low, ci.high
+
+
+@pytest.mark.parametrize(
+    ("paper_k", "flagged", "confidence"),
+    [
+        (0, 0, 0.95),  # ours 0/4 on the interval's lower edge 0: held (≤)
+        (4, 4, 0.80),  # ours 4/4 on its upper edge 1: held (≤)
+    ],
+)
+def test_a_rate_on_the_edge_of_the_papers_interval_holds(tmp_path, paper_k, flagged, confidence):
+    got = _rate(tmp_path, paper_k, 4, flagged, 4, confidence)
+    low, high = _exact(paper_k, 4, confidence)
+    ours_low, ours_high = _exact(flagged, 4, confidence)
+    _assert_same(
+        got,
+        _expect(
+            "table_9.rate",
+            "instability_rate",
+            "held",
+            f"{paper_k}/4",
+            ours=f"{flagged}/4",
+            test=f"ours inside the paper's exact {confidence:.0%} interval",
+            statistic=flagged / 4,
+            p_value=stats.binomtest(flagged, 4, paper_k / 4).pvalue,
+            interval=(low, high),
+            n_required=4,
+            n_found=4,
+            detail=f"our exact interval [{ours_low:.3f}, {ours_high:.3f}]; p from the exact "
+            f"binomial test against {paper_k}/4",
+        ),
+    )
+
+
+@pytest.mark.parametrize(("confidence", "status"), [(0.80, "failed"), (0.95, "held")])
+def test_the_rate_interval_is_at_the_claims_confidence(tmp_path, confidence, status):
+    low80, _ = _exact(2, 4, 0.80)
+    low95, _ = _exact(2, 4, 0.95)
+    assert low95 <= 1 / 10 < low80  # 1/10 is inside the 95 % interval of 2/4, not the 80 %
+    got = _rate(tmp_path, 2, 4, 1, 10, confidence)
+    assert (got["status"], got["interval"]) == (status, pytest.approx(_exact(2, 4, confidence)))
+
+
+def test_a_rate_with_an_undecided_run_is_undetermined(tmp_path):
+    c = claim(
+        "table_9.rate", "instability_rate", arm="a", rule=V2, expected={"k": 1, "n": 2}, **RATE
+    )
+    catalogue = _catalogue(tmp_path, {"a": arm(seeds=2)}, [c])
+    _runs(tmp_path, catalogue, "a", FLAGGED, INCONCLUSIVE)
+    got = _judge(tmp_path, catalogue, "table_9.rate")
+    _assert_same(
+        got,
+        _expect(
+            "table_9.rate",
+            "instability_rate",
+            "undetermined",
+            "1/2",
+            n_found=2,
+            detail=f"rule {V2} needs attacks some runs lack",
+        ),
+    )
+
+
+# ----------------------------------------------------------------------------------- trend
+
+
+def _trend(tmp_path, flagged, *, partial=False, missing=(), **fields):
+    names = [f"a{i}" for i in range(len(flagged))]
+    arms = {n: arm(seeds=4, **{"method.beta": i + 1}) for i, n in enumerate(names)}
+    c = claim("table_9.trend", "trend", arms=names, **fields)
+    catalogue = _catalogue(tmp_path, arms, [c])
+    for name, k in zip(names, flagged, strict=True):
+        if name not in missing:
+            _runs(tmp_path, catalogue, name, *([FLAGGED] * k + [REGULAR] * (4 - k)))
+    return _judge(tmp_path, catalogue, "table_9.trend", partial)
+
+
+def _ordinal(counts):
+    """One-sided linear-by-linear p for a rise along `counts`, from statsmodels directly."""
+    table = np.array([[n - k, k] for k, n in counts], dtype=float)
+    z = (
+        Table(table)
+        .test_ordinal_association(
+            row_scores=np.arange(1.0, len(counts) + 1), col_scores=np.array([0.0, 1])
+        )
+        .zscore
+    )
+    return z, stats.norm.sf(z)
+
+
+PAPER_COUNTS = [{"k": 1, "n": 10}, {"k": 5, "n": 10}, {"k": 9, "n": 10}]
+
+
+@pytest.mark.parametrize(
+    ("flagged", "direction", "status"),
+    [
+        ([0, 2, 4], "increasing", "held"),
+        ([4, 2, 0], "increasing", "failed"),
+        ([0, 2, 4], "not_decreasing", "held"),
+        ([4, 2, 0], "not_decreasing", "failed"),  # a significant fall
+    ],
+)
+def test_an_ordinal_trend_in_either_direction(tmp_path, flagged, direction, status):
+    paper = PAPER_COUNTS if direction == "increasing" else PAPER_COUNTS[::-1]
+    got = _trend(
+        tmp_path, flagged, direction=direction, expected=paper, test={"name": "linear_by_linear"}
+    )
+    rising = flagged if direction == "increasing" else flagged[::-1]
+    z, p = _ordinal([(k, 4) for k in rising])
+    _, paper_p = _ordinal([(1, 10), (5, 10), (9, 10)])  # the paper's, read in its direction
+    what = (
+        "a rise along the arms"
+        if direction == "increasing"
+        else "no significant fall along the arms"
+    )
+    counts = ", ".join(f"{r['k']}/{r['n']}" for r in paper)
+    _assert_same(
+        got,
+        _expect(
+            "table_9.trend",
+            "trend",
+            status,
+            f"{counts} ({direction})",
+            ours=", ".join(f"{k}/4" for k in flagged),
+            statistic=z,
+            p_value=p,
+            test=f"linear-by-linear (one-sided), α = 0.05: {what}",
+            n_required=12,
+            n_found=12,
+            detail=f"the same test on the paper's counts: p = {paper_p:.3g}",
+        ),
+    )
+
+
+@pytest.mark.parametrize("direction", ["increasing", "not_decreasing"])
+def test_a_trend_at_p_equal_to_alpha_is_not_significant(tmp_path, direction):
+    flagged = [1, 2, 3] if direction == "increasing" else [3, 2, 1]
+    _, p = _ordinal([(1, 4), (2, 4), (3, 4)])
+    assert 0 < p < 0.5
+    got = _trend(
+        tmp_path, flagged, direction=direction, test={"name": "linear_by_linear", "alpha": float(p)}
+    )
+    assert got["status"] == ("failed" if direction == "increasing" else "held")
+    assert got["detail"] == ""  # no paper counts given
+
+
+def test_a_two_arm_trend_is_fisher_on_the_ordered_arms(tmp_path):
+    got = _trend(tmp_path, [1, 4], test={"name": "fisher"})
+    ref = stats.fisher_exact([[4, 0], [1, 3]], alternative="greater")
+    assert (got["status"], got["statistic"], got["p_value"]) == (
+        "held" if ref.pvalue < 0.05 else "failed",
+        ref.statistic,
+        pytest.approx(ref.pvalue),
+    )
+
+
+def test_the_papers_p_uses_the_claims_own_test(tmp_path):
+    got = _trend(
+        tmp_path, [1, 4], expected=[{"k": 1, "n": 10}, {"k": 9, "n": 10}], test={"name": "fisher"}
+    )
+    paper = stats.fisher_exact([[9, 1], [1, 9]], alternative="greater")
+    assert got["detail"] == f"the same test on the paper's counts: p = {paper.pvalue:.3g}"
+
+
+def test_a_trend_with_an_empty_arm_is_undetermined(tmp_path):
+    got = _trend(
+        tmp_path, [0, 2, 4], partial=True, missing=("a1",), test={"name": "linear_by_linear"}
+    )
+    _assert_same(
+        got,
+        _expect(
+            "table_9.trend",
+            "trend",
+            "undetermined",
+            "increasing",
+            detail="an arm has no finished run",
+        ),
+    )
+
+
+def test_a_partial_trend_counts_what_it_found(tmp_path):
+    names = ["a0", "a1"]
+    arms = {n: arm(seeds=4, **{"method.beta": i + 1}) for i, n in enumerate(names)}
+    c = claim("table_9.trend", "trend", arms=names, test={"name": "fisher"})
+    catalogue = _catalogue(tmp_path, arms, [c])
+    _runs(tmp_path, catalogue, "a0", REGULAR, REGULAR)
+    _runs(tmp_path, catalogue, "a1", FLAGGED, FLAGGED, FLAGGED)
+    got = _judge(tmp_path, catalogue, "table_9.trend", partial=True)
+    assert (got["partial"], got["n_found"], got["n_required"], got["ours"]) == (
+        True,
+        5,
+        8,
+        "0/2, 3/3",
+    )
+
+
+def _metric_trend(tmp_path, low, high, direction="increasing", drop=()):
+    arms = {"lo": arm(seeds=len(low)), "hi": arm(seeds=len(high), **{"method.beta": 2})}
+    c = claim(
+        "table_9.trend",
+        "trend",
+        arms=["lo", "hi"],
+        measure="square",
+        direction=direction,
+        test={"name": "welch_one_sided"},
+    )
+    catalogue = _catalogue(tmp_path, arms, [c])
+    _runs(tmp_path, catalogue, "lo", *({"square": v, "pgd10": 0.9} for v in low))
+    _runs(tmp_path, catalogue, "hi", *({"square": v, "pgd10": 0.9, "drop": drop} for v in high))
+    return _judge(tmp_path, catalogue, "table_9.trend")
+
+
+def _sd_text(values):
+    return f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}"
+
+
+@pytest.mark.parametrize(
+    ("low", "high", "direction", "status"),
+    [
+        ((0.5, 0.55, 0.6), (0.7, 0.75, 0.8), "increasing", "held"),
+        ((0.7, 0.75, 0.8), (0.5, 0.55, 0.6), "increasing", "failed"),
+        ((0.5, 0.55, 0.6), (0.7, 0.75, 0.8), "not_decreasing", "held"),
+        ((0.7, 0.75, 0.8), (0.5, 0.55, 0.6), "not_decreasing", "failed"),  # a significant fall
+    ],
+)
+def test_a_metric_trend_is_a_one_sided_welch_test(tmp_path, low, high, direction, status):
+    got = _metric_trend(tmp_path, low, high, direction)
+    first, second = (high, low) if direction == "increasing" else (low, high)
+    ref = stats.ttest_ind(first, second, equal_var=False, alternative="greater")
+    what = (
+        "a rise along the arms"
+        if direction == "increasing"
+        else "no significant fall along the arms"
+    )
+    _assert_same(
+        got,
+        _expect(
+            "table_9.trend",
+            "trend",
+            status,
+            direction,
+            ours=f"{_sd_text(low)}, {_sd_text(high)}",
+            statistic=ref.statistic,
+            p_value=ref.pvalue,
+            n_required=6,
+            n_found=6,
+            test=f"Welch t-test (one-sided), α = 0.05: {what}",
+        ),
+    )
+
+
+def test_a_metric_trend_needs_two_runs_per_arm(tmp_path):
+    assert _metric_trend(tmp_path / "two", (0.5, 0.52), (0.8, 0.82))["status"] == "held"
+    _assert_same(
+        _metric_trend(tmp_path / "one", (0.5, 0.6), (0.7,)),
+        _expect(
+            "table_9.trend",
+            "trend",
+            "undetermined",
+            "increasing",
+            detail="each arm needs 2 evaluated runs",
+        ),
+    )
+
+
+def test_a_metric_trend_waits_for_the_metrics_attack(tmp_path):
+    got = _metric_trend(tmp_path, (0.5, 0.6), (0.7, 0.8), drop=("square",))
+    assert (got["status"], got["n_found"], got["n_required"]) == ("incomplete", 2, 4)
+
+
+# ----------------------------------------------------------------------------------- event
+
+
+def _event(
+    tmp_path,
+    event,
+    fosc_per_run,
+    *,
+    min_rate=1.0,
+    subset="all",
+    arm_set=None,
+    extra_arms=None,
+    **run_kw,
+):
+    arms = {"a": arm(seeds=len(fosc_per_run), **(arm_set or {})), **(extra_arms or {})}
+    c = claim(
+        "table_9.event",
+        "event",
+        arms=["a"],
+        subset=subset,
+        event=event,
+        test={"name": "rate_at_least", "min_rate": min_rate},
+    )
+    catalogue = _catalogue(tmp_path, arms, [c])
+    runs = _runs(tmp_path, catalogue, "a", *({"fosc": f, **run_kw} for f in fosc_per_run))
+    return catalogue, runs
+
+
+HEALS = [0.01, 0.2, 0.01]
+HEALS_TEXT = "FOSC above 0.05 at epochs 2–2, back below at 3"
+STAYS = [0.01, 0.2, 0.2]
+
+
+def test_an_event_judgement_lists_runs_series_and_the_threshold_line(tmp_path):
+    catalogue, _ = _event(
+        tmp_path, {"name": "self_healing", "within": 1}, [HEALS, HEALS], min_rate=0.5
+    )
+    low, high = _exact(2, 2)
+    labels = [_label(catalogue, "a", i) for i in range(2)]
+    _assert_same(
+        _judge(tmp_path, catalogue, "table_9.event"),
+        _expect(
+            "table_9.event",
+            "event",
+            "held",
+            "rate ≥ 0.5",
+            ours="2/2 runs",
+            test="share of runs with the event ≥ 0.5",
+            statistic=1.0,
+            interval=(low, high),
+            n_found=2,
+            n_required=2,
+            series={lab: HEALS for lab in labels},
+            line=("FOSC threshold", 0.05),
+            detail="; ".join(f"{lab}: yes ({HEALS_TEXT})" for lab in labels),
+        ),
+    )
+
+
+@pytest.mark.parametrize(("min_rate", "status"), [(0.5, "held"), (0.51, "failed")])
+def test_an_event_holds_iff_its_share_is_at_least_min_rate(tmp_path, min_rate, status):
+    catalogue, _ = _event(
+        tmp_path, {"name": "self_healing", "within": 1}, [HEALS, STAYS], min_rate=min_rate
+    )
+    got = _judge(tmp_path, catalogue, "table_9.event")
+    assert (got["status"], got["ours"], got["statistic"]) == (status, "1/2 runs", 0.5)
+    assert got["detail"].endswith("no (1 FOSC spike(s) above 0.05, none healed within 1 epoch(s))")
+
+
+def test_an_event_detail_names_at_most_six_runs(tmp_path):
+    catalogue, _ = _event(tmp_path, {"name": "self_healing", "within": 1}, [HEALS] * 7)
+    got = _judge(tmp_path, catalogue, "table_9.event")
+    assert got["ours"] == "7/7 runs" and len(got["series"]) == 7
+    assert got["detail"].count(": yes") == 6 and _label(catalogue, "a", 6) not in got["detail"]
+
+
+def test_a_run_without_fosc_is_left_out_of_an_event(tmp_path):
+    catalogue, runs = _event(tmp_path, {"name": "self_healing", "within": 1}, [HEALS, HEALS])
+    _set_series(runs[1], val_fosc=[None] * 3)
+    got = _judge(tmp_path, catalogue, "table_9.event")
+    assert (got["ours"], got["n_found"], list(got["series"])) == (
+        "1/1 runs",
+        1,
+        [_label(catalogue, "a", 0)],
+    )
+    _set_series(runs[0], val_fosc=[None] * 3)
+    _assert_same(
+        _judge(tmp_path, catalogue, "table_9.event"),
+        _expect(
+            "table_9.event",
+            "event",
+            "undetermined",
+            "rate ≥ 1",
+            n_found=2,
+            detail="no all run with FOSC",
+        ),
+    )
+
+
+@pytest.mark.parametrize(
+    ("event", "fosc", "status", "line"),
+    [
+        # the event's own threshold (0.1) over the spec's (0.05): 0.08 is no spike
+        (
+            {"name": "self_healing", "within": 1, "fosc_threshold": 0.1},
+            [0.01, 0.08, 0.01],
+            "failed",
+            0.1,
+        ),
+        ({"name": "self_healing", "within": 1}, [0.01, 0.08, 0.01], "held", 0.05),
+        ({"name": "self_healing", "within": 2}, [0.01, 0.2, 0.2, 0.01], "held", 0.05),
+        ({"name": "self_healing", "within": 1}, [0.01, 0.2, 0.2, 0.01], "failed", 0.05),
+        ({"name": "spike_duration_at_most", "max_epochs": 2}, [0.01, 0.2, 0.2, 0.01], "held", 0.05),
+        (
+            {"name": "spike_duration_at_most", "max_epochs": 1},
+            [0.01, 0.2, 0.2, 0.01],
+            "failed",
+            0.05,
+        ),
+        (
+            {"name": "spike_duration_at_most", "max_epochs": 1, "fosc_threshold": 0.3},
+            [0.01, 0.2, 0.2, 0.01],
+            "held",
+            0.3,
+        ),
+    ],
+)
+def test_each_event_uses_its_own_parameters(tmp_path, event, fosc, status, line):
+    catalogue, _ = _event(tmp_path, event, [fosc])
+    got = _judge(tmp_path, catalogue, "table_9.event")
+    assert (got["status"], got["line"]) == (status, ("FOSC threshold", line))
+
+
+def test_without_its_own_threshold_an_event_uses_the_runs_algorithm_1_threshold(tmp_path):
+    catalogue, _ = _event(
+        tmp_path,
+        {"name": "self_healing", "within": 1},
+        [[0.01, 0.08, 0.01]],
+        arm_set={"healing.fosc_threshold": 0.1},
+    )
+    got = _judge(tmp_path, catalogue, "table_9.event")
+    assert (got["status"], got["line"]) == ("failed", ("FOSC threshold", 0.1))
+
+
+@pytest.mark.parametrize(("window", "happened"), [(2, True), (5, False)])
+def test_a_gap_drop_is_measured_over_its_window(tmp_path, window, happened):
+    """Gap 0.1, 0.5, 0.5 then 0.2 at the spike: over 2 epochs it fell 0.3, over all three
+    (window 5) from a mean of 0.3667, only 0.1667."""
+    catalogue, _ = _event(
+        tmp_path,
+        {"name": "gap_drop_at_spike", "min_drop": 0.25, "window": window},
+        [[0.01, 0.01, 0.01, 0.2]],
+        gap=[0.1, 0.5, 0.5, 0.2],
+    )
+    got = _judge(tmp_path, catalogue, "table_9.event")
+    assert got["status"] == ("held" if happened else "failed")
+    before = statistics.fmean([0.1, 0.5, 0.5][-window:])
+    assert got["detail"].endswith(
+        f"(gap 0.2000 at the first spike vs {before:.4f} before (drop {before - 0.2:.4f}))"
+    )
+
+
+SPIKE = {"name": "fosc_spike", "ratio": 3, "pgd10_max_change": 0.02}
+
+
+def _spike_runs(tmp_path, event, regular_fosc):
+    catalogue, runs = _event(
+        tmp_path, event, [[0.01, 0.01, 0.1, 0.01]] + regular_fosc, subset="flagged"
+    )
+    write_run(
+        tmp_path / "runs", catalogue.specs("a", "full")[0], square=0.2, fosc=[0.01, 0.01, 0.1, 0.01]
+    )
+    _set_series(runs[0], val_pgd10_acc=[0.4, 0.4, 0.41, 0.4])
+    return catalogue
+
+
+@pytest.mark.parametrize(("max_change", "happened"), [(0.02, True), (0.005, False)])
+def test_a_fosc_spike_is_against_the_median_of_the_regular_runs_fosc(
+    tmp_path, max_change, happened
+):
+    # pooled regular FOSC: four 0.01, then 0.02, 0.02, 0.03, 0.04: median 0.015 (with the
+    # flagged run's values 0.01; their mean 0.01875; the median of run medians 0.0175)
+    catalogue = _spike_runs(
+        tmp_path, {**SPIKE, "pgd10_max_change": max_change}, [[0.01] * 4, [0.02, 0.02, 0.03, 0.04]]
+    )
+    got = _judge(tmp_path, catalogue, "table_9.event")
+    label = _label(catalogue, "a", 0)
+    word = "yes" if happened else "no"
+    _assert_same(
+        got,
+        _expect(
+            "table_9.event",
+            "event",
+            "held" if happened else "failed",
+            "rate ≥ 1",
+            ours=f"{int(happened)}/1 runs",
+            test="share of runs with the event ≥ 1",
+            statistic=float(happened),
+            interval=_exact(int(happened), 1),
+            n_found=1,
+            n_required=3,
+            series={label: [0.01, 0.01, 0.1, 0.01]},
+            line=("3x the reference median", 0.045),
+            detail=f"{label}: {word} (peak FOSC 0.1 = 6.7x the reference median 0.015; PGD-10 "
+            f"moved 0.0100)",
+        ),
+    )
+
+
+@pytest.mark.parametrize(
+    ("subset", "status", "median"), [("all", "held", 0.03), ("regular", "failed", 0.04)]
+)
+def test_a_fosc_spike_can_take_another_arm_as_reference(tmp_path, subset, status, median):
+    """Reference arm runs at FOSC 0.02 (flagged) and 0.04 (regular); the peak is 0.1."""
+    ref_arm = {"ref": arm(seeds=2, **{"method.beta": 2})}
+    event = {**SPIKE, "reference_arm": "ref", "reference_subset": subset}
+    catalogue, _ = _event(
+        tmp_path, event, [[0.01, 0.01, 0.1, 0.01]], extra_arms=ref_arm, square=0.2
+    )
+    _runs(
+        tmp_path, catalogue, "ref", {"fosc": [0.02] * 4, **FLAGGED}, {"fosc": [0.04] * 4, **REGULAR}
+    )
+    got = _judge(tmp_path, catalogue, "table_9.event")
+    assert (got["status"], got["n_required"], got["line"]) == (
+        status,
+        1,
+        ("3x the reference median", pytest.approx(3 * median)),
+    )
+
+
+def test_a_fosc_spike_without_a_reference_run_is_undetermined(tmp_path):
+    catalogue = _spike_runs(tmp_path, SPIKE, [])
+    _assert_same(
+        _judge(tmp_path, catalogue, "table_9.event"),
+        _expect(
+            "table_9.event",
+            "event",
+            "undetermined",
+            "rate ≥ 1",
+            n_found=1,
+            detail="no reference run to compare FOSC with",
+        ),
+    )
+
+
+def test_a_flagged_event_waits_for_the_rules_attacks(tmp_path):
+    catalogue, _ = _event(
+        tmp_path,
+        {"name": "self_healing", "within": 1},
+        [HEALS],
+        subset="flagged",
+        square=0.2,
+        drop=("square",),
+    )
+    got = _judge(tmp_path, catalogue, "table_9.event")
+    assert (got["status"], got["detail"]) == ("not run", "0 of 1 runs finished")
+
+
+def test_a_partial_event_says_so(tmp_path):
+    c = claim(
+        "table_9.event",
+        "event",
+        arms=["a"],
+        event={"name": "self_healing", "within": 1},
+        test={"name": "rate_at_least", "min_rate": 1.0},
+    )
+    catalogue = _catalogue(tmp_path, {"a": arm(seeds=3)}, [c])
+    _runs(tmp_path, catalogue, "a", {"fosc": HEALS})
+    got = _judge(tmp_path, catalogue, "table_9.event", partial=True)
+    assert (got["status"], got["partial"], got["n_found"], got["n_required"]) == (
+        "held",
+        True,
+        1,
+        3,
+    )
+
+
+# --------------------------------------------------------------------------------- healing
+
+
+def _healing(tmp_path, base, fixed, *, rule=V1, partial=False, **test):
+    arms = {
+        "base": arm(seeds=len(base)),
+        "fixed": arm(seeds=len(base), **{"healing.enabled": True}),
+    }
+    c = claim(
+        "table_9.fix",
+        "healing",
+        arms={"baseline": "base", "fixed": "fixed"},
+        rule=rule,
+        test={"name": "healing", "clean_tolerance": 0.25, **test},
+    )
+    catalogue = _catalogue(tmp_path, arms, [c])
+    _runs(tmp_path, catalogue, "base", *base)
+    _runs(tmp_path, catalogue, "fixed", *fixed)
+    return _judge(tmp_path, catalogue, "table_9.fix", partial)
+
+
+BASE = [
+    {"clean": 0.9, **FLAGGED},
+    {"clean": 0.9, **FLAGGED},
+    {"clean": 0.75, **REGULAR},
+    {"clean": 0.75, **REGULAR},
+]  # seeds 0, 1 flagged without Algorithm 1
+
+
+def _fixed(clean, still_flagged=0):
+    """Seeds 0, 1 at `clean` (the first `still_flagged` of them flagged); 2, 3 at 1.0, which
+    must not count: only the seeds flagged without Algorithm 1 are compared."""
+    return [{"clean": clean, **(FLAGGED if i < still_flagged else REGULAR)} for i in (0, 1)] + [
+        {"clean": 1.0, **REGULAR}
+    ] * 2
+
+
+@pytest.mark.parametrize(
+    ("clean", "status"),
+    [
+        (0.5, "held"),
+        (1.0, "held"),  # |±0.25| edge
+        (0.25, "failed"),
+    ],
+)
+def test_healing_holds_within_the_clean_tolerance_of_the_regular_runs(tmp_path, clean, status):
+    got = _healing(tmp_path, BASE, _fixed(clean))
+    diff = clean - 0.75
+    _assert_same(
+        got,
+        _expect(
+            "table_9.fix",
+            "healing",
+            status,
+            "fixed not flagged, clean as regular",
+            ours=f"0/2 fixed flagged; clean {diff:+.4f} vs regular",
+            statistic=diff,
+            test="fixed flagged ≤ 0, |clean − regular| ≤ 0.25",
+            n_found=8,
+            detail=f"seeds flagged without Algorithm 1: [0, 1]; fixed clean {clean:.4f}, "
+            f"regular clean 0.7500",
+        ),
+    )
+
+
+@pytest.mark.parametrize(("allowed", "status"), [(0, "failed"), (1, "held")])
+def test_healing_allows_at_most_max_fixed_flagged(tmp_path, allowed, status):
+    got = _healing(tmp_path, BASE, _fixed(0.75, still_flagged=1), max_fixed_flagged=allowed)
+    assert (got["status"], got["ours"]) == (status, "1/2 fixed flagged; clean +0.0000 vs regular")
+
+
+@pytest.mark.parametrize(
+    ("base", "detail"),
+    [
+        ([{"clean": 0.75, **REGULAR}] * 2, "no baseline run was flagged: nothing to heal"),
+        (
+            [{"clean": 0.75, **FLAGGED}] * 2,
+            "no regular baseline run to compare clean accuracy with",
+        ),
+    ],
+)
+def test_healing_without_flagged_or_regular_runs_is_undetermined(tmp_path, base, detail):
+    _assert_same(
+        _healing(tmp_path, base, _fixed(0.75)[:2]),
+        _expect(
+            "table_9.fix",
+            "healing",
+            "undetermined",
+            "fixed not flagged, clean as regular",
+            n_found=4,
+            detail=detail,
+        ),
+    )
+
+
+def test_healing_compares_only_seeds_present_in_both_arms(tmp_path):
+    got = _healing(tmp_path, BASE, [{"clean": 0.5, **REGULAR}], partial=True)
+    assert (got["status"], got["partial"], got["n_found"]) == ("held", True, 5)
+    assert got["detail"].startswith("seeds flagged without Algorithm 1: [0];")
+
+
+def test_healing_waits_for_clean_accuracy(tmp_path):
+    arms = {"base": arm(seeds=2), "fixed": arm(seeds=2, **{"healing.enabled": True})}
+    c = claim(
+        "table_9.fix",
+        "healing",
+        arms={"baseline": "base", "fixed": "fixed"},
+        rule=V1,
+        test={"name": "healing", "clean_tolerance": 0.25},
+    )
+    catalogue = _catalogue(tmp_path, arms, [c])
+    _runs(tmp_path, catalogue, "base", {"clean": 0.9, **FLAGGED}, {"clean": 0.75, **REGULAR})
+    fixed = _runs(tmp_path, catalogue, "fixed", {"clean": 0.75}, {"clean": 0.75})
+    path = fixed[0] / "eval.json"
+    evals = json.loads(path.read_text())
+    for record in evals["checkpoints"].values():
+        record["clean"] = None
+    path.write_text(json.dumps(evals))
+    got = _judge(tmp_path, catalogue, "table_9.fix")
+    assert (got["status"], got["detail"]) == ("incomplete", "incomplete (3 of 4 seeds)")
+
+
+def test_healing_regular_runs_are_those_the_rule_clears(tmp_path):
+    """Rule v2: an inconclusive baseline run is neither healed nor a regular reference."""
+    base = [{"clean": 0.9, **FLAGGED}, {"clean": 0.5, **INCONCLUSIVE}, {"clean": 0.75, **REGULAR}]
+    got = _healing(tmp_path, base, [{"clean": 0.75, **REGULAR}] * 3, rule=V2)
+    assert got["status"] == "held"
+    assert got["detail"] == (
+        "seeds flagged without Algorithm 1: [0]; fixed clean 0.7500, regular clean 0.7500"
+    )
+
+
+# -------------------------------------------------------------------------------- property
+
+
+@pytest.mark.parametrize(
+    ("record", "status", "ours", "detail"),
+    [
+        (
+            {"outcome": "passed", "finished": "2026-11-27T10:00:00", "git_sha": "0123456789abcdef"},
+            "held",
+            "passed",
+            "ran 2026-11-27T10:00:00 at git 0123456789",
+        ),
+        ({"outcome": "skipped"}, "failed", "skipped", "ran ? at git None"),
+        ({}, "failed", "?", "ran ? at git None"),
+    ],
+)
+def test_a_property_claim_holds_only_when_its_test_passed(tmp_path, record, status, ours, detail):
+    node = "tests/test_metrics.py::test_sgcs"
+    c = claim("table_9.prop", "property", test={"name": "pytest", "node": node})
+    catalogue = _catalogue(tmp_path, {"a": arm()}, [c])
+    folder = tmp_path / "runs" / "_properties"
+    folder.mkdir(parents=True)
+    (folder / "table_9.prop.json").write_text(json.dumps(record))
+    _assert_same(
+        _judge(tmp_path, catalogue, "table_9.prop"),
+        _expect(
+            "table_9.prop",
+            "property",
+            status,
+            "holds",
+            ours=ours,
+            test=f"pytest {node}",
+            n_required=1,
+            n_found=1,
+            detail=detail,
+        ),
+    )
+
+
+def test_an_unrecorded_property_claim_is_not_run(tmp_path):
+    c = claim(
+        "table_9.prop",
+        "property",
+        test={"name": "pytest", "node": "tests/test_metrics.py::test_sgcs"},
+    )
+    catalogue = _catalogue(tmp_path, {"a": arm()}, [c])
+    _assert_same(
+        _judge(tmp_path, catalogue, "table_9.prop"),
+        _expect(
+            "table_9.prop",
+            "property",
+            "not run",
+            "holds",
+            n_required=1,
+            detail="property test not run",
+        ),
+    )

@@ -1,0 +1,492 @@
+"""runclaim.py: which runs a set of claims needs, what is left of each, its cost, and how
+failures and property tests are reported (issue 21, mutation).
+
+Nothing trains here: run folders are fabricated (claimsutil), executors are a recorder, and
+the property tests run in a subprocess on a three-test file written by the test. Expected
+plans, hours and outcomes are written from the inputs by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+from claimsutil import arm, claim, claims_folder, write_run
+
+from trades_repro import runclaim as rc
+from trades_repro.claims import load_catalogue
+from trades_repro.errors import BadInput, Inconclusive
+from trades_repro.executors import FAILED_FILE, Outcome
+
+RATE = {"expected": {"k": 1, "n": 2}, "test": {"name": "clopper_pearson"}}
+
+
+def _catalogue(tmp_path: Path, arms: dict, claims: list[dict]):
+    return load_catalogue(claims_folder(tmp_path, arms, claims))
+
+
+def test_run_claims_constants_are_the_documented_ones():
+    assert rc.GPU_TIERS == ("reduced", "full")
+    assert rc.PROPERTY_TIMEOUT_S == 1800
+    assert rc.DEVICE_KINDS == ("cpu", "h100")
+    assert rc.COSTS_FILE == Path(rc.__file__).resolve().parents[1] / "spec" / "costs.yaml"
+
+
+# ------------------------------------------------------------------------------------ plan
+
+
+def test_a_plan_lists_each_spec_once_with_its_arms_and_policies(tmp_path):
+    """Arms a and b are the same configuration (one run per seed, two arms); c differs.
+    b judges its `best_pgd10_fosc_ok` checkpoint."""
+    arms = {
+        "a": arm(seeds=2),
+        "b": {**arm(seeds=2), "policy": "best_pgd10_fosc_ok"},
+        "c": arm(seeds=1, **{"method.beta": 5}),
+    }
+    claims = [
+        claim("table_9.x", "instability_rate", arm="a", **RATE),
+        claim("table_9.y", "trend", arms=["b", "c"], test={"name": "fisher"}),
+        claim("table_9.z", "instability_rate", arm="a", **RATE),
+    ]
+    catalogue = _catalogue(tmp_path, arms, claims)
+    runs = rc.plan(catalogue, list(catalogue.entries), "full", tmp_path / "runs")
+    a = catalogue.specs("a", "full")
+    (c,) = catalogue.specs("c", "full")
+    assert [(r.digest, r.arms, r.policies, r.state) for r in runs] == [
+        (a[0].digest(), ("a", "b"), ("best_pgd10", "best_pgd10_fosc_ok"), "train"),
+        (a[1].digest(), ("a", "b"), ("best_pgd10", "best_pgd10_fosc_ok"), "train"),
+        (c.digest(), ("c",), ("best_pgd10",), "train"),
+    ]
+    only_b = rc.plan(catalogue, [catalogue.by_id["table_9.y"]], "full", tmp_path / "runs")
+    assert [(r.arms, r.policies) for r in only_b][0] == (("b",), ("best_pgd10_fosc_ok",))
+    assert rc.PlannedRun(c, ("c",), "train").policies == ("best_pgd10",)
+
+
+THREE = {"evaluation.attacks": ["pgd10", "square", "autoattack"]}  # what write_run records
+
+
+def _one(tmp_path):
+    catalogue = _catalogue(
+        tmp_path,
+        {"a": arm(seeds=1, **THREE)},
+        [claim("table_9.x", "instability_rate", arm="a", **RATE)],
+    )
+    (spec,) = catalogue.specs("a", "full")
+    return catalogue, spec, tmp_path / "runs"
+
+
+def _state(catalogue, runs):
+    (run,) = rc.plan(catalogue, list(catalogue.entries), "full", runs)
+    return run.state
+
+
+def test_a_runs_state_is_train_resume_failed_evaluate_or_done(tmp_path):
+    catalogue, spec, runs = _one(tmp_path)
+    folder = runs / spec.digest()
+    assert _state(catalogue, runs) == "train"
+    folder.mkdir(parents=True)
+    (folder / "last.pt").write_bytes(b"")
+    assert _state(catalogue, runs) == "resume"
+    (folder / FAILED_FILE).write_text(json.dumps({"error": "diverged"}))
+    assert _state(catalogue, runs) == "failed"
+    write_run(runs, spec, drop=("square",))  # finished, Square missing: still failed.json
+    assert _state(catalogue, runs) == "failed"
+    (folder / FAILED_FILE).unlink()
+    assert _state(catalogue, runs) == "evaluate"
+    write_run(runs, spec)
+    (folder / FAILED_FILE).write_text(json.dumps({"error": "old"}))
+    assert _state(catalogue, runs) == "done"  # finished and evaluated beats an old failure
+
+
+def test_evaluated_needs_every_policy_every_attack_and_the_specs_settings(tmp_path):
+    _, spec, runs = _one(tmp_path)
+    folder = write_run(runs, spec)
+    both = ("best_pgd10", "best_pgd10_fosc_ok")
+    assert rc._evaluated(folder, spec, ("best_pgd10",))
+    assert not rc._evaluated(folder, spec, both)
+    write_run(runs, spec, folder="fosc", policy="best_pgd10_fosc_ok")
+    evals = json.loads((folder / "eval.json").read_text())
+    other = json.loads((runs / "fosc" / "eval.json").read_text())["checkpoints"]
+    evals["checkpoints"].update({k + "2": v | {"key": k + "2"} for k, v in other.items()})
+    (folder / "eval.json").write_text(json.dumps(evals))
+    assert rc._evaluated(folder, spec, both)
+    more = spec.model_copy(
+        update={
+            "evaluation": spec.evaluation.model_copy(
+                update={"attacks": ("pgd10", "square", "autoattack", "apgd-ce")}
+            )
+        }
+    )
+    assert not rc._evaluated(folder, more, ("best_pgd10",))
+    budget = spec.model_copy(
+        update={"evaluation": spec.evaluation.model_copy(update={"square_queries": 1000})}
+    )
+    assert not rc._evaluated(folder, budget, ("best_pgd10",))
+    (folder / "eval.json").unlink()
+    assert not rc._evaluated(folder, spec, ("best_pgd10",))
+    assert rc._evaluated(folder, spec, ())  # nothing asked: nothing missing
+
+
+# ------------------------------------------------------------------------------------ cost
+
+
+def _planned(tmp_path, states, epochs=10):
+    catalogue = _catalogue(
+        tmp_path,
+        {"a": arm(seeds=len(states), **{"optim.epochs": epochs})},
+        [claim("table_9.x", "instability_rate", arm="a", **RATE)],
+    )
+    return [
+        rc.PlannedRun(s, ("a",), state)
+        for s, state in zip(catalogue.specs("a", "full"), states, strict=True)
+    ]
+
+
+def _cost(device="cpu", epoch_seconds=36.0, eval_seconds=360.0, arch="small_cnn"):
+    return rc.Cost(
+        arch=arch,
+        dataset="digits",
+        device=device,
+        epoch_seconds=epoch_seconds,
+        eval_seconds=eval_seconds,
+        source="test",
+    )
+
+
+def test_hours_count_epochs_and_evaluation_of_what_is_not_done(tmp_path):
+    runs = _planned(tmp_path, ["train", "resume", "evaluate", "done", "failed"])
+    hours, missing = rc.estimate_hours(runs, "cpu", [_cost()])
+    # train, resume, failed: 10 × 36 s + 360 s each; evaluate: 360 s; done: nothing
+    assert hours == pytest.approx((3 * (10 * 36 + 360) + 360) / 3600)
+    assert missing == []
+
+
+def test_hours_name_what_the_cost_table_lacks(tmp_path):
+    runs = _planned(tmp_path, ["train", "done"])
+    costs = [_cost(device="h100"), _cost(arch="resnet18")]
+    assert rc.estimate_hours(runs, "cpu", costs) == (0.0, ["small_cnn on digits (cpu)"])
+    assert rc.estimate_hours(runs[1:], "cpu", costs) == (0.0, [])  # done: not looked up
+
+
+def test_a_run_without_a_cost_entry_does_not_stop_the_sum(tmp_path):
+    missing, known = _planned(tmp_path, ["train", "train"])
+    cnn = known.spec.model.model_copy(update={"arch": "resnet18"})
+    known = rc.PlannedRun(known.spec.model_copy(update={"model": cnn}), ("a",), "train")
+    hours, absent = rc.estimate_hours([missing, known], "cpu", [_cost(arch="resnet18")])
+    assert (hours, absent) == (pytest.approx((10 * 36 + 360) / 3600), ["small_cnn on digits (cpu)"])
+
+
+def test_the_shipped_cost_table_is_read(tmp_path):
+    table = yaml.safe_load(rc.COSTS_FILE.read_text())["costs"]
+    costs = rc.load_costs()
+    assert [(c.arch, c.dataset, c.device, c.epoch_seconds, c.eval_seconds) for c in costs] == [
+        (c["arch"], c["dataset"], c["device"], c["epoch_seconds"], c["eval_seconds"]) for c in table
+    ]
+    path = tmp_path / "costs.yaml"
+    path.write_text(yaml.safe_dump({"costs": [_cost().model_dump()]}))
+    assert rc.load_costs(path) == [_cost()]
+    runs = _planned(tmp_path / "p", ["train"])
+    digits = next(c for c in table if (c["arch"], c["device"]) == ("small_cnn", "cpu"))
+    assert rc.estimate_hours(runs, "cpu")[0] == pytest.approx(
+        (10 * digits["epoch_seconds"] + digits["eval_seconds"]) / 3600
+    )
+
+
+def test_by_arm_groups_runs_under_their_first_arm(tmp_path):
+    runs = _planned(tmp_path, ["train", "done", "evaluate"])
+    shared = rc.PlannedRun(runs[0].spec.model_copy(update={"seed": 7}), ("b", "a"), "train")
+    table = yaml.safe_load(rc.COSTS_FILE.read_text())["costs"]
+    digits = next(c for c in table if (c["arch"], c["device"]) == ("small_cnn", "cpu"))
+    one = 10 * digits["epoch_seconds"] + digits["eval_seconds"]
+    rows = rc.by_arm([*runs, shared], "cpu")
+    assert [(arm_, n, pending) for arm_, n, pending, _ in rows] == [("a", 3, 2), ("b", 1, 1)]
+    assert [hours for *_, hours in rows] == [
+        pytest.approx((one + digits["eval_seconds"]) / 3600),
+        pytest.approx(one / 3600),
+    ]
+
+
+# ---------------------------------------------------------------------------------- device
+
+
+@pytest.mark.parametrize("tier", ["reduced", "full"])
+def test_gpu_tiers_refuse_to_crawl_on_a_cpu(monkeypatch, tier):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(Inconclusive) as err:
+        rc.require_device(tier)
+    assert str(err.value) == (
+        f"tier '{tier}' needs a CUDA GPU and none is visible; use "
+        "--dry-run to see the plan, or --tier instant on a CPU"
+    )
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    rc.require_device(tier)
+
+
+@pytest.mark.parametrize("tier", ["instant", "cpu"])
+def test_cpu_tiers_run_without_a_gpu(monkeypatch, tier):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    rc.require_device(tier)
+
+
+# --------------------------------------------------------------------------------- execute
+
+
+class Recorder:
+    """An executor that runs nothing and answers each job with a given status."""
+
+    def __init__(self, statuses: dict[str, tuple[str, str]]):
+        self.statuses, self.jobs = statuses, []
+
+    def run(self, work, report):
+        self.jobs = work
+        return [Outcome(job.digest, *self.statuses.get(job.digest, ("done", ""))) for job in work]
+
+
+def _execute(tmp_path, states, statuses=None, retry=False):
+    runs = _planned(tmp_path, states)
+    for run in runs:
+        if run.state == "failed":
+            folder = tmp_path / "runs" / run.digest
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / FAILED_FILE).write_text(json.dumps({"error": "diverged"}))
+    said, executor = [], Recorder({runs[i].digest: s for i, s in (statuses or {}).items()})
+    retry_kw = {"retry_failed": True} if retry else {}  # the default must be not to retry
+    failures = rc.execute(
+        runs, tmp_path / "runs", report=said.append, progress=False, executor=executor, **retry_kw
+    )
+    return runs, executor.jobs, [(r.digest, m) for r, m in failures], said
+
+
+def test_execute_hands_over_what_is_not_done_and_reports_earlier_failures(tmp_path):
+    runs, jobs, failures, said = _execute(tmp_path, ["train", "done", "failed", "evaluate"])
+    assert [j.digest for j in jobs] == [runs[0].digest, runs[3].digest]
+    job = jobs[0]
+    assert (job.spec, job.runs_dir, job.policies, job.label) == (
+        runs[0].spec.model_dump(mode="json"),
+        str(tmp_path / "runs"),
+        ("best_pgd10",),
+        "a, seed 0: train",
+    )
+    message = "failed earlier: diverged (--retry-failed retries it)"
+    assert failures == [(runs[2].digest, message)]
+    assert said == [f"{runs[2].digest} (a, seed 2: failed): {message}"]
+
+
+def test_a_shared_runs_label_names_all_its_arms(tmp_path):
+    (run,) = _planned(tmp_path, ["resume"])
+    executor = Recorder({})
+    shared = rc.PlannedRun(run.spec, ("a", "b"), "resume")
+    rc.execute([shared], tmp_path / "runs", report=print, progress=False, executor=executor)
+    assert executor.jobs[0].label == "a, b, seed 0: resume"
+
+
+def test_execute_retries_failed_runs_when_asked(tmp_path):
+    runs, jobs, failures, said = _execute(tmp_path, ["failed"], retry=True)
+    assert [j.digest for j in jobs] == [runs[0].digest] and jobs[0].label == "a, seed 0: failed"
+    assert failures == [] and said == []
+
+
+def test_execute_collects_failed_and_lost_runs_and_reports_failed_and_busy(tmp_path):
+    statuses = {
+        0: ("failed", "nan loss"),
+        1: ("lost", "gone"),
+        2: ("busy", "locked"),
+        3: ("done", ""),
+    }
+    runs, _, failures, said = _execute(tmp_path, ["train"] * 4, statuses)
+    assert failures == [(runs[0].digest, "nan loss"), (runs[1].digest, "gone")]
+    assert said == [f"  {runs[0].digest} failed: nan loss", f"  {runs[2].digest} busy: locked"]
+
+
+def test_execute_raises_once_every_run_has_ended_when_one_crashed(tmp_path):
+    statuses = {0: ("failed", "nan"), 1: ("crashed", "KeyError: x"), 2: ("crashed", "second")}
+    runs = _planned(tmp_path, ["train"] * 3)
+    executor = Recorder({runs[i].digest: s for i, s in statuses.items()})
+    with pytest.raises(RuntimeError) as err:
+        rc.execute(
+            runs, tmp_path / "runs", report=lambda line: None, progress=False, executor=executor
+        )
+    assert str(err.value) == f"2 run(s) crashed; first: {runs[1].digest}: KeyError: x"
+    assert len(executor.jobs) == 3
+
+
+def test_execute_defaults_to_inline(tmp_path, monkeypatch):
+    seen = {}
+
+    class FakeInline:
+        def __init__(self, progress):
+            seen["progress"] = progress
+
+        def run(self, work, report):
+            seen["work"] = [job.digest for job in work]
+            return []
+
+    monkeypatch.setattr(rc, "Inline", FakeInline)
+    runs = _planned(tmp_path, ["train"])
+    assert rc.execute(runs, tmp_path / "runs", report=print, progress=True) == []
+    assert seen == {"progress": True, "work": [runs[0].digest]}
+
+
+# ------------------------------------------------------------------------------ properties
+
+
+PROPERTY_TESTS = """
+import pytest
+
+def test_passes():
+    pass
+
+def test_fails():
+    assert False
+
+@pytest.mark.skip(reason="no")
+def test_skipped():
+    pass
+
+@pytest.mark.parametrize("x", [1, 2])
+def test_half(x):
+    assert x == 1
+
+@pytest.fixture
+def broken():
+    raise RuntimeError("fixture")
+
+def test_errors(broken):
+    pass
+"""
+
+
+def _property(claim_id: str, node: str) -> dict:
+    return claim(claim_id, "property", test={"name": "pytest", "node": node})
+
+
+def _properties_root(tmp_path):
+    root = tmp_path / "root"
+    (root / "tests" / "sub").mkdir(parents=True)
+    (root / "tests" / "sub" / "test_props.py").write_text(PROPERTY_TESTS)
+    return root
+
+
+def test_property_claims_record_their_pytest_outcome(tmp_path, monkeypatch):
+    monkeypatch.setattr(rc.store, "git_state", lambda: {"git_sha": "abc", "git_dirty": False})
+    root = _properties_root(tmp_path)
+    node = "tests/sub/test_props.py::"
+    names = {
+        "passes": "passed",
+        "fails": "failed",
+        "skipped": "skipped",
+        "half": "failed",
+        "errors": "failed",
+    }
+    claims = [_property(f"table_9.{n}", node + f"test_{n}") for n in names]
+    catalogue = _catalogue(tmp_path, {"a": arm()}, claims)
+    said = []
+    rc.run_properties(list(catalogue.entries), tmp_path / "runs", said.append, root=root)
+    assert said[0] == "property tests: 5 pytest node(s)"
+    assert sorted(said[1:]) == sorted(f"  table_9.{n}: {o}" for n, o in names.items())
+    for name, outcome in names.items():
+        record = json.loads(
+            (tmp_path / "runs" / "_properties" / f"table_9.{name}.json").read_text()
+        )
+        assert {k: record[k] for k in ("claim", "node", "outcome", "git_sha", "git_dirty")} == {
+            "claim": f"table_9.{name}",
+            "node": node + f"test_{name}",
+            "outcome": outcome,
+            "git_sha": "abc",
+            "git_dirty": False,
+        }
+        assert record["seconds"] > 0 and record["finished"]
+
+
+def test_property_records_take_the_batchs_seconds_and_default_to_not_collected(
+    tmp_path, monkeypatch
+):
+    clock = iter([100.0, 103.456])
+    monkeypatch.setattr(rc, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    node = "tests/test_metrics.py::test_sgcs"
+    monkeypatch.setattr(rc, "_pytest_outcomes", lambda nodes, root: {})  # no report at all
+    catalogue = _catalogue(tmp_path, {"a": arm()}, [_property("table_9.p", node)])
+    rc.run_properties(list(catalogue.entries), tmp_path / "runs", lambda line: None)
+    record = json.loads((tmp_path / "runs" / "_properties" / "table_9.p.json").read_text())
+    assert (record["outcome"], record["seconds"]) == ("not collected", 3.5)
+
+
+def test_without_property_claims_no_pytest_runs(tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("pytest started")
+
+    monkeypatch.setattr(rc.subprocess, "run", refuse)
+    catalogue = _catalogue(
+        tmp_path, {"a": arm()}, [claim("table_9.x", "instability_rate", arm="a", **RATE)]
+    )
+    said = []
+    rc.run_properties(list(catalogue.entries), tmp_path / "runs", said.append)
+    assert said == [] and not (tmp_path / "runs").exists()
+
+
+def test_a_property_node_outside_the_checkout_is_bad_input(tmp_path):
+    catalogue = _catalogue(
+        tmp_path, {"a": arm()}, [_property("table_9.x", "tests/test_gone.py::test_x")]
+    )
+    with pytest.raises(BadInput) as err:
+        rc.run_properties(list(catalogue.entries), tmp_path / "runs", print, root=tmp_path)
+    assert str(err.value) == (
+        f"tests/test_gone.py::test_x: no such test file under {tmp_path} "
+        "(property tests need the source checkout)"
+    )
+
+
+def test_property_tests_that_time_out_or_leave_no_report(tmp_path, monkeypatch):
+    nodes = ["tests/a.py::test_x", "tests/a.py::test_y"]
+    calls = []
+
+    def slow(args, **kwargs):
+        calls.append((args, kwargs))
+        raise subprocess.TimeoutExpired(args, kwargs["timeout"])
+
+    monkeypatch.setattr(rc.subprocess, "run", slow)
+    assert rc._pytest_outcomes(nodes, tmp_path) == {n: "timed out" for n in nodes}
+    args, kwargs = calls[0]
+    assert args[1:6] == ["-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    assert args[6].startswith("--junitxml=") and args[7:] == nodes
+    assert kwargs == {"cwd": tmp_path, "capture_output": True, "check": False, "timeout": 1800}
+    monkeypatch.setattr(rc.subprocess, "run", lambda *a, **k: None)  # no junit written
+    assert rc._pytest_outcomes(nodes, tmp_path) == {}
+
+
+@pytest.mark.parametrize(
+    ("results", "outcome"),
+    [
+        ([("tests.sub.test_p", "test_x", "passed")], "passed"),
+        (
+            [
+                ("tests.sub.test_p", "test_x[1]", "passed"),
+                ("tests.sub.test_p", "test_x[2]", "skipped"),
+            ],
+            "skipped",
+        ),
+        (
+            [
+                ("tests.sub.test_p", "test_x[1]", "skipped"),
+                ("tests.sub.test_p", "test_x[2]", "failed"),
+            ],
+            "failed",
+        ),
+        ([("tests.sub.test_p", "test_xy", "failed")], "not collected"),
+        ([("tests.sub.test_q", "test_x", "failed")], "not collected"),
+        ([], "not collected"),
+    ],
+)
+def test_a_nodes_outcome_is_its_worst_case(results, outcome):
+    assert rc._node_outcome("tests/sub/test_p.py::test_x", results) == outcome
+
+
+def test_a_node_inside_a_class_is_reported_not_collected_never_a_crash():
+    """The schema's pattern accepts `file.py::Class::test`; run-claim matches module-level
+    functions only, so such a claim reads 'not collected' (see test_claims' check)."""
+    results = [("tests.sub.test_p.TestX", "test_y", "passed")]
+    assert rc._node_outcome("tests/sub/test_p.py::TestX::test_y", results) == "not collected"
