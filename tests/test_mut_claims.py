@@ -654,3 +654,16 @@ def test_rationale_is_a_sentence(tmp_path):
     short = claim("table_9.x", "instability_rate", arm="a", **RATE) | {"rationale": "short"}
     assert "rationale" in _error(tmp_path, [short])
     assert len(RATIONALE) >= 20
+
+
+@pytest.mark.parametrize(
+    "node", ["tests/test_metrics.py::TestSgcs::test_it", "tests/test_metrics.py::test_sgcs[1]"]
+)
+def test_a_property_node_run_claim_could_never_match_is_refused_at_load(tmp_path, node):
+    """run-claim matches module-level test functions only: a class member or a parametrized
+    id would read "not collected" on every run, so the claim is bad input from the start."""
+    prop = claim("table_9.x", "property", test={"name": "pytest", "node": node})
+    assert _error(tmp_path, [prop]) == (
+        f"{_where(tmp_path)}: field 'property.test.node': String should match pattern "
+        r"'^tests/[\w/]+\.py::\w+$'"
+    )

@@ -117,7 +117,7 @@ class HealingTest(_Frozen):
 
 class PytestNode(_Frozen):
     name: Literal["pytest"]
-    node: Annotated[str, Field(pattern=r"^tests/[\w/]+\.py::\w+")]
+    node: Annotated[str, Field(pattern=r"^tests/[\w/]+\.py::\w+$")]  # module-level tests only
 
 
 class _Claim(_Frozen):
