@@ -101,8 +101,8 @@ def _assert_same(got: dict, want: dict) -> None:
 # ----------------------------------------------------------------------------- table_cell
 
 
-def _cell(tmp_path, values, test, *, expected=None, metric="clean", **extra):
-    c = claim(
+def _cell_claim(test, *, expected=None, metric="clean", **extra) -> dict:
+    return claim(
         "table_9.cell",
         "table_cell",
         arm="a",
@@ -111,6 +111,14 @@ def _cell(tmp_path, values, test, *, expected=None, metric="clean", **extra):
         expected=expected or {"mean": 0.5},
         **extra,
     )
+
+
+def _tolerance(abs_: float) -> dict:
+    return {"name": "tolerance", "abs": abs_}
+
+
+def _cell(tmp_path, values, test, **fields):
+    c = _cell_claim(test, **fields)
     catalogue = _catalogue(tmp_path, {"a": arm(seeds=len(values))}, [c])
     _runs(tmp_path, catalogue, "a", *({"clean": v} for v in values))
     return catalogue
@@ -219,16 +227,7 @@ def test_welch_cell_needs_two_runs_and_two_are_enough(tmp_path):
 
 @pytest.mark.parametrize(("which", "mean"), [("flagged", 0.25), ("regular", 0.75)])
 def test_a_subset_cell_averages_only_its_runs(tmp_path, which, mean):
-    c = claim(
-        "table_9.cell",
-        "table_cell",
-        arm="a",
-        metric="clean",
-        subset=which,
-        rule=V1,
-        expected={"mean": mean},
-        test={"name": "tolerance", "abs": 0.01},
-    )
+    c = _cell_claim(_tolerance(0.01), expected={"mean": mean}, subset=which, rule=V1)
     catalogue = _catalogue(tmp_path, {"a": arm(seeds=3)}, [c])
     _runs(
         tmp_path,
@@ -245,16 +244,7 @@ def test_a_subset_cell_averages_only_its_runs(tmp_path, which, mean):
 
 
 def test_an_empty_subset_is_undetermined_with_the_counts(tmp_path):
-    c = claim(
-        "table_9.cell",
-        "table_cell",
-        arm="a",
-        metric="clean",
-        subset="flagged",
-        rule=V1,
-        expected={"mean": 0.5},
-        test={"name": "tolerance", "abs": 0.1},
-    )
+    c = _cell_claim(_tolerance(0.1), subset="flagged", rule=V1)
     catalogue = _catalogue(tmp_path, {"a": arm(seeds=2)}, [c])
     _runs(tmp_path, catalogue, "a", REGULAR, REGULAR)
     _assert_same(
@@ -272,14 +262,7 @@ def test_an_empty_subset_is_undetermined_with_the_counts(tmp_path):
 
 
 def test_a_partial_cell_says_so_with_required_and_found(tmp_path):
-    c = claim(
-        "table_9.cell",
-        "table_cell",
-        arm="a",
-        metric="clean",
-        expected={"mean": 0.5},
-        test={"name": "tolerance", "abs": 0.5},
-    )
+    c = _cell_claim(_tolerance(0.5))
     catalogue = _catalogue(tmp_path, {"a": arm(seeds=3)}, [c])
     _runs(tmp_path, catalogue, "a", {"clean": 0.5})
     got = _judge(tmp_path, catalogue, "table_9.cell", partial=True)
@@ -293,14 +276,7 @@ def test_a_partial_cell_says_so_with_required_and_found(tmp_path):
 
 def test_a_gap_cell_waits_for_autoattack(tmp_path):
     """Table 3's Gap needs PGD-10 and AutoAttack: a run without AutoAttack is no evidence."""
-    c = claim(
-        "table_9.cell",
-        "table_cell",
-        arm="a",
-        metric="gap",
-        expected={"mean": 0.03},
-        test={"name": "tolerance", "abs": 0.001},
-    )
+    c = _cell_claim(_tolerance(0.001), expected={"mean": 0.03}, metric="gap")
     catalogue = _catalogue(tmp_path, {"a": arm(seeds=1)}, [c])
     (run,) = _runs(tmp_path, catalogue, "a", {"drop": ("autoattack",)})
     assert _judge(tmp_path, catalogue, "table_9.cell")["status"] == "not run"
