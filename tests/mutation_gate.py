@@ -138,11 +138,14 @@ class GateError(RuntimeError):
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)  # bad input: argparse's one line, exit 2
     try:
-        return _gate(_parse(argv))
+        return _gate(args)
     except GateError as err:
         print(f"mutation gate: {err}", file=sys.stderr)
-        return OWN_FAILURE
+    except Exception as err:  # noqa: BLE001 - never 0 or 1 for a run we could not finish
+        print(f"mutation gate: {type(err).__name__}: {err}", file=sys.stderr)
+    return OWN_FAILURE
 
 
 def _gate(args: argparse.Namespace) -> int:
@@ -180,6 +183,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--children", type=int, default=os.cpu_count() or 1,
                         help="mutants tested side by side (default: one per CPU)")
     args = parser.parse_args(argv)
+    if args.children < 1:
+        parser.error(f"--children {args.children}: must be at least 1")
     if args.group and not args.full:
         parser.error("--group picks groups of the full run: add --full")
     return args

@@ -90,7 +90,7 @@ def test_the_full_run_mutates_each_module_in_one_group_only():
 
 def test_groups_are_chosen_by_name_and_only_with_the_full_run(capsys):
     assert gate._parse(["--full", "--group", "verdict"]).group == ["verdict"]
-    for argv in (["--group", "verdict"], ["--full", "--group", "nonsense"]):
+    for argv in (["--group", "verdict"], ["--full", "--group", "nonsense"], ["--children", "0"]):
         with pytest.raises(SystemExit) as stop:
             gate._parse(argv)
         assert stop.value.code == 2  # bad input
@@ -107,3 +107,12 @@ def test_recording_some_groups_keeps_the_other_modules(tmp_path, monkeypatch):
     record = json.loads(baseline.read_text())
     assert record["modules"] == {"a.py": _rate(1, 2), "b.py": _rate(1, 2)}
     assert record["group_minutes"] == {"ga": 3.0, "gb": 2.0} and record["minutes"] == 5.0
+
+
+def test_an_unexpected_error_is_our_failure_never_0_or_1(monkeypatch, capsys):
+    def broken(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(gate, "_run", broken)
+    assert gate.main(["--children", "1"]) == gate.OWN_FAILURE
+    assert capsys.readouterr().err.strip() == "mutation gate: OSError: disk full"
