@@ -121,6 +121,23 @@ def test_directions_use_fisher_for_two_levels(evidence):
     assert rows["beta"].test.p_value == pytest.approx(1 / 11)  # 3/6 vs 0/6: C(6,3)/C(12,3)
 
 
+def test_runs_pool_per_dataset_and_eps_and_a_larger_eps_is_tested_for_more_flags(tmp_path):
+    for eps, square in ((0.3, 0.30), (0.1, 0.43)):  # flagged only at the larger ε
+        sweep = Sweep(base="digits.yaml", grid={"method.beta": [1, 6]}, seeds=2,
+                      set={"method.attack.eps": eps})
+        for spec in sweep.expand(ROOT / "spec"):
+            write_run(tmp_path, spec, pgd10=0.45, square=square, fosc=[0.3, 0.1])
+    spec = _specs(betas=(1,), batches=(32,), seeds=1, healing=True)[0]
+    write_run(tmp_path, spec, pgd10=0.45, square=0.30, fosc=[0.3, 0.1])  # left out: healed
+    runs = ss.load_runs(tmp_path)
+    assert [(g.key, g.k, g.n) for g in ss.by_eps(runs)] == [(("digits", 0.1), 0, 4),
+                                                             (("digits", 0.3), 4, 4)]
+    found = ss.eps_directions(runs)["digits"]
+    assert found.order == (0.1, 0.3) and found.counts == ((0, 4), (4, 4))
+    assert found.test.p_value == pytest.approx(1 / 70)  # all 4 flags in one half: 1/C(8,4)
+    assert ss.eps_directions([r for r in runs if r.eps == 0.1]) == {}  # one level: no test
+
+
 def test_fosc_separates_the_fabricated_runs_and_the_threshold_is_a_regular_quantile(evidence):
     runs = [r for r in ss.load_runs(evidence) if not r.healed]
     peak = ss.separation(runs, "peak")
@@ -150,6 +167,9 @@ def test_report_regenerates_and_keeps_the_conclusion(evidence, tmp_path):
     text = out.read_text()
     assert "| digits | 0.1 | 1 | 32 | 0.1 | no | 3/3 |" in text
     assert (tmp_path / "docs" / "small_scale" / "fosc_pgd10_vs_epoch.png").is_file()
+    assert "| digits | 0.1 | 15 | 3/12 |" not in text  # healed runs stay out of the pooling
+    assert "| digits | 0.1 | 12 | 3/12 | [0.05, 0.57] |" in text
+    assert (tmp_path / "docs" / "small_scale" / "margin_vs_eps.png").is_file()
     out.write_text(text.replace(sr.PLACEHOLDER, "Ours: it holds."))
     sr.write_report(evidence, out)
     assert "Ours: it holds." in out.read_text()
