@@ -278,7 +278,7 @@ def _fetch(download: Callable[[], object], title: str, root: Path) -> None:
 
 
 def _load_fashion_mnist(spec: DataSpec) -> tuple[ImageSet, ImageSet, int]:
-    folder = _find_fashion_mnist(spec)
+    folder = find_fashion_mnist(spec)
     paths = [_idx_path(folder, stem) or folder / stem for stem in FASHION_MNIST_FILES]
     train = _idx_set(_read_idx(paths[0], ndim=3), _read_idx(paths[1], ndim=1), paths[:2])
     test = _idx_set(_read_idx(paths[2], ndim=3), _read_idx(paths[3], ndim=1), paths[2:])
@@ -291,7 +291,9 @@ def _fashion_candidates(spec: DataSpec) -> list[Path]:
     return [DEBIAN_FASHION_MNIST, DEFAULT_ROOT / "FashionMNIST" / "raw", DEFAULT_ROOT]
 
 
-def _find_fashion_mnist(spec: DataSpec) -> Path:
+def find_fashion_mnist(spec: DataSpec) -> Path:
+    """The folder holding the four IDX files; downloads them when `spec.download` and none is
+    found; raises `DataError` (one line saying how to get them) otherwise."""
     candidates = _fashion_candidates(spec)
     for folder in candidates:
         if all(_idx_path(folder, stem) is not None for stem in FASHION_MNIST_FILES):
