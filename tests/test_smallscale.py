@@ -136,6 +136,8 @@ def test_runs_pool_per_dataset_and_eps_and_a_larger_eps_is_tested_for_more_flags
     assert found.order == (0.1, 0.3) and found.counts == ((0, 4), (4, 4))
     assert found.test.p_value == pytest.approx(1 / 70)  # all 4 flags in one half: 1/C(8,4)
     assert ss.eps_directions([r for r in runs if r.eps == 0.1]) == {}  # one level: no test
+    short = [(c.key[1], c.key[2], c.key[4]) for c in ss.short_cells(runs)]
+    assert short == [(0.1, True, 1.0), (0.3, False, 1.0), (0.3, False, 6.0)]  # flagged, n < 3
 
 
 def test_fosc_separates_the_fabricated_runs_and_the_threshold_is_a_regular_quantile(evidence):
@@ -168,7 +170,7 @@ def test_report_regenerates_and_keeps_the_conclusion(evidence, tmp_path):
     assert "| digits | 0.1 | 1 | 32 | 0.1 | no | 3/3 |" in text
     assert (tmp_path / "docs" / "small_scale" / "fosc_pgd10_vs_epoch.png").is_file()
     assert "| digits | 0.1 | 15 | 3/12 |" not in text  # healed runs stay out of the pooling
-    assert "| digits | 0.1 | 12 | 3/12 | [0.05, 0.57] |" in text
+    assert "| digits | 0.1 | 4 | 0 | 12 | 3/12 | [0.05, 0.57] |" in text
     assert (tmp_path / "docs" / "small_scale" / "margin_vs_eps.png").is_file()
     out.write_text(text.replace(sr.PLACEHOLDER, "Ours: it holds."))
     sr.write_report(evidence, out)

@@ -334,6 +334,15 @@ def by_eps(runs: Iterable[RunSummary]) -> list[Cell]:
     return [Cell(key, tuple(rs)) for key, rs in sorted(groups.items())]
 
 
+FLAGGED_CELL_SEEDS = 3  # the issue: at least 3 seeds in every cell with a flagged run
+
+
+def short_cells(runs: Iterable[RunSummary]) -> list[Cell]:
+    """Cells with a flagged run but fewer than `FLAGGED_CELL_SEEDS` runs: the sweep owes
+    them seeds before their rates mean much."""
+    return [c for c in cells(runs) if c.k and c.n < FLAGGED_CELL_SEEDS]
+
+
 def eps_directions(runs: list[RunSummary]) -> dict[str, Direction]:
     """Per dataset with two or more ε: is a larger ε flagged more often (pooled over the
     other factors, so only as balanced as the grid's seeds)?"""

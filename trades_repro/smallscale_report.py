@@ -94,13 +94,15 @@ def _secs(value: float | None) -> str:
 def eps_table(groups: list[ss.Cell], found: dict[str, ss.Direction]) -> list[str]:
     """Per (dataset, ε): flagged k/n with its interval and mean accuracies; then per dataset
     the test that a larger ε is flagged more often."""
-    lines = ["| data | ε | runs | flagged k/n | 95 % CI | v2 flagged | clean | PGD-10 | Square "
-             "| PGD-10 − Square (min, max) | PGD-10 below 5 % |", "|" + "---|" * 11]
+    lines = ["| data | ε | cells | flagged cells short of seeds | runs | flagged k/n | 95 % CI "
+             "| v2 flagged | clean | PGD-10 | Square | PGD-10 − Square (min, max) | PGD-10 "
+             "below 5 % |", "|" + "---|" * 13]
     for g in groups:
         low, high = g.interval()
         margins = [r.margin for r in g.runs]
         lines.append(
-            f"| {g.key[0]} | {g.key[1]:g} | {g.n} | {g.k}/{g.n} | [{low:.2f}, {high:.2f}] | "
+            f"| {g.key[0]} | {g.key[1]:g} | {len(ss.cells(g.runs))} | "
+            f"{len(ss.short_cells(g.runs))} | {g.n} | {g.k}/{g.n} | [{low:.2f}, {high:.2f}] | "
             f"{sum(r.outcome == 'flagged' for r in g.runs)}/{g.n} | {_pct(g.mean('clean'))} | "
             f"{_pct(g.mean('pgd10'))} | {_pct(g.mean('square'))} | {_pct(_mean(margins))} "
             f"({_pct(min(margins))}, {_pct(max(margins))}) | "
@@ -304,6 +306,7 @@ SWEEPS="spec/sweeps/fashion_healing.yaml spec/sweeps/fashion_eps0p2.yaml \\
     spec/sweeps/digits_eps0p2.yaml spec/sweeps/fashion_eps0p1.yaml"
 trades-repro study sweep $SWEEPS --runs-dir runs --shard 0/2
 trades-repro run-claim 'small_scale.*' --tier cpu       # the cpu-tier claims' runs (5 seeds)
+trades-repro demo --runs-dir runs                        # their seed 0: one table, one plot
 trades-repro study probe $SWEEPS --runs-dir runs        # Square at 1,000 queries as well
 # copy the finished runs' evidence (no weights) and regenerate this page and its plots
 trades-repro study report --runs-dir runs --evidence evidence/cpu --out docs/small_scale.md
@@ -316,10 +319,12 @@ def _sections(runs: list[ss.RunSummary], figures: Path, root: Path) -> list[str]
     groups = ss.by_eps(runs)
     lines = [REPRODUCE, "## By dataset and ε", "",
              "TRADES runs without Algorithm 1, pooled over β, batch and LR (balanced only "
-             "where every cell has its seeds). Flagged: the paper's 8-point rule, as in the "
-             "per-cell table. \"PGD-10 below 5 %\": runs with hardly any robustness to "
-             "overstate. Test: larger ε flagged more often, one-sided Fisher exact (two "
-             "levels) or linear-by-linear trend (three).", "",
+             "where every cell has its seeds). Cells: grid cells with a run; short of seeds: "
+             f"cells with a flagged run and fewer than {ss.FLAGGED_CELL_SEEDS} runs (the "
+             "sweep owes them seeds). Flagged: the paper's 8-point rule, as in the per-cell "
+             "table. \"PGD-10 below 5 %\": runs with hardly any robustness to overstate. "
+             "Test: larger ε flagged more often, one-sided Fisher exact (two levels) or "
+             "linear-by-linear trend (three).", "",
              *eps_table(groups, ss.eps_directions(runs)), ""]
     if groups:
         png = plot_margins(figures / "margin_vs_eps.png", runs)
