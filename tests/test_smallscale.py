@@ -212,6 +212,22 @@ def test_study_probe_evaluates_square_alone_on_the_done_runs_of_its_shard(tmp_pa
                                           "policies": ("best_pgd10",)})]
 
 
+def test_study_sweep_dry_run_counts_each_files_runs_by_state_and_runs_nothing(tmp_path):
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(f"base: {ROOT / 'spec' / 'digits.yaml'}\nseeds: 3\n"
+                     "set: {evaluation.attacks: [pgd10, square]}\n")
+    done, failed, _ = ss.sweep_specs([sweep])
+    write_run(tmp_path / "runs", done)
+    (tmp_path / "runs" / failed.digest()).mkdir()
+    (tmp_path / "runs" / failed.digest() / "failed.json").write_text('{"error": "NaN"}')
+    result = runner.invoke(app, ["study", "sweep", str(sweep), "--runs-dir",
+                                 str(tmp_path / "runs"), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == f"{sweep}: 3 runs: 1 done, 1 train, 1 failed"
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted(
+        [done.digest(), failed.digest()])
+
+
 @pytest.mark.parametrize("args", [["--square-queries", "0"], ["--shard", "1/1"]])
 def test_study_probe_refuses_bad_input_in_one_line(tmp_path, args):
     from factories import assert_one_line_error

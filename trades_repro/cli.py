@@ -656,6 +656,7 @@ study_app = typer.Typer(help="The CPU study of when TRADES overestimates robustn
 app.add_typer(study_app, name="study")
 
 
+STATES = ("done", "evaluate", "resume", "train", "failed")  # runclaim._state's, in order
 ShardOption = Annotated[str, typer.Option(
     help="K/N: every N-th run from the K-th (0-based), for N processes side by side.")]
 
@@ -666,11 +667,19 @@ def study_sweep(
     sweeps: Annotated[list[Path], typer.Argument(help="Sweep files, run in this order.")],
     runs_dir: RunsDir = Path("runs"),
     shard: ShardOption = "0/1",
+    dry_run: Annotated[bool, typer.Option(
+        help="Print each file's runs by state (done, to evaluate, resume or train, failed); "
+        "run nothing.")] = False,
 ) -> None:
     """Train and evaluate the sweeps' runs (finished skipped, partial resumed); exit 1 when
     a run failed."""
-    from trades_repro.smallscale import run_sweeps
+    from trades_repro.smallscale import progress, run_sweeps
 
+    if dry_run:
+        for path, counts in progress(sweeps, runs_dir):
+            states = ", ".join(f"{counts[k]} {k}" for k in STATES if counts.get(k))
+            typer.echo(f"{path}: {sum(counts.values())} runs: {states}")
+        return
     _set_threads(None, None)
     _exit_if_failed(run_sweeps(sweeps, runs_dir, shard=_shard(shard), report=_progress(False)))
 

@@ -96,6 +96,21 @@ def run_sweeps(files: list[Path], runs_dir: Path, *, shard: tuple[int, int] = (0
     return [f"{run.digest}: {error}" for run, error in failures]
 
 
+def progress(files: list[Path], runs_dir: Path) -> list[tuple[Path, dict[str, int]]]:
+    """Per sweep file, how many of its runs are in each state (done, evaluate, resume,
+    train, failed), read from `runs_dir` without running anything."""
+    from trades_repro.runclaim import _state
+
+    rows = []
+    for path in files:
+        counts: dict[str, int] = {}
+        for spec in sweep_specs([path]):
+            state = _state(spec, runs_dir, policies_of(spec))
+            counts[state] = counts.get(state, 0) + 1
+        rows.append((path, counts))
+    return rows
+
+
 def probe_square(files: list[Path], runs_dir: Path, *, queries: int = PROBE_QUERIES,
                  shard: tuple[int, int] = (0, 1),
                  report: Report = lambda line: None) -> int:
