@@ -266,6 +266,7 @@ def plot_margins(path: Path, runs: list[ss.RunSummary]) -> Path:
                        label=f"batch {batch}")
         ax.axhline(100 * ss.PRIMARY_RULE.threshold, color="grey", linestyle="--", linewidth=1)
         ax.set_xticks(range(len(levels)), [f"{v:g}" for v in levels])
+        ax.set_xlim(-0.5, len(levels) - 0.5)
         ax.set(title=dataset, xlabel="ε (red: flagged)",
                ylabel="PGD-10 − Square-5000 (points)")
         ax.legend(fontsize=7)
