@@ -102,6 +102,19 @@ def test_missing_fashion_mnist_is_bad_input_in_one_line_before_any_run(planned, 
     assert not any(runs.glob("*/spec.json"))  # nothing started
 
 
+@pytest.mark.parametrize("args", [["--plot", "."], ["--plot", "fosc.pdf"]])
+def test_a_plot_path_that_is_no_png_file_is_bad_input_in_one_line(tmp_path, args):
+    result = runner.invoke(app, ["demo", "--runs-dir", str(tmp_path), "--claims-dir",
+                                 str(CLAIMS), *args])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
+    assert "--plot" in result.output and not any(tmp_path.iterdir())  # nothing started
+
+
+def test_jobs_below_one_is_bad_input(tmp_path):
+    result = runner.invoke(app, ["demo", "--runs-dir", str(tmp_path), "--jobs", "0"])
+    assert result.exit_code == 2 and "--jobs" in result.output
+
+
 def test_a_missing_claims_folder_is_bad_input_in_one_line(tmp_path):
     result = runner.invoke(app, ["demo", "--runs-dir", str(tmp_path), "--claims-dir",
                                  str(tmp_path / "nowhere")])

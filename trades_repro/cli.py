@@ -556,6 +556,8 @@ def demo(
     from trades_repro import executors
     from trades_repro.claims import load_catalogue
 
+    if plot is not None and (plot.is_dir() or plot.suffix.lower() != ".png"):
+        raise BadInput(f"--plot {plot}: expected the path of a .png file")
     start = time.monotonic()
     runs = demolib.plan(load_catalogue(claims_dir), download=download)
     executor = executors.build("local" if jobs > 1 else "inline", runs_dir,
