@@ -55,8 +55,7 @@ def execute(runs: list[DemoRun], runs_dir: Path, *, executor, report,
     from trades_repro import runclaim
     from trades_repro.data import find_fashion_mnist
 
-    planned = [runclaim.PlannedRun(r.spec, (r.arm,), runclaim._state(
-        r.spec, runs_dir, ss.policies_of(r.spec)), ss.policies_of(r.spec)) for r in runs]
+    planned = [ss.planned(r.spec, r.arm, runs_dir) for r in runs]
     if any(p.state != "done" for p in planned):  # one line now, not three failed runs later
         find_fashion_mnist(runs[0].spec.data)
     failures = runclaim.execute(planned, runs_dir, report=report, progress=progress,

@@ -84,28 +84,34 @@ def rekey(runs_dir: Path, report: Report = lambda line: None) -> int:
 def run_sweeps(files: list[Path], runs_dir: Path, *, shard: tuple[int, int] = (0, 1),
                report: Report = lambda line: None) -> list[str]:
     """Train and evaluate shard `k` of `n` of the sweeps' runs; returns the failures."""
-    from trades_repro.runclaim import PlannedRun, _state, execute
+    from trades_repro.runclaim import execute
 
     k, n = shard
     specs = [s for i, s in enumerate(sweep_specs(files)) if i % n == k]
     rekey(runs_dir, report)
-    runs = [PlannedRun(s, (_cell_label(s),), _state(s, runs_dir, policies_of(s)),
-                       policies_of(s)) for s in specs]
+    runs = [planned(s, _cell_label(s), runs_dir) for s in specs]
     report(f"shard {k}/{n}: {len(runs)} runs, {sum(r.state == 'done' for r in runs)} done")
     failures = execute(runs, runs_dir, report=report, progress=False)
     return [f"{run.digest}: {error}" for run, error in failures]
 
 
+def planned(spec: ExperimentSpec, label: str, runs_dir: Path):
+    """The spec as a `runclaim.PlannedRun` under `label`, read at its study policies, with
+    its state in `runs_dir`."""
+    from trades_repro.runclaim import PlannedRun, _state
+
+    policies = policies_of(spec)
+    return PlannedRun(spec, (label,), _state(spec, runs_dir, policies), policies)
+
+
 def progress(files: list[Path], runs_dir: Path) -> list[tuple[Path, dict[str, int]]]:
     """Per sweep file, how many of its runs are in each state (done, evaluate, resume,
     train, failed), read from `runs_dir` without running anything."""
-    from trades_repro.runclaim import _state
-
     rows = []
     for path in files:
         counts: dict[str, int] = {}
         for spec in sweep_specs([path]):
-            state = _state(spec, runs_dir, policies_of(spec))
+            state = planned(spec, "", runs_dir).state
             counts[state] = counts.get(state, 0) + 1
         rows.append((path, counts))
     return rows
