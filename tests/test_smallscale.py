@@ -91,6 +91,51 @@ def test_order_is_seed_major_then_risk():
         (32, 1), (32, 6), (128, 1), (128, 6)]
 
 
+def _sweep_file(tmp_path: Path, grid: str = "{}") -> Path:
+    """A digits sweep evaluated with PGD-10 and Square, 3 seeds per cell of `grid`."""
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(f"base: {ROOT / 'spec' / 'digits.yaml'}\nseeds: 3\ngrid: {grid}\n"
+                     "set: {evaluation.attacks: [pgd10, square]}\n")
+    return sweep
+
+
+def test_next_run_is_every_cells_first_seed_then_more_seeds_where_one_was_flagged(tmp_path):
+    specs = ss.sweep_specs([_sweep_file(tmp_path, "{method.beta: [1, 6]}")])
+    by = {(s.method.beta, s.seed): s for s in specs}
+    assert ss.next_spec(specs, tmp_path / "none") == by[(1, 0)]
+    write_run(tmp_path, by[(1, 0)], pgd10=0.45, square=0.43)  # regular
+    assert ss.next_spec(specs, tmp_path) == by[(6, 0)]
+    write_run(tmp_path, by[(6, 0)], pgd10=0.45, square=0.30)  # flagged: its cell first
+    assert ss.next_spec(specs, tmp_path) == by[(6, 1)]
+    assert ss.next_spec(specs, tmp_path, {by[(6, 1)].digest()}) == by[(6, 2)]
+    write_run(tmp_path, by[(6, 1)])
+    write_run(tmp_path, by[(6, 2)])
+    assert ss.next_spec(specs, tmp_path) == by[(1, 1)]  # then the regular cell's seeds
+    for spec in specs:
+        write_run(tmp_path, spec)
+    assert ss.next_spec(specs, tmp_path) is None
+
+
+def test_a_sweep_tries_each_run_once_and_carries_on_past_a_failure(tmp_path, monkeypatch):
+    import trades_repro.runclaim as runclaim
+
+    sweep = _sweep_file(tmp_path)
+    specs = ss.sweep_specs([sweep])
+    tried = []
+
+    def fake_execute(runs, runs_dir, **_):
+        (run,) = runs
+        tried.append(run.spec.seed)
+        if run.spec.seed == 0:
+            return [(run, "NaN loss")]  # left untrained, not tried again
+        write_run(runs_dir, run.spec, square=0.30)  # flagged
+        return []
+
+    monkeypatch.setattr(runclaim, "execute", fake_execute)
+    failures = ss.run_sweeps([sweep], tmp_path / "runs")
+    assert tried == [0, 1, 2] and failures == [f"{specs[0].digest()}: NaN loss"]
+
+
 def test_export_copies_evidence_without_weights(evidence, tmp_path):
     (next(evidence.iterdir()) / "best.safetensors").write_bytes(b"weights")
     assert ss.export(evidence, tmp_path / "ev") == 15
