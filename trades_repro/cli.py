@@ -674,7 +674,8 @@ def study_sweep(
         "run nothing.")] = False,
 ) -> None:
     """Train and evaluate the sweeps' runs (finished skipped, partial resumed); exit 1 when
-    a run failed."""
+    a run failed. Each next run is every cell's first seed, then the further seeds of cells
+    with a flagged run, then the rest; a second launch on the same files shares the work."""
     from trades_repro.smallscale import progress, run_sweeps
 
     if dry_run:

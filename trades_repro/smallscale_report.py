@@ -300,12 +300,13 @@ def kept_conclusion(out: Path) -> str:
 REPRODUCE = """## Reproduce
 
 ```bash
-# the sweep, file by file (ε 0.2 first), runs ordered riskiest cell first; resumable, and
-# N processes side by side with --shard K/N (each run folder is locked)
+# the sweep: every cell's first seed (file order, riskiest cell first), then more seeds
+# where a run was flagged, then the rest; resumable. Start it twice to use two cores: each
+# launch skips the run the other holds (each run folder is locked).
 SWEEPS="spec/sweeps/fashion_healing.yaml spec/sweeps/fashion_eps0p2.yaml \\
-    spec/sweeps/digits_eps0p3.yaml spec/sweeps/fashion_eps0p15.yaml \\
-    spec/sweeps/digits_eps0p2.yaml spec/sweeps/fashion_eps0p1.yaml"
-trades-repro study sweep $SWEEPS --runs-dir runs --shard 0/2
+    spec/sweeps/fashion_eps0p15.yaml spec/sweeps/fashion_eps0p1.yaml \\
+    spec/sweeps/digits_eps0p3.yaml spec/sweeps/digits_eps0p2.yaml"
+trades-repro study sweep $SWEEPS --runs-dir runs
 trades-repro study sweep $SWEEPS --runs-dir runs --dry-run   # per file: done, pending, failed
 trades-repro run-claim 'small_scale.*' --tier cpu       # the cpu-tier claims' runs (5 seeds)
 trades-repro demo --runs-dir runs                        # their seed 0: one table, one plot
