@@ -116,6 +116,21 @@ def test_next_run_is_every_cells_first_seed_then_more_seeds_where_one_was_flagge
     assert ss.next_spec(specs, tmp_path) is None
 
 
+def test_algorithm_1_runs_first_on_the_seeds_flagged_without_it(tmp_path):
+    plain = ss.sweep_specs([_sweep_file(tmp_path, "{method.beta: [1, 6]}")])
+    healed = [s.model_copy(update={"healing": s.healing.model_copy(update={"enabled": True})})
+              for s in plain]
+    by = {(s.method.beta, s.seed): s for s in healed}
+    runs = tmp_path / "runs"
+    for spec in plain:  # β 6 seed 1 flagged; the rest not
+        write_run(runs, spec, square=0.30 if (spec.method.beta, spec.seed) == (6, 1) else 0.38)
+    assert ss.next_spec(plain + healed, runs) == by[(6, 1)]
+    # still flagged with Algorithm 1: that asks for no more healed seeds of its cell
+    write_run(runs, by[(6, 1)], square=0.30, policy="best_pgd10_fosc_ok")
+    skip = {by[(6, 1)].digest()}
+    assert ss.next_spec(plain + healed, runs, skip) == by[(1, 0)]  # the unflagged twins last
+
+
 def test_a_sweep_tries_each_run_once_and_carries_on_past_a_failure(tmp_path, monkeypatch):
     import trades_repro.runclaim as runclaim
 

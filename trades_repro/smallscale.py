@@ -103,12 +103,15 @@ def run_sweeps(files: list[Path], runs_dir: Path, *, shard: tuple[int, int] = (0
 def next_spec(specs: list[ExperimentSpec], runs_dir: Path,
               skip: set[str] = frozenset()) -> ExperimentSpec | None:
     """The run to do next, read afresh from `runs_dir` each time (so a second launch on the
-    same files sees what the first found): every cell's first seed, then the further seeds
-    of cells with a flagged run (the issue asks for at least three there), then the rest;
+    same files sees what the first found): every cell's first seed; then the further seeds
+    of cells with a flagged run (the issue asks for at least three there) and Algorithm 1
+    on the seeds flagged without it; then the rest (Algorithm 1 on unflagged seeds last);
     within each, the sweep's order. None when every run is done or in `skip`."""
     from trades_repro.runclaim import _state
 
-    flagged = {r.cell for r in load_runs(runs_dir) if r.flagged} if runs_dir.is_dir() else set()
+    done = load_runs(runs_dir) if runs_dir.is_dir() else []
+    flagged_cells = {r.cell for r in done if r.flagged and not r.healed}
+    flagged_runs = {(r.cell, r.seed) for r in done if r.flagged and not r.healed}
     first_seed: dict[tuple, int] = {}
     for spec in specs:
         first_seed[cell_of(spec)] = min(spec.seed, first_seed.get(cell_of(spec), spec.seed))
@@ -116,16 +119,19 @@ def next_spec(specs: list[ExperimentSpec], runs_dir: Path,
                and _state(s, runs_dir, policies_of(s)) != "done"]
 
     def tier(spec: ExperimentSpec) -> int:
+        if spec.healing.enabled:
+            return 1 if (cell_of(spec, healed=False), spec.seed) in flagged_runs else 3
         if spec.seed == first_seed[cell_of(spec)]:
             return 0
-        return 1 if cell_of(spec) in flagged else 2
+        return 1 if cell_of(spec) in flagged_cells else 2
 
     return min(pending, key=lambda p: (tier(p[1]), p[0]))[1] if pending else None
 
 
-def cell_of(spec: ExperimentSpec) -> tuple:
-    """The spec's study cell, as `RunSummary.cell` names it."""
-    return (spec.data.dataset, spec.method.attack.eps, spec.healing.enabled,
+def cell_of(spec: ExperimentSpec, healed: bool | None = None) -> tuple:
+    """The spec's study cell, as `RunSummary.cell` names it (its twin's with `healed`)."""
+    return (spec.data.dataset, spec.method.attack.eps,
+            spec.healing.enabled if healed is None else healed,
             spec.optim.batch_size, spec.method.beta, spec.optim.lr)
 
 
