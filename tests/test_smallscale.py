@@ -72,6 +72,20 @@ def test_the_healing_sweep_is_the_risky_arm_with_algorithm_1_on_the_same_seeds()
         assert fixed.model_copy(update={"healing": plain.healing}) == plain
 
 
+def test_the_healing_grid_is_the_eps_0p2_grid_with_algorithm_1_seed_by_seed():
+    sweeps = ROOT / "spec" / "sweeps"
+    _, plain = load_sweep(sweeps / "fashion_eps0p2.yaml")
+    _, healed = load_sweep(sweeps / "fashion_healing_eps0p2.yaml")
+    _, corner = load_sweep(sweeps / "fashion_healing.yaml")
+    twins = {(ss.cell_of(s, healed=True), s.seed): s for s in plain}
+    assert len(healed) == len(plain) == 36
+    for fixed in healed:
+        twin = twins[(ss.cell_of(fixed), fixed.seed)]
+        assert fixed.healing.enabled and fixed.healing.fosc_threshold == 0.58
+        assert fixed.model_copy(update={"healing": twin.healing}) == twin
+    assert len({s.digest() for s in healed} & {s.digest() for s in corner}) == 3
+
+
 def test_the_cpu_claims_arms_are_cells_of_the_eps_0p2_sweep():
     from trades_repro.claims import load_catalogue
 
