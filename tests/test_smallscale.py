@@ -228,6 +228,41 @@ def test_healing_compares_the_same_seeds(evidence):
     assert row.fixed_clean == pytest.approx(0.88) and row.regular_clean is None
 
 
+def _healed_run(runs: Path, spec, *, square: float, square_at_best: float) -> None:
+    """A healed run with Algorithm 1's checkpoint (Square `square`) and its best-PGD-10
+    checkpoint (`square_at_best`), both at PGD-10 0.45."""
+    from claimsutil import _attack
+
+    run = write_run(runs, spec, pgd10=0.45, square=square, policy="best_pgd10_fosc_ok")
+    evals = json.loads((run / "eval.json").read_text())
+    (own,) = evals["checkpoints"].values()
+    best = json.loads(json.dumps(own))
+    best.update(key="best", checkpoint="last.safetensors", policies=["best_pgd10"])
+    best["attacks"]["square"] = _attack("square", square_at_best)
+    evals["checkpoints"]["best"] = best
+    (run / "eval.json").write_text(json.dumps(evals))
+
+
+def test_healing_rows_add_up_over_cells_and_read_the_best_pgd10_checkpoint_too(tmp_path):
+    for spec in _specs(batches=(32,)):  # β 1: every seed flagged; β 6: seed 1 only
+        flagged = spec.method.beta == 1 or spec.seed == 1
+        write_run(tmp_path, spec, pgd10=0.45, square=0.30 if flagged else 0.43, clean=0.8)
+    for spec in _specs(batches=(32,), healing=True):
+        still = spec.method.beta == 6  # β 6's healed seed 1 stays flagged
+        _healed_run(tmp_path, spec, square=0.30 if still else 0.43,
+                    square_at_best=0.30 if spec.seed < 2 else 0.43)
+    rows = ss.healing_rows(ss.load_runs(tmp_path))
+    assert [(r.key[4], r.flagged_seeds, r.fixed_flagged, r.fixed_flagged_at_best)
+            for r in rows] == [(1.0, (0, 1, 2), 0, 2), (6.0, (1,), 1, 1)]
+    total = ss.pooled_healing(rows)
+    assert (len(total.flagged_seeds), total.fixed_flagged, total.fixed_flagged_at_best,
+            total.fixed_total, total.regular_n) == (4, 1, 3, (3, 6), 2)
+    assert total.regular_clean == pytest.approx(0.8)
+    assert ss.pooled_healing(rows[:1]) is None
+    table = sr.healing_table(rows)
+    assert table[-1].startswith("| **all cells** | 4 runs | 1/4 | 3/4 | 3/6 |")
+
+
 def test_a_healed_run_without_a_fosc_ok_checkpoint_is_read_at_best_pgd10(tmp_path):
     spec = _specs(betas=(1,), batches=(32,), seeds=1, healing=True)[0]
     write_run(tmp_path, spec, pgd10=0.45, square=0.30, fosc=[0.3, 0.5, 0.6])

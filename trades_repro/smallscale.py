@@ -244,6 +244,9 @@ class RunSummary:
     square_probe: float | None = None  # Square at PROBE_QUERIES, where probed
     probe_flagged: bool | None = None  # the paper's rule with that Square instead
     fosc_threshold: float | None = None  # Algorithm 1's, where it ran
+    # with Algorithm 1: the paper's rule on the best-PGD-10 checkpoint instead of the FOSC-ok
+    # one (what the noise did, without lines 17-18's gate); None without Algorithm 1
+    flagged_at_best: bool | None = None
 
     @property
     def cell(self) -> tuple:  # cell_of(its spec)
@@ -277,10 +280,14 @@ def load_runs(evidence_dir: Path) -> list[RunSummary]:
 def summarize(evidence, spec: ExperimentSpec) -> RunSummary | None:
     """The spec's run in `evidence` (a `verify.Evidence`), read at Algorithm 1's checkpoint
     when it has one; None unless it was evaluated with PGD-10 and Square and logged FOSC."""
+    needs = frozenset({"clean", "pgd10", "square"})
     for policy in reversed(policies_of(spec)):
         run = evidence.run(spec, policy)
-        if run is not None and run.has(frozenset({"clean", "pgd10", "square"})) and run.fosc():
-            return _summary(run, policy, _probe(run, policy))
+        if run is not None and run.has(needs) and run.fosc():
+            at_best = evidence.run(spec, "best_pgd10") if policy != "best_pgd10" else None
+            extra = ({"flagged_at_best": bool(at_best.flagged(PRIMARY_RULE.name))}
+                     if at_best is not None and at_best.has(needs) else {})
+            return _summary(run, policy, {**_probe(run, policy), **extra})
     return None
 
 
@@ -300,7 +307,7 @@ def _probe(run, policy: str) -> dict:
             "probe_flagged": apply_rule(PRIMARY_RULE, attacks).flagged}
 
 
-def _summary(run, policy: str, probe: dict | None = None) -> RunSummary:
+def _summary(run, policy: str, extra: dict | None = None) -> RunSummary:
     spec, records = run.spec, run.records
     v2 = next((v for v in run.evaluation.verdicts if v.rule == DIAGNOSE_RULE.name), None)
     provenance = store.read_json(run.folder / store.PROVENANCE_FILE)
@@ -320,7 +327,7 @@ def _summary(run, policy: str, probe: dict | None = None) -> RunSummary:
         train_seconds=provenance.get("wall_time_s"), resumed=bool(provenance.get("resumed")),
         eval_seconds=run.evaluation.seconds,
         fosc_threshold=spec.healing.fosc_threshold if spec.healing.enabled else None,
-        **(probe or {}))
+        **(extra or {}))
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -466,9 +473,11 @@ class HealingRow:
     key: tuple  # the baseline cell's key
     flagged_seeds: tuple[int, ...]
     fixed_flagged: int  # of those seeds, still flagged with Algorithm 1
+    fixed_flagged_at_best: int  # ... when read at the best-PGD-10 checkpoint instead
     fixed_total: tuple[int, int]  # (k, n) flagged among every healed seed
     fixed_clean: float | None  # mean clean accuracy of the healed flagged seeds
     regular_clean: float | None  # mean clean accuracy of the baseline's regular runs
+    regular_n: int = 0  # how many regular runs that mean is over
 
 
 def healing_rows(runs: list[RunSummary]) -> list[HealingRow]:
@@ -483,6 +492,27 @@ def healing_rows(runs: list[RunSummary]) -> list[HealingRow]:
         healed = [fixed[s].clean for s in seeds]
         regular = [r.clean for r in base.runs if not r.flagged]
         rows.append(HealingRow(base.key, seeds, sum(fixed[s].flagged for s in seeds),
+                               sum(bool(fixed[s].flagged_at_best) for s in seeds),
                                (cell.k, cell.n), statistics.fmean(healed) if healed else None,
-                               statistics.fmean(regular) if regular else None))
+                               statistics.fmean(regular) if regular else None, len(regular)))
     return rows
+
+
+def pooled_healing(rows: list[HealingRow]) -> HealingRow | None:
+    """Every cell's row added up (clean accuracies weighted by their seeds); None for
+    fewer than two rows."""
+    if len(rows) < 2:
+        return None
+
+    def mean(pairs: list[tuple[float | None, int]]) -> float | None:
+        kept = [(v, n) for v, n in pairs if v is not None and n]
+        return sum(v * n for v, n in kept) / sum(n for _, n in kept) if kept else None
+
+    seeds = tuple(s for r in rows for s in r.flagged_seeds)
+    return HealingRow(
+        ("all",) * 6, seeds, sum(r.fixed_flagged for r in rows),
+        sum(r.fixed_flagged_at_best for r in rows),
+        (sum(r.fixed_total[0] for r in rows), sum(r.fixed_total[1] for r in rows)),
+        mean([(r.fixed_clean, len(r.flagged_seeds)) for r in rows]),
+        mean([(r.regular_clean, r.regular_n) for r in rows]),
+        sum(r.regular_n for r in rows))
