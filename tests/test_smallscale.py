@@ -332,7 +332,10 @@ def test_study_sweep_dry_run_counts_each_files_runs_by_state_and_runs_nothing(tm
     result = runner.invoke(app, ["study", "sweep", str(sweep), "--runs-dir",
                                  str(tmp_path / "runs"), "--dry-run"])
     assert result.exit_code == 0, result.output
-    assert result.output.strip() == f"{sweep}: 3 runs: 1 done, 1 train, 1 failed"
+    assert result.output.strip().splitlines() == [
+        f"{sweep}: 3 runs: 1 done, 1 train, 1 failed",
+        "to run, in this order: 1 further seeds of other cells. Next: digits eps 0.1 beta 3 "
+        "bs 64 lr 0.1, seed 2"]
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted(
         [done.digest(), failed.digest()])
 

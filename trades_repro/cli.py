@@ -676,15 +676,24 @@ def study_sweep(
     """Train and evaluate the sweeps' runs (finished skipped, partial resumed); exit 1 when
     a run failed. Each next run is every cell's first seed, then the further seeds of cells
     with a flagged run, then the rest; a second launch on the same files shares the work."""
-    from trades_repro.smallscale import progress, run_sweeps
+    from trades_repro import smallscale as ss
 
     if dry_run:
-        for path, counts in progress(sweeps, runs_dir):
+        for path, counts in ss.progress(sweeps, runs_dir):
             states = ", ".join(f"{counts[k]} {k}" for k in STATES if counts.get(k))
             typer.echo(f"{path}: {sum(counts.values())} runs: {states}")
+        pending = [(t, spec) for t, state, spec in ss.queue(ss.sweep_specs(sweeps), runs_dir)
+                   if state != "failed"]
+        tiers = [f"{n} {name}" for k, name in enumerate(ss.TIERS)
+                 if (n := sum(t == k for t, _ in pending))]
+        if pending:
+            first = pending[0][1]
+            typer.echo(f"to run, in this order: {'; '.join(tiers)}. Next: "
+                       f"{ss.cell_label(first)}, seed {first.seed}")
         return
     _set_threads(None, None)
-    _exit_if_failed(run_sweeps(sweeps, runs_dir, shard=_shard(shard), report=_progress(False)))
+    _exit_if_failed(ss.run_sweeps(sweeps, runs_dir, shard=_shard(shard),
+                                  report=_progress(False)))
 
 
 def _shard(shard: str) -> tuple[int, int]:

@@ -90,23 +90,36 @@ def run_sweeps(files: list[Path], runs_dir: Path, *, shard: tuple[int, int] = (0
     k, n = shard
     specs = [s for i, s in enumerate(sweep_specs(files)) if i % n == k]
     rekey(runs_dir, report)
-    runs = [planned(s, _cell_label(s), runs_dir) for s in specs]
+    runs = [planned(s, cell_label(s), runs_dir) for s in specs]
     report(f"shard {k}/{n}: {len(runs)} runs, {sum(r.state == 'done' for r in runs)} done")
     failures, tried = [], set()
     while (spec := next_spec(specs, runs_dir, tried)) is not None:
         tried.add(spec.digest())
-        failures += execute([planned(spec, _cell_label(spec), runs_dir)], runs_dir,
+        failures += execute([planned(spec, cell_label(spec), runs_dir)], runs_dir,
                             report=report, progress=False)
     return [f"{run.digest}: {error}" for run, error in failures]
+
+
+# What `next_spec` runs first to last (`queue`'s tiers)
+TIERS = ("first seeds of cells", "further seeds of flagged cells or Algorithm 1 on flagged runs",
+         "further seeds of other cells", "Algorithm 1 on unflagged runs")
 
 
 def next_spec(specs: list[ExperimentSpec], runs_dir: Path,
               skip: set[str] = frozenset()) -> ExperimentSpec | None:
     """The run to do next, read afresh from `runs_dir` each time (so a second launch on the
-    same files sees what the first found): every cell's first seed; then the further seeds
-    of cells with a flagged run (the issue asks for at least three there) and Algorithm 1
-    on the seeds flagged without it; then the rest (Algorithm 1 on unflagged seeds last);
-    within each, the sweep's order. None when every run is done or in `skip`."""
+    same files sees what the first found): the first of `queue`. None when every run is
+    done or in `skip`."""
+    pending = queue(specs, runs_dir, skip)
+    return pending[0][2] if pending else None
+
+
+def queue(specs: list[ExperimentSpec], runs_dir: Path, skip: set[str] = frozenset()
+          ) -> list[tuple[int, str, ExperimentSpec]]:
+    """(tier, state, spec) of every run not done nor in `skip`, in the order to run them.
+    Tiers (`TIERS`): every cell's first seed; the further seeds of cells with a flagged run
+    (the issue asks for at least three there) and Algorithm 1 on the runs flagged without
+    it; the other seeds; Algorithm 1 on unflagged runs. Within a tier, the sweep's order."""
     from trades_repro.runclaim import _state
 
     done = load_runs(runs_dir) if runs_dir.is_dir() else []
@@ -115,8 +128,6 @@ def next_spec(specs: list[ExperimentSpec], runs_dir: Path,
     first_seed: dict[tuple, int] = {}
     for spec in specs:
         first_seed[cell_of(spec)] = min(spec.seed, first_seed.get(cell_of(spec), spec.seed))
-    pending = [(i, s) for i, s in enumerate(specs) if s.digest() not in skip
-               and _state(s, runs_dir, policies_of(s)) != "done"]
 
     def tier(spec: ExperimentSpec) -> int:
         if spec.healing.enabled:
@@ -125,7 +136,10 @@ def next_spec(specs: list[ExperimentSpec], runs_dir: Path,
             return 0
         return 1 if cell_of(spec) in flagged_cells else 2
 
-    return min(pending, key=lambda p: (tier(p[1]), p[0]))[1] if pending else None
+    states = [(i, s, _state(s, runs_dir, policies_of(s))) for i, s in enumerate(specs)
+              if s.digest() not in skip]
+    ranked = sorted((tier(s), i, state, s) for i, s, state in states if state != "done")
+    return [(t, state, s) for t, _, state, s in ranked]
 
 
 def cell_of(spec: ExperimentSpec, healed: bool | None = None) -> tuple:
@@ -171,14 +185,14 @@ def probe_square(files: list[Path], runs_dir: Path, *, queries: int = PROBE_QUER
     for i, spec in enumerate(sweep_specs(files)):
         if i % n != k or _state(spec, runs_dir, policies_of(spec)) != "done":
             continue
-        report(f"Square-{queries}: {_cell_label(spec)} seed {spec.seed}")
+        report(f"Square-{queries}: {cell_label(spec)} seed {spec.seed}")
         evaluate_run(store.run_dir_for(spec, runs_dir), attacks=("square",),
                      square_queries=queries, policies=policies_of(spec))
         probed += 1
     return probed
 
 
-def _cell_label(spec: ExperimentSpec) -> str:
+def cell_label(spec: ExperimentSpec) -> str:
     heal = ", Alg. 1" if spec.healing.enabled else ""
     return (f"{spec.data.dataset} eps {spec.method.attack.eps:g} beta {spec.method.beta:g} "
             f"bs {spec.optim.batch_size} lr {spec.optim.lr:g}{heal}")
