@@ -316,7 +316,7 @@ SWEEPS="spec/sweeps/fashion_healing.yaml spec/sweeps/fashion_eps0p2.yaml \\
     spec/sweeps/digits_eps0p3.yaml spec/sweeps/digits_eps0p2.yaml \\
     spec/sweeps/fashion_healing_eps0p2.yaml"
 trades-repro study sweep $SWEEPS --runs-dir runs
-trades-repro study sweep $SWEEPS --runs-dir runs --dry-run   # per file: done, pending, failed
+trades-repro study sweep $SWEEPS --runs-dir runs --dry-run   # per file: done, pending, failed; next
 trades-repro run-claim 'small_scale.*' --tier cpu       # the cpu-tier claims' runs (5 seeds)
 trades-repro demo --runs-dir runs                        # their seed 0: one table, one plot
 trades-repro study probe $SWEEPS --runs-dir runs        # Square at 1,000 queries as well
