@@ -72,17 +72,26 @@ def test_the_healing_sweep_is_the_risky_arm_with_algorithm_1_on_the_same_seeds()
         assert fixed.model_copy(update={"healing": plain.healing}) == plain
 
 
-def test_the_healing_grid_is_the_eps_0p2_grid_with_algorithm_1_seed_by_seed():
+@pytest.mark.parametrize(("healing", "plain", "threshold"), [
+    ("fashion_healing_eps0p2", "fashion_eps0p2", 0.58),
+    ("fashion_healing_eps0p15", "fashion_eps0p15", 0.35),
+    ("digits_healing_eps0p2", "digits_eps0p2", 1.3)])
+def test_each_healing_grid_is_its_plain_grid_with_algorithm_1_seed_by_seed(healing, plain,
+                                                                           threshold):
     sweeps = ROOT / "spec" / "sweeps"
-    _, plain = load_sweep(sweeps / "fashion_eps0p2.yaml")
-    _, healed = load_sweep(sweeps / "fashion_healing_eps0p2.yaml")
-    _, corner = load_sweep(sweeps / "fashion_healing.yaml")
-    twins = {(ss.cell_of(s, healed=True), s.seed): s for s in plain}
-    assert len(healed) == len(plain) == 36
+    _, plain_runs = load_sweep(sweeps / f"{plain}.yaml")
+    _, healed = load_sweep(sweeps / f"{healing}.yaml")
+    twins = {(ss.cell_of(s, healed=True), s.seed): s for s in plain_runs}
+    assert len(healed) == len(plain_runs) == 36
     for fixed in healed:
         twin = twins[(ss.cell_of(fixed), fixed.seed)]
-        assert fixed.healing.enabled and fixed.healing.fosc_threshold == 0.58
+        assert fixed.healing.enabled and fixed.healing.fosc_threshold == threshold
         assert fixed.model_copy(update={"healing": twin.healing}) == twin
+
+
+def test_the_risky_corners_healed_seeds_0_to_2_are_the_healing_grids_runs():
+    _, healed = load_sweep(ROOT / "spec" / "sweeps" / "fashion_healing_eps0p2.yaml")
+    _, corner = load_sweep(ROOT / "spec" / "sweeps" / "fashion_healing.yaml")
     assert len({s.digest() for s in healed} & {s.digest() for s in corner}) == 3
 
 
