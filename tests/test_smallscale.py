@@ -237,12 +237,16 @@ def test_healing_compares_the_same_seeds(evidence):
     assert row.fixed_clean == pytest.approx(0.88) and row.regular_clean is None
 
 
-def _healed_run(runs: Path, spec, *, square: float, square_at_best: float) -> None:
+def _healed_run(runs: Path, spec, *, square: float, square_at_best: float,
+                fired: bool = True) -> None:
     """A healed run with Algorithm 1's checkpoint (Square `square`) and its best-PGD-10
-    checkpoint (`square_at_best`), both at PGD-10 0.45."""
+    checkpoint (`square_at_best`), both at PGD-10 0.45; noise in epoch 2 if `fired`."""
     from claimsutil import _attack
 
     run = write_run(runs, spec, pgd10=0.45, square=square, policy="best_pgd10_fosc_ok")
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    lines[1]["noised_batches"] = [0, 1, 2] if fired else []
+    (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     evals = json.loads((run / "eval.json").read_text())
     (own,) = evals["checkpoints"].values()
     best = json.loads(json.dumps(own))
@@ -259,17 +263,18 @@ def test_healing_rows_add_up_over_cells_and_read_the_best_pgd10_checkpoint_too(t
     for spec in _specs(batches=(32,), healing=True):
         still = spec.method.beta == 6  # β 6's healed seed 1 stays flagged
         _healed_run(tmp_path, spec, square=0.30 if still else 0.43,
-                    square_at_best=0.30 if spec.seed < 2 else 0.43)
+                    square_at_best=0.30 if spec.seed < 2 else 0.43, fired=not still)
     rows = ss.healing_rows(ss.load_runs(tmp_path))
-    assert [(r.key[4], r.flagged_seeds, r.fixed_flagged, r.fixed_flagged_at_best)
-            for r in rows] == [(1.0, (0, 1, 2), 0, 2), (6.0, (1,), 1, 1)]
+    assert [(r.key[4], r.flagged_seeds, r.fired, r.fixed_flagged, r.fixed_flagged_at_best)
+            for r in rows] == [(1.0, (0, 1, 2), 3, 0, 2), (6.0, (1,), 0, 1, 1)]
     total = ss.pooled_healing(rows)
-    assert (len(total.flagged_seeds), total.fixed_flagged, total.fixed_flagged_at_best,
-            total.fixed_total, total.regular_n) == (4, 1, 3, (3, 6), 2)
+    assert (len(total.flagged_seeds), total.fired, total.fixed_flagged,
+            total.fixed_flagged_at_best, total.fixed_total, total.regular_n) == (
+        4, 3, 1, 3, (3, 6), 2)
     assert total.regular_clean == pytest.approx(0.8)
     assert ss.pooled_healing(rows[:1]) is None
     table = sr.healing_table(rows)
-    assert table[-1].startswith("| **all cells** | 4 runs | 1/4 | 3/4 | 3/6 |")
+    assert table[-1].startswith("| **all cells** | 4 runs | 3/4 | 1/4 | 3/4 | 3/6 |")
 
 
 def test_a_healed_run_without_a_fosc_ok_checkpoint_is_read_at_best_pgd10(tmp_path):

@@ -488,6 +488,7 @@ class HealingRow:
     flagged_seeds: tuple[int, ...]
     fixed_flagged: int  # of those seeds, still flagged with Algorithm 1
     fixed_flagged_at_best: int  # ... when read at the best-PGD-10 checkpoint instead
+    fired: int  # of those seeds, healed runs in which Algorithm 1 noised any batch
     fixed_total: tuple[int, int]  # (k, n) flagged among every healed seed
     fixed_clean: float | None  # mean clean accuracy of the healed flagged seeds
     regular_clean: float | None  # mean clean accuracy of the baseline's regular runs
@@ -507,6 +508,7 @@ def healing_rows(runs: list[RunSummary]) -> list[HealingRow]:
         regular = [r.clean for r in base.runs if not r.flagged]
         rows.append(HealingRow(base.key, seeds, sum(fixed[s].flagged for s in seeds),
                                sum(bool(fixed[s].flagged_at_best) for s in seeds),
+                               sum(bool(fixed[s].noised_epochs) for s in seeds),
                                (cell.k, cell.n), statistics.fmean(healed) if healed else None,
                                statistics.fmean(regular) if regular else None, len(regular)))
     return rows
@@ -525,7 +527,7 @@ def pooled_healing(rows: list[HealingRow]) -> HealingRow | None:
     seeds = tuple(s for r in rows for s in r.flagged_seeds)
     return HealingRow(
         ("all",) * 6, seeds, sum(r.fixed_flagged for r in rows),
-        sum(r.fixed_flagged_at_best for r in rows),
+        sum(r.fixed_flagged_at_best for r in rows), sum(r.fired for r in rows),
         (sum(r.fixed_total[0] for r in rows), sum(r.fixed_total[1] for r in rows)),
         mean([(r.fixed_clean, len(r.flagged_seeds)) for r in rows]),
         mean([(r.regular_clean, r.regular_n) for r in rows]),

@@ -160,10 +160,10 @@ def _median(values: tuple[float, ...]) -> float:
 
 def healing_table(rows: list[ss.HealingRow]) -> list[str]:
     """One row per healed cell, and their sum when there are several."""
-    lines = ["| cell (data, ε, β, batch, LR) | baseline flagged seeds | still flagged with "
-             "Alg. 1 | the same, at the best-PGD-10 checkpoint | flagged among all healed "
-             "seeds | clean, healed flagged seeds | clean, baseline regular runs |",
-             "|" + "---|" * 7]
+    lines = ["| cell (data, ε, β, batch, LR) | baseline flagged seeds | Alg. 1 fired | "
+             "still flagged with Alg. 1 | the same, at the best-PGD-10 checkpoint | flagged "
+             "among all healed seeds | clean, healed flagged seeds | clean, baseline regular "
+             "runs |", "|" + "---|" * 8]
     pooled = ss.pooled_healing(rows)
     for h in [*rows, *([pooled] if pooled else [])]:
         n = len(h.flagged_seeds)
@@ -173,7 +173,7 @@ def healing_table(rows: list[ss.HealingRow]) -> list[str]:
             dataset, eps, _, batch, beta, lr = h.key
             cell = f"{dataset}, {eps:g}, {beta:g}, {batch}, {lr:g}"
             seeds = ", ".join(map(str, h.flagged_seeds)) or "none"
-        lines.append(f"| {cell} | {seeds} | {h.fixed_flagged}/{n} | "
+        lines.append(f"| {cell} | {seeds} | {h.fired}/{n} | {h.fixed_flagged}/{n} | "
                      f"{h.fixed_flagged_at_best}/{n} | "
                      f"{h.fixed_total[0]}/{h.fixed_total[1]} | {_pct(h.fixed_clean)} | "
                      f"{_pct(h.regular_clean)} |")
@@ -374,8 +374,10 @@ def _sections(runs: list[ss.RunSummary], figures: Path, root: Path) -> list[str]
               "Still flagged: the paper's rule on Algorithm 1's own checkpoint (the best "
               "PGD-10 epoch whose FOSC stayed under the threshold, lines 17-18); at the "
               "best-PGD-10 checkpoint: the same healed run read at its best PGD-10 epoch "
-              "whatever its FOSC, i.e. what the noise alone did. All cells: the rows added up, "
-              "clean accuracies weighted by runs.", ""]
+              "whatever its FOSC, i.e. what the noise alone did. Fired: healed runs of those "
+              "seeds in which FOSC passed the threshold, so that Algorithm 1 noised any batch "
+              "(a run where it never fired is the same run as without it). All cells: the "
+              "rows added up, clean accuracies weighted by runs.", ""]
     lines += [*healing_table(heal), ""] if heal else ["No healed run in the evidence yet.", ""]
     lines += ["## Plots", ""]
     chosen = examples(runs)
