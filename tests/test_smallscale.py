@@ -274,7 +274,8 @@ def test_healing_rows_add_up_over_cells_and_read_the_best_pgd10_checkpoint_too(t
     assert total.regular_clean == pytest.approx(0.8)
     assert ss.pooled_healing(rows[:1]) is None
     table = sr.healing_table(rows)
-    assert table[-1].startswith("| **all cells** | 4 runs | 3/4 | 1/4 | 3/4 | 3/6 |")
+    assert table[-1].startswith("| **all digits, 0.1 cells** | 4 runs | 3/4 | 1/4 | 3/4 | 3/6 |")
+    assert sr.healing_table(rows[:1])[-1].startswith("| digits, 0.1, 1, 32,")
 
 
 def test_a_healed_run_without_a_fosc_ok_checkpoint_is_read_at_best_pgd10(tmp_path):

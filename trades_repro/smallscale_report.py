@@ -159,16 +159,23 @@ def _median(values: tuple[float, ...]) -> float:
 
 
 def healing_table(rows: list[ss.HealingRow]) -> list[str]:
-    """One row per healed cell, and their sum when there are several."""
+    """One row per healed cell, and their sum per dataset and ε where there are several."""
     lines = ["| cell (data, ε, β, batch, LR) | baseline flagged seeds | Alg. 1 fired | "
              "still flagged with Alg. 1 | the same, at the best-PGD-10 checkpoint | flagged "
              "among all healed seeds | clean, healed flagged seeds | clean, baseline regular "
              "runs |", "|" + "---|" * 8]
-    pooled = ss.pooled_healing(rows)
-    for h in [*rows, *([pooled] if pooled else [])]:
+    groups: dict[tuple, list[ss.HealingRow]] = {}
+    for h in rows:
+        groups.setdefault(h.key[:2], []).append(h)
+    shown: list[tuple[str | None, ss.HealingRow]] = []
+    for (dataset, eps), group in groups.items():  # a sum per dataset and ε, never across
+        pooled = ss.pooled_healing(group)
+        shown += [(None, h) for h in group]
+        shown += [(f"{dataset}, {eps:g}", pooled)] if pooled else []
+    for where, h in shown:
         n = len(h.flagged_seeds)
-        if h is pooled:
-            cell, seeds = "**all cells**", f"{n} runs"
+        if where is not None:
+            cell, seeds = f"**all {where} cells**", f"{n} runs"
         else:
             dataset, eps, _, batch, beta, lr = h.key
             cell = f"{dataset}, {eps:g}, {beta:g}, {batch}, {lr:g}"
@@ -377,7 +384,7 @@ def _sections(runs: list[ss.RunSummary], figures: Path, root: Path) -> list[str]
               "whatever its FOSC, i.e. what the noise alone did. Fired: healed runs of those "
               "seeds in which FOSC passed the threshold, so that Algorithm 1 noised any batch "
               "(a run where it never fired is the same run as without it). All cells: the "
-              "rows added up, clean accuracies weighted by runs.", ""]
+              "rows of one dataset and ε added up, clean accuracies weighted by runs.", ""]
     lines += [*healing_table(heal), ""] if heal else ["No healed run in the evidence yet.", ""]
     lines += ["## Plots", ""]
     chosen = examples(runs)
