@@ -33,18 +33,25 @@ def eager_compile(monkeypatch):
     torch._dynamo.reset()
 
 
+EVERY_KNOB = {"compile": True, "channels_last": True, "tf32": True, "precision": "bf16",
+              "cudnn_benchmark": True}  # the GPU smoke test's set
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("knobs", [{"compile": True, "channels_last": True}, EVERY_KNOB],
+                         ids=["compile", "every_knob"])
 def test_compiled_training_compiles_once_per_mode_whatever_the_batch(eager_compile, tmp_path,
-                                                                     caplog):
+                                                                     caplog, knobs):
     # 600 images at batch 64: 9 full batches and one of 24; 300 validation images at
     # --eval-batch 128: two of 128 and one of 44; all in channels_last
-    raw = digits(data={"train_subset": 600}, optim={"epochs": 2},
-                 performance={"compile": True, "channels_last": True})
+    raw = digits(data={"train_subset": 600}, optim={"epochs": 2}, performance=knobs)
     with caplog.at_level("WARNING", logger="torch._dynamo"):
         train(parse_spec(raw), tmp_path, progress=False, eval_batch=128)
     graphs = eager_compile["stats"]["unique_graphs"]
-    # train; eval with grad (TPGD, PGD-10); eval without (clean forwards): 3 measured, at
-    # most two each (a first static shape, then the batch made symbolic), and well under
-    # the 8 that would make a frame fall back to eager
+    # train; eval with grad (TPGD); eval without (TPGD's clean forward): at most two each (a
+    # first static shape, then the batch made symbolic). Validation runs the eager module,
+    # under evaluation numerics: compiled, its TF32-off and autocast-off state would add
+    # graphs of its own (8 measured with every knob, dynamo's limit, past which a frame
+    # silently falls back to eager).
     assert 0 < graphs <= 6, dict(eager_compile["stats"])
     assert not [r for r in caplog.records if "hit config" in r.getMessage()]

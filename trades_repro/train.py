@@ -73,7 +73,9 @@ def run_epoch(session: Session, epoch: int) -> store.EpochRecord:
     for group in session.optimizer.param_groups:
         group["lr"] = lr
     stats = train_epoch(session, epoch)
-    val = validate(session.model, session.splits.val, spec, session.device, epoch,
+    # the plain module, as `evaluate` and `diagnose` run it: a compiled one would compile
+    # again for the evaluation numerics (TF32 and autocast off), up to dynamo's limit
+    val = validate(session.net, session.splits.val, spec, session.device, epoch,
                    batch_size=session.eval_batch, prepare=session.prepare)
     record = store.EpochRecord(
         epoch=epoch, lr=lr, val_source=session.splits.val_source, **stats, **val,
@@ -175,7 +177,7 @@ def validate(model: nn.Module, val: datalib.ImageSet, spec: ExperimentSpec,
     whatever the training precision, in eval mode, and restores each submodule's mode after.
     The random starts are drawn for the whole set at once from (seed, epoch), so the result
     does not depend on `batch_size` (default: `evalbatch.eval_batch_size`). `prepare` converts
-    each input as training does (channels_last), so a compiled model sees one layout.
+    each input as training does (channels_last), the layout the model's weights are in.
     """
     attack, monitor = spec.validation, spec.monitor
     record = monitor.fosc or monitor.sgcs
