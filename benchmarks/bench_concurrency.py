@@ -30,32 +30,24 @@ import time
 from pathlib import Path
 
 import torch
-from common import header, provenance, summary, write_record
+import yaml
+from common import ROOT, cifar_shaped, header, provenance, summary, write_record
 from rich.console import Console
 from rich.table import Table
 
+from trades_repro.spec import ExperimentSpec
+
 DIGITS = {"data": {"train_subset": 1024}, "monitor": {"sgcs": False}}  # 16 steps/epoch
-# lr 0.01 and no crop/flip: at the default 0.1 this synthetic set's loss diverges within an
-# epoch (NaN on an H200, 2026-11-27), which would end the benchmark's runs as failed
-RESNET = {"name": "concurrency_resnet18", "device": "cuda",
-          "data": {"dataset": "synthetic", "validation": "holdout", "val_size": 512,
-                   "augment": False,
-                   "synthetic": {"n_train": 5632, "n_test": 512, "num_classes": 10,
-                                 "channels": 3, "image_size": 32}},
-          "model": {"arch": "resnet18"}, "optim": {"batch_size": 128, "lr": 0.01}}
 
 
-def spec_for(model: str, device: str, seed: int):
-    """The run one worker trains: instant-tier digits, or CIFAR-shaped ResNet-18."""
-    import yaml
-
-    from trades_repro.spec import ExperimentSpec
-
-    root = Path(__file__).resolve().parents[1] / "spec"
-    base = yaml.safe_load((root / ("digits.yaml" if model == "digits" else
-                                   "cifar100_default.yaml")).read_text())
-    for key, value in (DIGITS if model == "digits" else RESNET).items():
-        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
+def spec_for(model: str, device: str, seed: int) -> ExperimentSpec:
+    """The run one worker trains: instant-tier digits, or CIFAR-shaped ResNet-18
+    (`common.cifar_shaped`: 5,120 training and 512 validation images, batch 128)."""
+    if model == "resnet18":
+        return cifar_shaped(device=device, seed=seed, name="concurrency_resnet18")
+    base = yaml.safe_load((ROOT / "spec" / "digits.yaml").read_text())
+    for key, value in DIGITS.items():
+        base[key] = {**base.get(key, {}), **value}
     return ExperimentSpec.model_validate({**base, "seed": seed, "device": device})
 
 
@@ -94,7 +86,11 @@ def level(c: int, args: argparse.Namespace) -> dict:
                 raise RuntimeError("a worker failed before the barrier")
             time.sleep(0.05)
         Path(barrier, "go").touch()
-        results = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
+        outputs = [p.communicate()[0] for p in procs]
+        if any(p.returncode for p in procs):
+            codes = [p.returncode for p in procs]
+            raise RuntimeError(f"a worker failed while training (exit codes {codes})")
+        results = [json.loads(out.strip().splitlines()[-1]) for out in outputs]
     span = max(r["end"] for r in results) - min(r["start"] for r in results)
     images = sum(r["images"] for r in results)
     per_run = [r["images"] / (r["end"] - r["start"]) for r in results]
@@ -116,9 +112,7 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    levels = [int(x) for x in args.per_gpu.split(",")]
-    if levels[0] != 1:
-        levels = [1, *levels]
+    levels = args.levels
     device = torch.device(args.device)
     console = Console()
     record = {**provenance(device, {"model": args.model, "epochs": args.epochs,
@@ -140,11 +134,12 @@ def main() -> None:
     console.print(table)
     path = write_record("concurrency", {**record, "rounds": {str(c): v for c, v in
                                                              rounds.items()},
-                                        "figures": figures})
+                                        "figures": figures},
+                        **({"out_dir": args.out_dir} if args.out_dir else {}))
     console.print(f"record: {path}")
 
 
-def parse() -> argparse.Namespace:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="CPU smoke: 1 repeat, 1 epoch")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -154,12 +149,21 @@ def parse() -> argparse.Namespace:
                         "synthetic data (CUDA default)")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--out-dir", type=Path, default=None, help="JSON record folder")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--barrier", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=None,
                         help="ignored: workers use 1 thread on CPU (as run-claim does)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    try:
+        args.levels = sorted({1, *(int(x) for x in args.per_gpu.split(","))})
+    except ValueError:
+        parser.error(f"--per-gpu: comma-separated whole numbers, got {args.per_gpu!r}")
+    if args.levels[0] < 1:
+        parser.error(f"--per-gpu: levels must be at least 1, got {args.per_gpu!r}")
+    if args.device == "cuda" and not args.worker and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible")
     args.model = args.model or ("resnet18" if args.device == "cuda" else "digits")
     args.epochs = args.epochs or (1 if args.quick else (2 if args.model == "resnet18" else 3))
     args.repeats = args.repeats or (1 if args.quick else 3)

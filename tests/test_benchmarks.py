@@ -78,3 +78,172 @@ def test_records_carry_device_versions_flags_and_figures(tmp_path):
                 "load_average_end", "command"):
         assert key in saved, key
     assert common.summary([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0}
+
+
+gate = _load("bench_gate")
+FP32 = {"clean": 0.70, "pgd10": 0.40, "seconds": 1.0, "epochs": []}
+
+
+def _run(clean: float, pgd10: float) -> dict:
+    return {"clean": clean, "pgd10": pgd10, "seconds": 1.0, "epochs": []}
+
+
+def test_gate_passes_a_knob_within_tolerance_and_fails_one_beyond():
+    figures = {gate.FP32: FP32, gate.SEED1: _run(0.66, 0.45),
+               "bf16": _run(0.73, 0.37), "all": _run(0.70, 0.33)}
+    verdicts = gate.judge(figures, ["bf16", "all"], tolerance=0.06)
+    assert verdicts["bf16"]["passed"] and not verdicts["all"]["passed"]
+    assert verdicts["all"]["delta_pgd10"] == pytest.approx(0.07)
+    assert verdicts[gate.SEED1]["delta_clean"] == pytest.approx(0.04)
+    assert gate.exit_status(figures, verdicts, ["bf16", "all"]) == 1
+    assert gate.exit_status(figures, verdicts, ["bf16"]) == 0
+    at_edge = {gate.FP32: _run(0.5, 0.25), "tf32": _run(0.75, 0.5)}  # exact in binary
+    assert gate.judge(at_edge, ["tf32"], 0.25)["tf32"]["passed"]  # at the tolerance: passes
+    assert not gate.judge(at_edge, ["tf32"], 0.125)["tf32"]["passed"]
+
+
+def test_gate_fails_a_knob_whose_run_failed_or_never_ran():
+    figures = {gate.FP32: FP32, "compile": {"error": "RuntimeError: boom"}}
+    verdicts = gate.judge(figures, ["compile", "bf16"], tolerance=0.06)
+    assert verdicts["compile"] == {"passed": False, "error": "RuntimeError: boom"}
+    assert verdicts["bf16"] == {"passed": False, "error": "not run"}
+    assert gate.exit_status(figures, verdicts, ["compile"]) == 1
+
+
+@pytest.mark.parametrize("fp32", [
+    {"clean": 1.0, "pgd10": 0.02},   # ceiling and chance: agreement proves nothing
+    {"clean": 0.12, "pgd10": 0.01},  # still at chance
+    {"error": "NonFiniteLoss"},      # no baseline at all
+])
+def test_gate_is_inconclusive_without_an_informative_fp32(fp32):
+    figures = {gate.FP32: fp32, "bf16": _run(0.5, 0.5)}
+    verdicts = gate.judge(figures, ["bf16"], 0.06) if "error" not in fp32 else {}
+    assert gate.exit_status(figures, verdicts, ["bf16"]) == 3
+    assert gate.exit_status({}, {}, ["bf16"]) == 3
+
+
+@pytest.mark.parametrize("workload", ["fashion", "cifar"])
+@pytest.mark.parametrize("quick", [True, False])
+def test_gate_runs_differ_only_in_the_knob_or_the_seed(workload, quick):
+    specs = gate.gate_specs(workload, "cpu", ["bf16", "all"], epochs=3, quick=quick)
+    assert list(specs) == [gate.FP32, gate.SEED1, "bf16", "all"]
+    base = specs[gate.FP32].model_dump(mode="json")
+    assert specs[gate.FP32].performance.precision == "fp32"
+    seed1 = specs[gate.SEED1].model_dump(mode="json")
+    assert seed1.pop("seed") == 1 and {**base, "seed": None} == {**seed1, "seed": None}
+    for knob in ("bf16", "all"):
+        raw = specs[knob].model_dump(mode="json")
+        assert raw.pop("performance") != base["performance"]
+        assert raw == {k: v for k, v in base.items() if k != "performance"}
+    assert specs["all"].performance.compile and specs["bf16"].performance.precision == "bf16"
+    assert (specs[gate.FP32].model.arch == "resnet18") is not quick
+
+
+def test_gate_keeps_the_runs_it_finished_and_goes_on_past_a_failed_knob(tmp_path,
+                                                                        monkeypatch):
+    trained = []
+
+    def fake(spec, runs):
+        trained.append(spec.performance.channels_last)
+        if spec.performance.channels_last:
+            raise RuntimeError("compile exploded")
+        return _run(0.7, 0.4)
+
+    monkeypatch.setattr(gate, "figures_of", fake)
+    saved = []
+    specs = gate.gate_specs("cifar", "cpu", ["channels_last", "bf16"], 2, quick=True)
+    figures = gate.run_all(specs, tmp_path, lambda f: saved.append(dict(f)))
+    assert trained == [False, False, True, False]
+    assert figures["channels_last"]["error"] == "RuntimeError: compile exploded"
+    assert "RuntimeError" in figures["channels_last"]["traceback"]
+    assert [len(s) for s in saved] == [1, 2, 3, 4]  # saved after every run
+
+
+def test_gate_stops_when_fp32_fails(tmp_path, monkeypatch):
+    monkeypatch.setattr(gate, "figures_of", lambda spec, runs: 1 / 0)
+    specs = gate.gate_specs("cifar", "cpu", ["bf16"], 2, quick=True)
+    figures = gate.run_all(specs, tmp_path, lambda f: None)
+    assert list(figures) == [gate.FP32] and "ZeroDivisionError" in figures[gate.FP32]["error"]
+
+
+def test_gate_main_writes_its_record_and_exit_status(tmp_path, monkeypatch):
+    runs = iter([FP32, _run(0.66, 0.42), _run(0.69, 0.41)])
+    monkeypatch.setattr(gate, "figures_of", lambda spec, runs_dir: next(runs))
+    status = gate.main(["--device", "cpu", "--quick", "--out-dir", str(tmp_path)])
+    assert status == 0
+    (path,) = tmp_path.glob("gate-cpu-*.json")
+    record = json.loads(path.read_text())
+    assert record["exit_status"] == 0 and record["verdicts"]["channels_last"]["passed"]
+    assert set(record["specs"]) == {gate.FP32, gate.SEED1, "channels_last"}
+    assert record["flags"]["workload"] == "fashion"
+
+
+@pytest.mark.parametrize("argv", [["--knobs", "warp"], ["--epochs", "1"], ["--epochs", "0"],
+                                  ["--tolerance", "0"], ["--workload", "imagenet"]])
+def test_gate_refuses_bad_arguments(argv):
+    with pytest.raises(SystemExit) as err:
+        gate.parse_args(["--device", "cpu", *argv])
+    assert err.value.code == 2
+
+
+def test_gate_refuses_cuda_without_a_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as err:
+        gate.parse_args(["--device", "cuda"])
+    assert err.value.code == 2
+
+
+concurrency = _load("bench_concurrency")
+
+
+def test_concurrency_workloads_and_levels():
+    args = concurrency.parse(["--per-gpu", "4,2", "--quick", "--out-dir", "x"])
+    assert args.levels == [1, 2, 4] and args.model == "digits" and args.epochs == 1
+    resnet = concurrency.spec_for("resnet18", "cpu", 3)
+    assert (resnet.seed, resnet.model.arch, resnet.data.dataset) == (3, "resnet18", "synthetic")
+    assert resnet.optim.lr == 0.01 and not resnet.data.augment  # lr 0.1 diverges on this set
+    digits = concurrency.spec_for("digits", "cpu", 1)
+    assert digits.data.train_subset == 1024 and digits.seed == 1
+
+
+@pytest.mark.parametrize("levels", ["1,two", "0,2", ""])
+def test_concurrency_refuses_bad_levels(levels):
+    with pytest.raises(SystemExit) as err:
+        concurrency.parse(["--per-gpu", levels])
+    assert err.value.code == 2
+
+
+pack = _load("gpu_pack")
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_gpu_pack_keeps_the_head_of_each_file_readable_by_the_real_loader(tmp_path, gz):
+    from test_data import _write_fashion
+
+    from trades_repro.data import load_splits
+    from trades_repro.spec import DataSpec
+
+    arrays = _write_fashion(tmp_path / "src", gz, n_train=9, n_test=5)
+    written = pack.main(["--source", str(tmp_path / "src"), "--out", str(tmp_path / "out"),
+                         "--train", "7", "--test", "3"])
+    assert written == 0
+    splits = load_splits(DataSpec(dataset="fashion_mnist", root=str(tmp_path / "out"),
+                                  validation="test"), 0)
+    expected = torch.from_numpy(arrays["train-images-idx3-ubyte"][:7].astype("uint8"))
+    assert torch.equal(splits.train.images[:, 0], expected)
+    assert splits.test.labels.tolist() == arrays["t10k-labels-idx1-ubyte"][:3].tolist()
+    # asking for more than there is keeps them all
+    assert pack.idx_head(pack.idx_head(b"\0\0\x08\x01\0\0\0\x02ab", 5), 1) == \
+        b"\0\0\x08\x01\0\0\0\x01a"
+
+
+@pytest.mark.parametrize("raw", [b"", b"\0\0\x09\x01\0\0\0\x01a", b"\0\0\x08\x01\0\0\0\x03ab"])
+def test_gpu_pack_refuses_what_is_not_a_whole_idx_file(raw):
+    with pytest.raises(ValueError):
+        pack.idx_head(raw, 1)
+
+
+def test_gpu_pack_says_in_one_line_when_the_data_is_missing(tmp_path, capsys):
+    assert pack.main(["--source", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "train-images-idx3-ubyte[.gz] not in" in err
