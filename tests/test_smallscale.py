@@ -170,8 +170,12 @@ def test_a_sweep_tries_each_run_once_and_carries_on_past_a_failure(tmp_path, mon
         return []
 
     monkeypatch.setattr(runclaim, "execute", fake_execute)
-    failures = ss.run_sweeps([sweep], tmp_path / "runs")
+    lines = []
+    failures = ss.run_sweeps([sweep], tmp_path / "runs", report=lines.append)
     assert tried == [0, 1, 2] and failures == [f"{specs[0].digest()}: NaN loss"]
+    assert lines[0] == "shard 0/1: 3 runs, 0 done"
+    ss.run_sweeps([sweep], tmp_path / "runs", report=lines.append)  # a second launch
+    assert lines[-1] == "shard 0/1: 3 runs, 2 done" and tried == [0, 1, 2, 0]
 
 
 def test_export_copies_evidence_without_weights(evidence, tmp_path):

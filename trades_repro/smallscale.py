@@ -90,8 +90,7 @@ def run_sweeps(files: list[Path], runs_dir: Path, *, shard: tuple[int, int] = (0
     k, n = shard
     specs = [s for i, s in enumerate(sweep_specs(files)) if i % n == k]
     rekey(runs_dir, report)
-    runs = [planned(s, cell_label(s), runs_dir) for s in specs]
-    report(f"shard {k}/{n}: {len(runs)} runs, {sum(r.state == 'done' for r in runs)} done")
+    report(f"shard {k}/{n}: {len(specs)} runs, {len(specs) - len(queue(specs, runs_dir))} done")
     failures, tried = [], set()
     while (spec := next_spec(specs, runs_dir, tried)) is not None:
         tried.add(spec.digest())
