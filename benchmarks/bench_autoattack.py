@@ -1,14 +1,18 @@
 """AutoAttack throughput (images/s) against batch size: standard cascade and Square alone.
 
     python benchmarks/bench_autoattack.py [--quick] [--n 64] [--batch-sizes 8,16,32,64]
-        [--threads 1] [--device cpu|cuda]
+        [--threads 1] [--device cpu|cuda] [--workload digits|fashion|cifar]
+        [--runs-dir DIR] [--data-root DIR]
 
 The workload must stay robust, or the cascade stops after APGD-CE and measures nothing: a
-small TRADES model is trained on digits first (~20 s on a CPU), then pyautoattack's
-``standard`` cascade (APGD-CE, APGD-T, FAB-T, Square at 5,000 queries) and Square alone (the
-masking verdict's second attack) run on the same test images at each batch size, called the
-way `trades_repro.evaluate` calls them (`device=` and `eps=` explicit). Ratios are against
-AutoAttack's own default batch (250 in `run_standard_evaluation`).
+TRADES model is trained first (digits: a small CNN, ~20 s on a CPU; fashion: ResNet-18 on
+real Fashion-MNIST, the gate's fp32 run, found trained when `--runs-dir` is the gate's),
+then pyautoattack's ``standard`` cascade (APGD-CE, APGD-T, FAB-T, Square at 5,000 queries)
+and Square alone (the masking verdict's second attack) run on the same test images at each
+batch size, called the way `trades_repro.evaluate` calls them (`device=` and `eps=`
+explicit). Ratios are against AutoAttack's own default batch (250 in
+`run_standard_evaluation`). ``cifar`` (ResNet-18 on CIFAR-shaped synthetic images) has
+CIFAR's cost per forward, but its model is barely robust, so the cascade ends early.
 """
 
 from __future__ import annotations
@@ -19,13 +23,13 @@ import time
 from pathlib import Path
 
 import torch
-from common import header, provenance, write_record
+from common import fashion_resnet, header, provenance, write_record
 from rich.console import Console
 from rich.table import Table
 
 from trades_repro.checkpoints import build_arch, load_state_dict, load_weights
 from trades_repro.data import load_splits, to_float
-from trades_repro.spec import parse_spec
+from trades_repro.spec import ExperimentSpec, parse_spec
 from trades_repro.train import train
 
 AA_DEFAULT_BATCH = 250  # pyautoattack's run_standard_evaluation default
@@ -56,12 +60,25 @@ SPECS = {
 }
 
 
-def workload(name: str, n: int, epochs: int, device: str):
-    raw = {**SPECS[name], "device": device,
-           "optim": {**SPECS[name]["optim"], "epochs": epochs}}
-    spec = parse_spec(raw)
-    with tempfile.TemporaryDirectory() as runs:
-        run = train(spec, Path(runs), progress=False).run_dir
+DEFAULT_EPOCHS = {"digits": 10, "cifar": 5, "fashion": 3}
+WORKLOADS = sorted(DEFAULT_EPOCHS)
+
+
+def workload_spec(name: str, device: str, epochs: int, *, quick: bool = False,
+                  root: Path | None = None) -> ExperimentSpec:
+    """The model to attack: `SPECS[name]`, or `common.fashion_resnet` for ``fashion`` (the
+    gate's fp32 run: ResNet-18 on real Fashion-MNIST, robust enough to keep every attack of
+    the cascade busy, as the CIFAR-shaped synthetic set is not)."""
+    if name == "fashion":
+        return fashion_resnet(device=device, epochs=epochs, quick=quick, root=root)
+    return parse_spec({**SPECS[name], "device": device,
+                       "optim": {**SPECS[name]["optim"], "epochs": epochs}})
+
+
+def workload(spec: ExperimentSpec, n: int, device: str, runs_dir: Path | None = None):
+    """Train `spec` (or find it trained in `runs_dir`), and its first `n` test images."""
+    with tempfile.TemporaryDirectory() as scratch:
+        run = train(spec, runs_dir or Path(scratch), progress=False).run_dir
         tensors = load_state_dict(run / "best.safetensors")
     splits = load_splits(spec.data, spec.seed)
     net = build_arch(spec.model, spec.data.dataset, splits.shape, splits.num_classes)
@@ -92,19 +109,28 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-sizes", default="8,16,32,64")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--workload", choices=sorted(SPECS), default="digits")
+    parser.add_argument("--workload", choices=WORKLOADS, default="digits",
+                        help="digits (CPU), fashion (ResNet-18 on real Fashion-MNIST) or "
+                        "cifar (ResNet-18 on CIFAR-shaped synthetic images)")
+    parser.add_argument("--runs-dir", type=Path, default=None,
+                        help="train the model here, or find it trained (default: a temporary "
+                        "folder); the gate's runs folder holds the fashion model")
+    parser.add_argument("--data-root", type=Path, default=None,
+                        help="Fashion-MNIST's IDX folder (fashion workload)")
     parser.add_argument("--attacks", default="standard,square",
                         help="standard (the cascade) and/or square (alone)")
     parser.add_argument("--out-dir", type=Path, default=None)
     args = parser.parse_args(argv)
     n, sizes = args.n, {int(b) for b in args.batch_sizes.split(",")}
-    epochs = SPECS[args.workload]["optim"]["epochs"]
+    epochs = DEFAULT_EPOCHS[args.workload]
     if args.quick:
         n, epochs, sizes = 16, 5, {4, 16}
     sizes = sorted(sizes | {AA_DEFAULT_BATCH})
     torch.set_num_threads(args.threads)
     console = Console(width=110)
-    net, x, y, eps = workload(args.workload, n, epochs, args.device)
+    spec = workload_spec(args.workload, args.device, epochs, quick=args.quick,
+                         root=args.data_root)
+    net, x, y, eps = workload(spec, n, args.device, args.runs_dir)
     record = provenance(torch.device(args.device), {
         "threads": args.threads, "n": n, "eps": eps, "train_epochs": epochs,
         "workload": args.workload})

@@ -40,9 +40,8 @@ import traceback
 from pathlib import Path
 
 import torch
-import yaml
 from bench_train_paths import KNOBS, with_performance
-from common import cifar_shaped, header, provenance, write_record
+from common import cifar_shaped, fashion_resnet, header, provenance, write_record
 from rich.console import Console
 from rich.table import Table
 
@@ -53,20 +52,12 @@ TOLERANCE = 0.06  # see the module docstring
 FP32, SEED1 = "fp32", "fp32 seed 1"
 CEILING = 0.99
 NUM_CLASSES = 10  # both workloads'
-SPEC_DIR = Path(__file__).resolve().parents[1] / "spec"
 
 
 def fashion(device: str, epochs: int, quick: bool, root: Path | None) -> ExperimentSpec:
-    """spec/fashion_mnist.yaml (real images, ε 0.1) with ResNet-18 on 4,096 training images;
-    with `quick`, the spec's own small CNN on 1,024."""
-    raw = yaml.safe_load((SPEC_DIR / "fashion_mnist.yaml").read_text())
-    raw.update(name="gate_fashion_mnist", device=device)
-    raw["data"] = {**raw["data"], "train_subset": 1024 if quick else 4096,
-                   **({"root": str(root)} if root else {})}
-    raw["optim"] = {**raw["optim"], "epochs": epochs}
-    if not quick:
-        raw["model"] = {"arch": "resnet18"}
-    return parse_spec(raw, source="bench_gate: fashion")
+    """`common.fashion_resnet`: ResNet-18 on 4,096 real Fashion-MNIST images (quick: the
+    spec's small CNN on 1,024)."""
+    return fashion_resnet(device=device, epochs=epochs, quick=quick, root=root)
 
 
 def cifar(device: str, epochs: int, quick: bool, root: Path | None) -> ExperimentSpec:

@@ -103,6 +103,22 @@ def cifar_shaped(*, device: str, seed: int = 0, n_train: int = 5632, val_size: i
     return parse_spec(raw, source="benchmarks/common.py: cifar_shaped")
 
 
+def fashion_resnet(*, device: str, epochs: int = 3, quick: bool = False,
+                   root: Path | None = None) -> ExperimentSpec:
+    """spec/fashion_mnist.yaml (real images, ε 0.1) with ResNet-18 on 4,096 training images;
+    with `quick`, the spec's own small CNN on 1,024. `root`: the IDX files' folder (a lent
+    GPU gets the head of the set from `gpu_pack.py`). The gate and the AutoAttack benchmark
+    share it, so in one runs folder the second finds the first's fp32 run trained."""
+    raw = yaml.safe_load((ROOT / "spec" / "fashion_mnist.yaml").read_text())
+    raw.update(name="fashion_resnet18", device=device)
+    raw["data"] = {**raw["data"], "train_subset": 1024 if quick else 4096,
+                   **({"root": str(root)} if root else {})}
+    raw["optim"] = {**raw["optim"], "epochs": epochs}
+    if not quick:
+        raw["model"] = {"arch": "resnet18"}
+    return parse_spec(raw, source="benchmarks/common.py: fashion_resnet")
+
+
 def summary(values: list[float]) -> dict[str, float]:
     """Median and range of per-round figures (the median is what tables show)."""
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}

@@ -247,3 +247,27 @@ def test_gpu_pack_says_in_one_line_when_the_data_is_missing(tmp_path, capsys):
     assert pack.main(["--source", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "train-images-idx3-ubyte[.gz] not in" in err
+
+
+autoattack = _load("bench_autoattack")
+
+
+def test_autoattack_attacks_the_gates_fp32_model_when_they_share_a_runs_folder(tmp_path):
+    gate_fp32 = gate.gate_specs("fashion", "cpu", [], epochs=3, quick=False,
+                                root=tmp_path)[gate.FP32]
+    attacked = autoattack.workload_spec("fashion", "cpu", autoattack.DEFAULT_EPOCHS["fashion"])
+    assert attacked.digest() == gate_fp32.digest()  # trained once, found by the second
+    assert attacked.model.arch == "resnet18" and attacked.data.train_subset == 4096
+    digits = autoattack.workload_spec("digits", "cpu", 7)
+    assert digits.optim.epochs == 7 and digits.model.arch == "small_cnn"
+
+
+@pytest.mark.parametrize("steps", [["bogus"], ["smoke+bogus"], ["gate", "smoke+train_path"]])
+def test_gpu_session_refuses_an_unknown_step_before_running_any(tmp_path, steps):
+    import subprocess
+
+    done = subprocess.run(["bash", str(BENCHMARKS / "gpu_session.sh"), *steps],
+                          capture_output=True, text=True, timeout=60,
+                          env={"PATH": "/usr/bin:/bin", "OUT": str(tmp_path)})
+    assert done.returncode == 2 and "unknown step" in done.stderr
+    assert not list(tmp_path.iterdir())  # nothing ran, nothing written
