@@ -259,13 +259,38 @@ def test_any_other_error_marks_the_run_failed_and_propagates(tmp_path, monkeypat
     spec = _spec()
 
     def boom(session, epoch):
-        raise KeyboardInterrupt
+        raise MemoryError("out of host memory")
 
     monkeypatch.setattr(trainlib, "run_epoch", boom)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(MemoryError):
         trainlib.train(spec, tmp_path, progress=False)
     provenance = store.read_json(tmp_path / spec.digest() / store.PROVENANCE_FILE)
-    assert provenance["status"] == "failed" and provenance["error"] == "KeyboardInterrupt: "
+    assert provenance["status"] == "failed"
+    assert provenance["error"] == "MemoryError: out of host memory"
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, SystemExit])
+def test_an_interrupted_run_is_recorded_as_interrupted_and_resumes(tmp_path, monkeypatch,
+                                                                   stop):
+    from trades_repro.executors import failure
+    from trades_repro.runclaim import _state
+
+    spec = _spec()
+    real = trainlib.run_epoch
+
+    def stop_at_two(session, epoch):
+        if epoch == 2:
+            raise stop
+        return real(session, epoch)
+
+    monkeypatch.setattr(trainlib, "run_epoch", stop_at_two)
+    with pytest.raises(stop):
+        trainlib.train(spec, tmp_path, progress=False)
+    run_dir = tmp_path / spec.digest()
+    provenance = store.read_json(run_dir / store.PROVENANCE_FILE)
+    assert provenance["status"] == "interrupted"
+    assert provenance["error"].startswith(stop.__name__)
+    assert failure(run_dir) is None and _state(spec, tmp_path, ("best_pgd10",)) == "resume"
 
 
 def test_validation_uses_the_runs_eval_batch_and_input_layout(tmp_path, monkeypatch):

@@ -138,7 +138,8 @@ class RunJob(submitit.helpers.Checkpointable):
 
 def failure(run_dir: Path) -> str | None:
     """The run's recorded failure: `failed.json`, or a `failed` provenance that was not an
-    interrupt (`train` marks a Ctrl-C'd run failed; it resumes like a killed one)."""
+    interrupt (`train` marks a Ctrl-C'd run `interrupted`, and did mark it `failed` before
+    2026-11-28; either way it resumes like a killed one)."""
     path = run_dir / FAILED_FILE
     if path.is_file():
         return store.read_json(path).get("error", "failed")

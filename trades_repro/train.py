@@ -59,6 +59,9 @@ def train(spec: ExperimentSpec, runs_dir: Path, *, progress: bool = True,
                   f"checkpoint kept in {run_dir / store.LAST_FILE}"
         session.finish(started, status="failed", error=message)
         raise TrainingError(message) from None
+    except (KeyboardInterrupt, SystemExit) as err:  # stopped, not failed: it resumes
+        session.finish(started, status="interrupted", error=f"{type(err).__name__}: {err}")
+        raise
     except BaseException as err:
         session.finish(started, status="failed", error=f"{type(err).__name__}: {err}")
         raise
