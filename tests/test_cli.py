@@ -105,3 +105,15 @@ def test_train_eval_batch_below_one_is_one_line_bad_input_before_any_training(tm
                                  "--eval-batch", "0"])
     assert_one_line_error(result, "--eval-batch 0")
     assert not (tmp_path / "runs").exists()  # refused before a run folder or an epoch
+
+
+@pytest.mark.parametrize("command", [
+    ["evaluate", "{run}"],
+    ["diagnose", "{run}/best.safetensors", "--dataset", "digits"],
+])
+def test_evaluate_and_diagnose_refuse_eval_batch_below_one_as_the_option(tmp_path, command):
+    # the run folder need not even exist: the option is refused first, and named, not
+    # reported as a bad spec.json field (evaluation.batch_size) as it was
+    args = [a.format(run=tmp_path / "missing_run") for a in command]
+    result = runner.invoke(app, [*args, "--eval-batch", "0"])
+    assert_one_line_error(result, "--eval-batch 0")

@@ -44,6 +44,14 @@ EvalBatchOption = Annotated[int | None, typer.Option(
     "memory; 500 on a CPU). Lower it if the GPU runs out of memory.")]
 
 
+def _checked_eval_batch(eval_batch: int | None) -> None:
+    """`--eval-batch` below 1 is refused as the option, before any run folder is read."""
+    if eval_batch is not None:
+        from trades_repro.evalbatch import checked
+
+        checked(eval_batch)
+
+
 def _fail(message: str, code: int) -> typer.Exit:
     typer.echo(f"error: {message}", err=True)
     return typer.Exit(code)
@@ -241,6 +249,7 @@ def evaluate(
     """
     from trades_repro.diagnose import evaluate_run, parse_attacks
 
+    _checked_eval_batch(eval_batch)
     _set_threads(threads, device)
     chosen = parse_attacks(attacks) if attacks else None
     records = evaluate_run(run_dir, attacks=chosen, n_examples=n_examples, device=device,
@@ -296,6 +305,7 @@ def diagnose(
     from trades_repro.errors import Inconclusive
     from trades_repro.evaluate import DIAGNOSE_RULE, verdict_line
 
+    _checked_eval_batch(eval_batch)
     _set_threads(threads, device)
     record = run_diagnosis(
         checkpoint, dataset=dataset, arch=model, factory=factory, width=width,
