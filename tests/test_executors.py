@@ -35,7 +35,7 @@ def _job(spec: ExperimentSpec, runs: Path) -> executors.RunJob:
 
 
 def _planned(spec: ExperimentSpec, runs: Path) -> runclaim.PlannedRun:
-    return runclaim.PlannedRun(spec, ("tiny",), runclaim._state(spec, runs, POLICIES), POLICIES)
+    return runclaim.PlannedRun(spec, ("tiny",), runclaim.run_state(spec, runs, POLICIES), POLICIES)
 
 
 # ------------------------------------------------------------------------------ plumbing

@@ -106,14 +106,14 @@ def test_evaluated_needs_every_policy_every_attack_and_the_specs_settings(tmp_pa
     _, spec, runs = _one(tmp_path)
     folder = write_run(runs, spec)
     both = ("best_pgd10", "best_pgd10_fosc_ok")
-    assert rc._evaluated(folder, spec, ("best_pgd10",))
-    assert not rc._evaluated(folder, spec, both)
+    assert rc.is_evaluated(folder, spec, ("best_pgd10",))
+    assert not rc.is_evaluated(folder, spec, both)
     write_run(runs, spec, folder="fosc", policy="best_pgd10_fosc_ok")
     evals = json.loads((folder / "eval.json").read_text())
     other = json.loads((runs / "fosc" / "eval.json").read_text())["checkpoints"]
     evals["checkpoints"].update({k + "2": v | {"key": k + "2"} for k, v in other.items()})
     (folder / "eval.json").write_text(json.dumps(evals))
-    assert rc._evaluated(folder, spec, both)
+    assert rc.is_evaluated(folder, spec, both)
     more = spec.model_copy(
         update={
             "evaluation": spec.evaluation.model_copy(
@@ -121,14 +121,14 @@ def test_evaluated_needs_every_policy_every_attack_and_the_specs_settings(tmp_pa
             )
         }
     )
-    assert not rc._evaluated(folder, more, ("best_pgd10",))
+    assert not rc.is_evaluated(folder, more, ("best_pgd10",))
     budget = spec.model_copy(
         update={"evaluation": spec.evaluation.model_copy(update={"square_queries": 1000})}
     )
-    assert not rc._evaluated(folder, budget, ("best_pgd10",))
+    assert not rc.is_evaluated(folder, budget, ("best_pgd10",))
     (folder / "eval.json").unlink()
-    assert not rc._evaluated(folder, spec, ("best_pgd10",))
-    assert rc._evaluated(folder, spec, ())  # nothing asked: nothing missing
+    assert not rc.is_evaluated(folder, spec, ("best_pgd10",))
+    assert rc.is_evaluated(folder, spec, ())  # nothing asked: nothing missing
 
 
 # ------------------------------------------------------------------------------------ cost

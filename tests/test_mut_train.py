@@ -273,7 +273,7 @@ def test_any_other_error_marks_the_run_failed_and_propagates(tmp_path, monkeypat
 def test_an_interrupted_run_is_recorded_as_interrupted_and_resumes(tmp_path, monkeypatch,
                                                                    stop):
     from trades_repro.executors import failure
-    from trades_repro.runclaim import _state
+    from trades_repro.runclaim import run_state
 
     spec = _spec()
     real = trainlib.run_epoch
@@ -290,7 +290,7 @@ def test_an_interrupted_run_is_recorded_as_interrupted_and_resumes(tmp_path, mon
     provenance = store.read_json(run_dir / store.PROVENANCE_FILE)
     assert provenance["status"] == "interrupted"
     assert provenance["error"].startswith(stop.__name__)
-    assert failure(run_dir) is None and _state(spec, tmp_path, ("best_pgd10",)) == "resume"
+    assert failure(run_dir) is None and run_state(spec, tmp_path, ("best_pgd10",)) == "resume"
 
 
 def test_validation_uses_the_runs_eval_batch_and_input_layout(tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ from scipy import stats
 from statsmodels.stats.contingency_tables import Table
 
 from trades_repro.claims import load_catalogue
-from trades_repro.runclaim import _evaluated
+from trades_repro.runclaim import is_evaluated
 from trades_repro.verify import Context, Evidence, judge
 
 RATE = {"test": {"name": "clopper_pearson"}}
@@ -95,11 +95,11 @@ def test_a_record_of_another_square_budget_is_never_the_runs_own(tmp_path):
     arm_spec = catalogue.specs("a", "full")[0]
     spec = arm_spec.model_copy(update={"evaluation": arm_spec.evaluation.model_copy(
         update={"attacks": ("pgd10", "square")})})
-    assert _evaluated(run, spec, ("best_pgd10",))
+    assert is_evaluated(run, spec, ("best_pgd10",))
     evals = json.loads((run / "eval.json").read_text())
     del evals["checkpoints"][own["key"]]  # the probe alone: run-claim must still evaluate
     (run / "eval.json").write_text(json.dumps(evals))
-    assert not _evaluated(run, spec, ("best_pgd10",))
+    assert not is_evaluated(run, spec, ("best_pgd10",))
 
 
 def test_unfinished_runs_are_not_evidence(tmp_path):

@@ -668,7 +668,7 @@ study_app = typer.Typer(help="The CPU study of when TRADES overestimates robustn
 app.add_typer(study_app, name="study")
 
 
-STATES = ("done", "evaluate", "resume", "train", "failed")  # runclaim._state's, in order
+STATES = ("done", "evaluate", "resume", "train", "failed")  # runclaim.run_state's, in order
 ShardOption = Annotated[str, typer.Option(
     help="K/N: every N-th run from the K-th (0-based), for N processes side by side.")]
 

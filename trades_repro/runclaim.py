@@ -78,15 +78,15 @@ def plan(catalogue: Catalogue, entries: list[Entry], tier: str,
     runs = []
     for digest, spec in specs.items():
         policies = tuple(dict.fromkeys(catalogue.arms[a].policy for a in arms_of[digest]))
-        runs.append(PlannedRun(spec, tuple(arms_of[digest]), _state(spec, runs_dir, policies),
+        runs.append(PlannedRun(spec, tuple(arms_of[digest]), run_state(spec, runs_dir, policies),
                                policies))
     return runs
 
 
-def _state(spec: ExperimentSpec, runs_dir: Path, policies: tuple[str, ...]) -> str:
+def run_state(spec: ExperimentSpec, runs_dir: Path, policies: tuple[str, ...]) -> str:
     run_dir = store.run_dir_for(spec, runs_dir)
     finished = store.is_finished(run_dir)
-    if finished and _evaluated(run_dir, spec, policies):
+    if finished and is_evaluated(run_dir, spec, policies):
         return "done"
     if failure(run_dir) is not None:
         return "failed"
@@ -95,7 +95,7 @@ def _state(spec: ExperimentSpec, runs_dir: Path, policies: tuple[str, ...]) -> s
     return "resume" if (run_dir / store.LAST_FILE).exists() else "train"
 
 
-def _evaluated(run_dir: Path, spec: ExperimentSpec, policies: tuple[str, ...]) -> bool:
+def is_evaluated(run_dir: Path, spec: ExperimentSpec, policies: tuple[str, ...]) -> bool:
     """Each policy's checkpoint has a record holding every attack the spec asks for."""
     from trades_repro.evalfile import made_with, read_eval
 

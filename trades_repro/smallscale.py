@@ -119,7 +119,7 @@ def queue(specs: list[ExperimentSpec], runs_dir: Path, skip: set[str] = frozense
     Tiers (`TIERS`): every cell's first seed; the further seeds of cells with a flagged run
     (the issue asks for at least three there) and Algorithm 1 on the runs flagged without
     it; the other seeds; Algorithm 1 on unflagged runs. Within a tier, the sweep's order."""
-    from trades_repro.runclaim import _state
+    from trades_repro.runclaim import run_state
 
     done = load_runs(runs_dir) if runs_dir.is_dir() else []
     flagged_cells = {r.cell for r in done if r.flagged and not r.healed}
@@ -135,7 +135,7 @@ def queue(specs: list[ExperimentSpec], runs_dir: Path, skip: set[str] = frozense
             return 0
         return 1 if cell_of(spec) in flagged_cells else 2
 
-    states = [(i, s, _state(s, runs_dir, policies_of(s))) for i, s in enumerate(specs)
+    states = [(i, s, run_state(s, runs_dir, policies_of(s))) for i, s in enumerate(specs)
               if s.digest() not in skip]
     ranked = sorted((tier(s), i, state, s) for i, s, state in states if state != "done")
     return [(t, state, s) for t, _, state, s in ranked]
@@ -151,10 +151,10 @@ def cell_of(spec: ExperimentSpec, healed: bool | None = None) -> tuple:
 def planned(spec: ExperimentSpec, label: str, runs_dir: Path):
     """The spec as a `runclaim.PlannedRun` under `label`, read at its study policies, with
     its state in `runs_dir`."""
-    from trades_repro.runclaim import PlannedRun, _state
+    from trades_repro.runclaim import PlannedRun, run_state
 
     policies = policies_of(spec)
-    return PlannedRun(spec, (label,), _state(spec, runs_dir, policies), policies)
+    return PlannedRun(spec, (label,), run_state(spec, runs_dir, policies), policies)
 
 
 def progress(files: list[Path], runs_dir: Path) -> list[tuple[Path, dict[str, int]]]:
@@ -177,12 +177,12 @@ def probe_square(files: list[Path], runs_dir: Path, *, queries: int = PROBE_QUER
     of `n`), as a record of its own beside the run's Square-5000 one; returns how many runs
     were probed (already probed ones are skipped inside `evaluate_run`)."""
     from trades_repro.diagnose import evaluate_run
-    from trades_repro.runclaim import _state
+    from trades_repro.runclaim import run_state
 
     k, n = shard
     probed = 0
     for i, spec in enumerate(sweep_specs(files)):
-        if i % n != k or _state(spec, runs_dir, policies_of(spec)) != "done":
+        if i % n != k or run_state(spec, runs_dir, policies_of(spec)) != "done":
             continue
         report(f"Square-{queries}: {cell_label(spec)} seed {spec.seed}")
         evaluate_run(store.run_dir_for(spec, runs_dir), attacks=("square",),

@@ -17,7 +17,7 @@ from pathlib import Path
 from trades_repro import runlock, store
 from trades_repro.claims import Catalogue, Entry
 from trades_repro.executors import failure, read_job
-from trades_repro.runclaim import _evaluated
+from trades_repro.runclaim import is_evaluated
 from trades_repro.spec import ExperimentSpec
 
 STATES = ("done", "running", "failed", "pending")
@@ -65,7 +65,7 @@ def run_status(spec: ExperimentSpec, runs_dir: Path, policies: tuple[str, ...]) 
         eta = None if seconds is None else seconds * max(0, spec.optim.epochs - epoch)
         return RunStatus(**base, state="running", job_id=holder.job_id, host=holder.host,
                          epoch_seconds=seconds, eta_seconds=eta)
-    if store.is_finished(run_dir) and _evaluated(run_dir, spec, policies):
+    if store.is_finished(run_dir) and is_evaluated(run_dir, spec, policies):
         return RunStatus(**base, state="done")
     job = read_job(run_dir) or {}
     error = failure(run_dir)
