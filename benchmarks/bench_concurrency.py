@@ -97,18 +97,35 @@ def level(c: int, args: argparse.Namespace) -> dict:
     return {"aggregate": images / span, "per_run": sum(per_run) / len(per_run)}
 
 
-def measure(levels: list[int], args: argparse.Namespace) -> dict[int, dict[str, list]]:
+def measure(levels: list[int], args: argparse.Namespace,
+            save=lambda rounds: None) -> dict[int, dict[str, list]]:
+    """Every level, `args.repeats` times (order reversed every other repeat); `save` gets the
+    figures so far after each level."""
     rounds: dict[int, dict[str, list]] = {c: {"aggregate": [], "per_run": []} for c in levels}
     for repeat in range(args.repeats):
         for c in levels if repeat % 2 == 0 else levels[::-1]:
             figures = level(c, args)
             for key, value in figures.items():
                 rounds[c][key].append(value)
+            save(rounds)
     return rounds
 
 
-def main() -> None:
-    args = parse()
+def figures_of(rounds: dict[int, dict[str, list]]) -> dict[str, dict]:
+    """Per level measured so far: medians and ranges, and the speed-up over one run."""
+    base = summary(rounds[1]["aggregate"])["median"] if rounds[1]["aggregate"] else None
+    out = {}
+    for c, values in rounds.items():
+        if not values["aggregate"]:
+            continue
+        agg, run = summary(values["aggregate"]), summary(values["per_run"])
+        out[str(c)] = {"aggregate_images_s": agg, "per_run_images_s": run,
+                       "speedup_over_1": agg["median"] / base if base else None}
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
     if args.worker:
         worker(args)
         return
@@ -119,23 +136,23 @@ def main() -> None:
                                     "levels": levels, "repeats": args.repeats,
                                     "worker_threads": 1 if args.device == "cpu" else None})}
     header(console, record)
-    rounds = measure(levels, args)
-    base = summary(rounds[1]["aggregate"])["median"]
+    path = write_record("concurrency", record,
+                        **({"out_dir": args.out_dir} if args.out_dir else {}))
+
+    def save(rounds: dict[int, dict[str, list]]) -> None:  # a time-out keeps what finished
+        write_record("concurrency", {**record, "rounds": {str(c): v for c, v in
+                                                          rounds.items()},
+                                     "figures": figures_of(rounds)}, path=path)
+
+    rounds = measure(levels, args, save)
+    figures = figures_of(rounds)
     table = Table(title=f"{args.model} on {record['device_description']}: concurrent runs")
     for column in ("runs at once", "aggregate images/s", "per-run images/s", "speed-up"):
         table.add_column(column)
-    figures = {}
-    for c in levels:
-        agg, run = summary(rounds[c]["aggregate"]), summary(rounds[c]["per_run"])
-        figures[str(c)] = {"aggregate_images_s": agg, "per_run_images_s": run,
-                           "speedup_over_1": agg["median"] / base}
-        table.add_row(str(c), f"{agg['median']:.0f}", f"{run['median']:.0f}",
-                      f"{agg['median'] / base:.2f}x")
+    for c, f in figures.items():
+        table.add_row(c, f"{f['aggregate_images_s']['median']:.0f}",
+                      f"{f['per_run_images_s']['median']:.0f}", f"{f['speedup_over_1']:.2f}x")
     console.print(table)
-    path = write_record("concurrency", {**record, "rounds": {str(c): v for c, v in
-                                                             rounds.items()},
-                                        "figures": figures},
-                        **({"out_dir": args.out_dir} if args.out_dir else {}))
     console.print(f"record: {path}")
 
 

@@ -271,3 +271,23 @@ def test_gpu_session_refuses_an_unknown_step_before_running_any(tmp_path, steps)
                           env={"PATH": "/usr/bin:/bin", "OUT": str(tmp_path)})
     assert done.returncode == 2 and "unknown step" in done.stderr
     assert not list(tmp_path.iterdir())  # nothing ran, nothing written
+
+
+def test_concurrency_saves_after_every_level_and_figures_what_finished(tmp_path,
+                                                                      monkeypatch):
+    speeds = {1: 100.0, 2: 150.0, 4: 160.0}
+    monkeypatch.setattr(concurrency, "level", lambda c, args: {
+        "aggregate": speeds[c], "per_run": speeds[c] / c})
+    concurrency.main(["--per-gpu", "2,4", "--repeats", "1", "--out-dir", str(tmp_path)])
+    (path,) = tmp_path.glob("concurrency-cpu-*.json")
+    figures = json.loads(path.read_text())["figures"]
+    assert {c: f["speedup_over_1"] for c, f in figures.items()} == {
+        "1": 1.0, "2": 1.5, "4": 1.6}
+    saved = []
+    concurrency.measure([1, 2], concurrency.parse(["--repeats", "2"]),
+                        lambda r: saved.append({c: len(v["aggregate"]) for c, v in r.items()}))
+    assert saved == [{1: 1, 2: 0}, {1: 1, 2: 1}, {1: 1, 2: 2}, {1: 2, 2: 2}]
+    # a time-out after level 1 still leaves level 1's figures
+    partial = concurrency.figures_of({1: {"aggregate": [100.0], "per_run": [100.0]},
+                                      2: {"aggregate": [], "per_run": []}})
+    assert list(partial) == ["1"] and partial["1"]["speedup_over_1"] == 1.0
