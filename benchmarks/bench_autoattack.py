@@ -135,20 +135,24 @@ def main(argv: list[str] | None = None) -> dict:
         "threads": args.threads, "n": n, "eps": eps, "train_epochs": epochs,
         "workload": args.workload})
     header(console, record)
+    out = {"out_dir": args.out_dir} if args.out_dir else {}
+    path = write_record("autoattack", record, **out)
     figures: dict[str, dict[int, dict]] = {}
     for attack in args.attacks.split(","):
-        figures[attack] = {b: throughput(net, x, y, b, attack, args.device, eps)
-                           for b in sizes}
+        figures[attack] = {}
+        for b in sizes:  # saved after each, so a time-boxed call keeps what finished
+            figures[attack][b] = throughput(net, x, y, b, attack, args.device, eps)
+            record["figures"] = {a: {str(k): f for k, f in v.items()}
+                                 for a, v in figures.items()}
+            write_record("autoattack", record, path=path)
         _table(console, attack, figures[attack], n, eps)
-    record["figures"] = {a: {str(b): f for b, f in v.items()} for a, v in figures.items()}
     first = next(iter(figures))
     best = max(figures[first], key=lambda b: figures[first][b]["images_per_s"])
     record[f"fastest_{first}_batch"] = best
     # linear in the number of images at a fixed robust fraction: what 10,000 would take
     record["seconds_per_10000"] = {a: 10_000 / v[best]["images_per_s"]
                                    for a, v in figures.items()}
-    path = write_record("autoattack", record, **({"out_dir": args.out_dir} if args.out_dir
-                                                  else {}))
+    write_record("autoattack", record, path=path)
     console.print(f"fastest {first} batch here: {best}; 10,000 images at it: "
                   f"{record['seconds_per_10000']}; record: {path}")
     return record

@@ -291,3 +291,22 @@ def test_concurrency_saves_after_every_level_and_figures_what_finished(tmp_path,
     partial = concurrency.figures_of({1: {"aggregate": [100.0], "per_run": [100.0]},
                                       2: {"aggregate": [], "per_run": []}})
     assert list(partial) == ["1"] and partial["1"]["speedup_over_1"] == 1.0
+
+
+def test_autoattack_record_holds_every_batch_size_measured(tmp_path, monkeypatch):
+    monkeypatch.setattr(autoattack, "workload", lambda spec, n, device, runs_dir=None: (
+        None, None, None, 0.1))
+    rates = {4: 1.0, 16: 4.0, 250: 2.0}
+    monkeypatch.setattr(autoattack, "throughput", lambda net, x, y, b, attack, device, eps: {
+        "images_per_s": rates[b], "seconds": 16 / rates[b], "robust_acc": 0.5})
+    writes = []
+    real = autoattack.write_record
+    monkeypatch.setattr(autoattack, "write_record", lambda *a, **k: writes.append(1) or
+                        real(*a, **k))
+    record = autoattack.main(["--quick", "--attacks", "standard", "--out-dir", str(tmp_path)])
+    (path,) = tmp_path.glob("autoattack-cpu-*.json")
+    saved = json.loads(path.read_text())
+    assert set(saved["figures"]["standard"]) == {"4", "16", "250"}
+    assert saved["fastest_standard_batch"] == 16 == record["fastest_standard_batch"]
+    assert saved["seconds_per_10000"]["standard"] == pytest.approx(2500.0)
+    assert len(writes) == 1 + 3 + 1  # at start, after each batch size, at the end
