@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shlex
 import time
 import traceback
@@ -31,14 +30,20 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal, Protocol
+from typing import Literal, Protocol
 
 import submitit
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ValidationError
 
 from trades_repro import runlock, store
 from trades_repro.errors import BadInput
+from trades_repro.executor_config import (  # noqa: F401 (re-exported: run-claim's API)
+    ExecutorConfig,
+    LocalConfig,
+    SlurmConfig,
+    first_line,
+    load_config,
+)
 
 EXECUTORS = ("inline", "local", "slurm")
 FAILED_FILE = "failed.json"  # the run failed: its error; retried only with --retry-failed
@@ -88,7 +93,7 @@ class RunJob(submitit.helpers.Checkpointable):
                 return outcome
             except Exception as err:  # noqa: BLE001 - recorded, reported by the launcher
                 traceback.print_exc()
-                message = f"{type(err).__name__}: {_first_line(err)} (traceback in run.log)"
+                message = f"{type(err).__name__}: {first_line(err)} (traceback in run.log)"
                 record_failure(self.run_dir, message, crashed=True)
                 return Outcome(self.digest, "crashed", message, runlock.current_job_id())
 
@@ -107,7 +112,7 @@ class RunJob(submitit.helpers.Checkpointable):
         except runlock.RunBusy as busy:
             return Outcome(self.digest, "busy", str(busy), job)
         except (TrainingError, BadInput, DataError, SpecError) as err:
-            message = f"{type(err).__name__}: {_first_line(err)}"
+            message = f"{type(err).__name__}: {first_line(err)}"
             record_failure(run_dir, message)
             return Outcome(self.digest, "failed", message, job)
         return Outcome(self.digest, "done", "", job)
@@ -187,13 +192,6 @@ class Inline:
 
 # ------------------------------------------------------------------------ local processes
 
-class LocalConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    jobs: Annotated[int, Field(ge=1)] | None = None  # None: GPUs × jobs_per_gpu, or 1 on CPU
-    jobs_per_gpu: Annotated[int, Field(ge=1)] = 1
-
-
 def visible_gpus() -> list[str]:
     """The GPUs this process may use, as CUDA_VISIBLE_DEVICES names them (ids or UUIDs)."""
     env = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -258,51 +256,6 @@ class Local:
 
 # ------------------------------------------------------------------------------------ SLURM
 
-class SlurmConfig(BaseModel):
-    """A `slurm:` block of an executor config (see spec/slurm.example.yaml)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    partition: str | None = None
-    time: Annotated[int, Field(ge=1)] | str = 24 * 60  # minutes, or [D-]HH:MM[:SS]
-    gpus: Annotated[int, Field(ge=0)] = 1  # per run
-    cpus: Annotated[int, Field(ge=1)] = 8  # per run: data prep and the attacks' host side
-    mem_gb: Annotated[float, Field(gt=0)] | None = None
-    account: str | None = None
-    qos: str | None = None
-    array_parallelism: Annotated[int, Field(ge=1)] = 256  # runs of the array at once
-    max_num_timeout: Annotated[int, Field(ge=0)] = 20  # requeues after a time-out
-    setup: list[str] = []  # shell lines before the job (module load, conda activate, …)
-    cluster: Literal["slurm", "debug"] = "slurm"  # debug: in this process (tests)
-    wait: bool = False  # block until the array ends, then judge (default: submit and exit)
-
-    @field_validator("time")
-    @classmethod
-    def _slurm_time(cls, value: int | str) -> int | str:
-        if isinstance(value, str) and not re.fullmatch(r"(\d+-)?\d+(:\d+){0,2}", value):
-            raise ValueError(f"time {value!r}: minutes, or [D-]HH[:MM[:SS]] as sbatch takes")
-        return value
-
-    def minutes(self) -> int:
-        """`time` in whole minutes (submitit's unit), rounding seconds up."""
-        if isinstance(self.time, int) or ("-" not in self.time and ":" not in self.time):
-            return int(self.time)
-        days, _, clock = self.time.rpartition("-")
-        hours, mins, secs = ([int(p) for p in clock.split(":")] + [0, 0])[:3]
-        return int(days or 0) * 1440 + hours * 60 + mins + (secs > 0)
-
-    def parameters(self) -> dict:
-        """AutoExecutor's parameters: shared ones plain, SLURM-only ones `slurm_`-prefixed."""
-        params = {"name": "trades-repro", "timeout_min": self.minutes(),
-                  "gpus_per_node": self.gpus, "cpus_per_task": self.cpus,
-                  "mem_gb": self.mem_gb, "slurm_partition": self.partition,
-                  "slurm_account": self.account, "slurm_qos": self.qos,
-                  "slurm_array_parallelism": self.array_parallelism,
-                  "slurm_additional_parameters": {"requeue": True},  # preemptible
-                  "slurm_setup": self.setup or None}
-        return {k: v for k, v in params.items() if v is not None}
-
-
 @dataclass(frozen=True)
 class Slurm:
     """All pending runs as one submitit job array."""
@@ -337,26 +290,6 @@ class Slurm:
 
 # ---------------------------------------------------------------------------- construction
 
-class ExecutorConfig(BaseModel):
-    """An `--executor-config` file: a `slurm:` block and/or a `local:` block."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    slurm: SlurmConfig = SlurmConfig()
-    local: LocalConfig = LocalConfig()
-
-
-def load_config(path: Path | None) -> ExecutorConfig:
-    if path is None:
-        return ExecutorConfig()
-    try:
-        return ExecutorConfig.model_validate(yaml.safe_load(path.read_text()) or {})
-    except OSError as err:
-        raise BadInput(f"--executor-config: cannot read {path}: {err.strerror}") from None
-    except (ValidationError, yaml.YAMLError) as err:
-        raise BadInput(f"{path}: {_first_line(err)}") from None
-
-
 def build(name: str, runs_dir: Path, *, config: ExecutorConfig, progress: bool = True,
           overrides: dict | None = None) -> Executor:
     """The executor called `name`; `overrides` (command-line values, None = unset) win over
@@ -373,7 +306,7 @@ def build(name: str, runs_dir: Path, *, config: ExecutorConfig, progress: bool =
             block = {**config.slurm.model_dump(), **_known(given, SlurmConfig)}
             return Slurm(SlurmConfig.model_validate(block), folder)
     except ValidationError as err:
-        raise BadInput(f"--executor {name}: {_first_line(err)}") from None
+        raise BadInput(f"--executor {name}: {first_line(err)}") from None
     raise BadInput(f"--executor: unknown {name!r}; known: {', '.join(EXECUTORS)}")
 
 
@@ -388,7 +321,7 @@ def _collect(handle: submitit.Job, job: RunJob) -> Outcome:
         return handle.result()
     except (submitit.core.utils.UncompletedJobError, submitit.core.utils.FailedJobError) as err:
         return Outcome(job.digest, "lost", f"job {handle.job_id} ended without a result "
-                       f"({_first_line(err)}); see {job.run_dir / RUN_LOG}", handle.job_id)
+                       f"({first_line(err)}); see {job.run_dir / RUN_LOG}", handle.job_id)
 
 
 def _report_outcome(report: Report, outcome: Outcome, i: int, n: int) -> None:
@@ -400,15 +333,6 @@ def _write_job(job: RunJob, executor: str, job_id: str, where: str) -> None:
     store.atomic_write_json(job.run_dir / JOB_FILE, {
         "executor": executor, "job_id": job_id, "where": where,
         "submitted": store.now_iso(), "host": os.uname().nodename})
-
-
-def _first_line(err: BaseException) -> str:
-    """One line: a pydantic error's first field and message, else the message's first line."""
-    if isinstance(err, ValidationError) and err.errors():
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        return f"{where}: {first['msg']}" if where else first["msg"]
-    return (str(err).strip().splitlines() or [""])[0]
 
 
 def read_job(run_dir: Path) -> dict | None:
