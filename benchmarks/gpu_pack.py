@@ -20,6 +20,7 @@ import sys
 from math import prod
 from pathlib import Path
 
+from trades_repro import store
 from trades_repro.data import DEBIAN_FASHION_MNIST, FASHION_MNIST_FILES
 
 
@@ -50,7 +51,7 @@ def pack(source: Path, out: Path, n_train: int, n_test: int) -> list[Path]:
             raise FileNotFoundError(f"{stem}[.gz] not in {source}")
         head = idx_head(raw, n_train if stem.startswith("train") else n_test)
         target = out / f"{stem}.gz"
-        target.write_bytes(gzip.compress(head, mtime=0))
+        store.atomic_write_bytes(target, gzip.compress(head, mtime=0))  # no half file
         written.append(target)
     return written
 
