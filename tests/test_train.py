@@ -120,34 +120,30 @@ def test_monitor_off_records_none(tmp_path):
 
 
 @pytest.mark.slow
-def test_digits_cli_run_learns_and_is_reproducible(tmp_path):
-    """spec/digits.yaml through the CLI, twice, shortened to 8 of its 20 epochs (the suite's
-    time): it learns (clean 0.92, PGD-10 0.57 by epoch 6, measured) and repeats bit for bit."""
+def test_digits_cli_run_learns(tmp_path):
+    """spec/digits.yaml through the CLI, shortened to 6 of its 20 epochs (the suite's time):
+    it learns (clean 0.92, PGD-10 0.57 by epoch 6, measured) and prints its run folder. That
+    a fresh run repeats bit for bit is test_resume's crash at step 10: epoch 1 is never
+    committed, so the run restarts from nothing and must equal the reference run."""
     raw = yaml.safe_load((SPEC_DIR / "digits.yaml").read_text())
-    raw["optim"]["epochs"] = 8
+    raw["optim"]["epochs"] = 6
     spec_file = tmp_path / "digits.yaml"
     spec_file.write_text(yaml.safe_dump(raw))
-    spec = load_spec(spec_file)
-    runs = []
-    for name in ("a", "b"):
-        result = CliRunner().invoke(
-            app, ["train", str(spec_file), "--runs-dir", str(tmp_path / name), "--quiet"]
-        )
-        assert result.exit_code == 0, result.output
-        runs.append(tmp_path / name / spec.digest())
-    assert result.stdout.strip().splitlines()[-1] == str(runs[-1])
-    metrics = [(run / store.METRICS_FILE).read_bytes() for run in runs]
-    assert metrics[0] == metrics[1]
-    best = max(store.read_metrics(runs[0]), key=lambda r: r.val_pgd10_acc)
+    run = tmp_path / "runs" / load_spec(spec_file).digest()
+    result = CliRunner().invoke(
+        app, ["train", str(spec_file), "--runs-dir", str(tmp_path / "runs"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip().splitlines()[-1] == str(run)
+    best = max(store.read_metrics(run), key=lambda r: r.val_pgd10_acc)
     assert best.val_clean_acc > 0.8 and best.val_pgd10_acc > 0.3  # far above 10% chance
 
 
 @pytest.mark.slow
 def test_fashion_mnist_spec_trains_on_the_real_files(tmp_path, debian_fashion_mnist):
-    """spec/fashion_mnist.yaml end to end on Debian's IDX files, shortened to three epochs."""
+    """spec/fashion_mnist.yaml end to end on Debian's IDX files, shortened to two epochs."""
     raw = yaml.safe_load((SPEC_DIR / "fashion_mnist.yaml").read_text())
     raw["data"].update(train_subset=1000, val_size=300)
-    raw["optim"]["epochs"] = 3
+    raw["optim"]["epochs"] = 2
     spec_file = tmp_path / "fashion.yaml"
     spec_file.write_text(yaml.safe_dump(raw))
     result = CliRunner().invoke(
