@@ -269,13 +269,8 @@ def test_any_other_error_marks_the_run_failed_and_propagates(tmp_path, monkeypat
     assert provenance["error"] == "MemoryError: out of host memory"
 
 
-@pytest.mark.parametrize("stop", [KeyboardInterrupt, SystemExit])
-def test_an_interrupted_run_is_recorded_as_interrupted_and_resumes(tmp_path, monkeypatch,
-                                                                   stop):
-    from trades_repro.executors import failure
-    from trades_repro.runclaim import run_state
-
-    spec = _spec()
+def _stop_in_epoch_two(monkeypatch, stop: type[BaseException]):
+    """Make epoch 2 raise `stop` (Ctrl-C and the like); returns the real `run_epoch`."""
     real = trainlib.run_epoch
 
     def stop_at_two(session, epoch):
@@ -284,6 +279,17 @@ def test_an_interrupted_run_is_recorded_as_interrupted_and_resumes(tmp_path, mon
         return real(session, epoch)
 
     monkeypatch.setattr(trainlib, "run_epoch", stop_at_two)
+    return real
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, SystemExit])
+def test_an_interrupted_run_is_recorded_as_interrupted_and_resumes(tmp_path, monkeypatch,
+                                                                   stop):
+    from trades_repro.executors import failure
+    from trades_repro.runclaim import run_state
+
+    spec = _spec()
+    _stop_in_epoch_two(monkeypatch, stop)
     with pytest.raises(stop):
         trainlib.train(spec, tmp_path, progress=False)
     run_dir = tmp_path / spec.digest()
@@ -311,14 +317,7 @@ def test_validation_uses_the_runs_eval_batch_and_input_layout(tmp_path, monkeypa
 
 def test_the_progress_bar_shows_each_epoch_and_a_resume(tmp_path, monkeypatch, capsys):
     spec = _spec()
-    real = trainlib.run_epoch
-
-    def stop_at_two(session, epoch):
-        if epoch == 2:
-            raise KeyboardInterrupt
-        return real(session, epoch)
-
-    monkeypatch.setattr(trainlib, "run_epoch", stop_at_two)
+    real = _stop_in_epoch_two(monkeypatch, KeyboardInterrupt)
     with pytest.raises(KeyboardInterrupt):
         trainlib.train(spec, tmp_path, progress=True)
     first = capsys.readouterr().out
