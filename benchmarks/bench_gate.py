@@ -24,10 +24,11 @@ sampling alone, and 0.06 is twice that. The second seed's difference is printed 
 knob's: a knob that moves the figures further than another seed does changes more than
 rounding.
 
-Exit status: 0 every knob passed; 1 a knob failed (or its run failed); 3 inconclusive:
-fp32 itself ends at chance or at the ceiling on both figures, where agreement proves
-nothing. The record (`results/gate-<device>-<time>.json`) is rewritten after every run, so
-a call stopped by its time box still leaves the runs it finished.
+Exit status: 0 every knob passed; 1 a knob failed (or its run failed); 2 bad arguments;
+3 inconclusive: fp32 itself ends at chance or at the ceiling on both figures, where
+agreement proves nothing; 4 our own failure (an unexpected error, traceback printed).
+The record (`results/gate-<device>-<time>.json`) is rewritten after every run, so a call
+stopped by its time box still leaves the runs it finished.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from pathlib import Path
 
 import torch
 from bench_train_paths import KNOBS, with_performance
-from common import cifar_shaped, fashion_resnet, header, provenance, write_record
+from common import cifar_shaped, exit_code, fashion_resnet, header, provenance, write_record
 from rich.console import Console
 from rich.table import Table
 
@@ -227,4 +228,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_code(main))

@@ -13,6 +13,7 @@ import platform
 import shlex
 import statistics
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,21 @@ def fashion_resnet(*, device: str, epochs: int = 3, quick: bool = False,
     if not quick:
         raw["model"] = {"arch": "resnet18"}
     return parse_spec(raw, source="benchmarks/common.py: fashion_resnet")
+
+
+OWN_FAILURE = 4  # the project's code for our own failure (0 ok, 1 failed, 2 bad, 3 undecided)
+
+
+def exit_code(main, argv: list[str] | None = None) -> int:
+    """`main(argv)`'s status; an unexpected error is our own failure (4), never 0 or 1,
+    which a script gives its own meaning to (the gate: a knob failed). Argparse's 2 stays."""
+    try:
+        return main(argv)
+    except Exception:
+        traceback.print_exc()
+        print(f"{Path(sys.argv[0]).name}: our own failure (traceback above), exit 4",
+              file=sys.stderr)
+        return OWN_FAILURE
 
 
 def summary(values: list[float]) -> dict[str, float]:

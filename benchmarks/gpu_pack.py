@@ -20,6 +20,8 @@ import sys
 from math import prod
 from pathlib import Path
 
+from common import exit_code
+
 from trades_repro import store
 from trades_repro.data import DEBIAN_FASHION_MNIST, FASHION_MNIST_FILES
 
@@ -76,4 +78,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_code(main))

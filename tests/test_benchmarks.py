@@ -310,3 +310,13 @@ def test_autoattack_record_holds_every_batch_size_measured(tmp_path, monkeypatch
     assert saved["fastest_standard_batch"] == 16 == record["fastest_standard_batch"]
     assert saved["seconds_per_10000"]["standard"] == pytest.approx(2500.0)
     assert len(writes) == 1 + 3 + 1  # at start, after each batch size, at the end
+
+
+def test_an_unexpected_error_in_the_gate_is_exit_4_not_a_failed_knob(tmp_path, monkeypatch,
+                                                                       capsys):
+    monkeypatch.setattr(gate, "figures_of", lambda spec, runs_dir: FP32)
+    monkeypatch.setattr(gate, "judge", lambda *a: 1 / 0)  # a bug after the runs
+    status = common.exit_code(gate.main, ["--device", "cpu", "--quick", "--out-dir",
+                                          str(tmp_path)])
+    assert status == 4 and "ZeroDivisionError" in capsys.readouterr().err
+    assert common.exit_code(lambda argv: 3) == 3  # a script's own status passes through
