@@ -18,12 +18,13 @@ CIFAR's cost per forward, but its model is barely robust, so the cascade ends ea
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from common import fashion_resnet, header, provenance, write_record
+from common import exit_code, fashion_resnet, header, provenance, write_record
 from rich.console import Console
 from rich.table import Table
 
@@ -169,4 +170,4 @@ def _table(console: Console, attack: str, rows: dict[int, dict], n: int, eps: fl
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_code(main))

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from common import ROOT, cifar_shaped, header, provenance, summary, write_record
+from common import ROOT, cifar_shaped, exit_code, header, provenance, summary, write_record
 from rich.console import Console
 from rich.table import Table
 
@@ -189,4 +189,4 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    main()
+    sys.exit(exit_code(main))

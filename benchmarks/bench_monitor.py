@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from common import ROOT, header, provenance, summary, write_record
+from common import ROOT, exit_code, header, provenance, summary, write_record
 from rich.console import Console
 from rich.table import Table
 
@@ -100,4 +101,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_code(main))

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
-from common import header, provenance, summary, write_record
+from common import exit_code, header, provenance, summary, write_record
 from PIL import Image
 from rich.console import Console
 
@@ -102,4 +103,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_code(main))

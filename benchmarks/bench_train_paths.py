@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import ROOT, header, provenance, summary, write_record
+from common import ROOT, exit_code, header, provenance, summary, write_record
 from rich.console import Console
 from rich.table import Table
 from torch import Tensor, nn
@@ -401,4 +402,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_code(main))

@@ -125,9 +125,11 @@ OWN_FAILURE = 4  # the project's code for our own failure (0 ok, 1 failed, 2 bad
 
 def exit_code(main, argv: list[str] | None = None) -> int:
     """`main(argv)`'s status; an unexpected error is our own failure (4), never 0 or 1,
-    which a script gives its own meaning to (the gate: a knob failed). Argparse's 2 stays."""
+    which a script gives its own meaning to (the gate: a knob failed). Argparse's 2 stays.
+    A `main` that returns its record rather than a status ran to the end: 0."""
     try:
-        return main(argv)
+        status = main(argv)
+        return status if isinstance(status, int) else 0
     except Exception:
         traceback.print_exc()
         print(f"{Path(sys.argv[0]).name}: our own failure (traceback above), exit 4",

@@ -320,3 +320,34 @@ def test_an_unexpected_error_in_the_gate_is_exit_4_not_a_failed_knob(tmp_path, m
                                           str(tmp_path)])
     assert status == 4 and "ZeroDivisionError" in capsys.readouterr().err
     assert common.exit_code(lambda argv: 3) == 3  # a script's own status passes through
+
+
+def test_a_script_that_returns_its_record_exits_0():
+    assert common.exit_code(lambda argv: {"figures": {}}) == 0
+    assert common.exit_code(lambda argv: None) == 0
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in BENCHMARKS.glob("*.py")
+                                          if p.name != "common.py"))
+def test_every_script_exits_through_exit_code(script):
+    """`sys.exit(main())` of a record is exit 1 and a bare `main()` crash is exit 1 too, the
+    gate's "a knob failed": each script's entry point must map a crash to 4 (exit_code)."""
+    import ast
+
+    tree = ast.parse((BENCHMARKS / script).read_text())
+    (guard,) = [node for node in tree.body if isinstance(node, ast.If)
+                and "__main__" in ast.unparse(node.test)]
+    assert "sys.exit(exit_code(main))" in ast.unparse(guard)
+
+
+def test_a_benchmark_that_crashes_exits_4(tmp_path):
+    import subprocess
+
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("")  # a data folder under a file: generating it fails (OSError)
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "bench_tinyimagenet.py"),
+                           "--folder", str(blocker / "tiny"), "--classes", "1",
+                           "--per-class", "1", "--val", "1", "--rounds", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 4, done.stderr[-2000:]
+    assert "our own failure" in done.stderr
