@@ -995,8 +995,12 @@ def test_healing_regular_runs_are_those_the_rule_clears(tmp_path):
             "passed",
             "ran 2026-11-27T10:00:00 at git 0123456789",
         ),
-        ({"outcome": "skipped"}, "failed", "skipped", "ran ? at git None"),
-        ({}, "failed", "?", "ran ? at git None"),
+        ({"outcome": "failed"}, "failed", "failed", "ran ? at git None"),
+        # neither passed nor failed: the property is undecided (exit 3), not failed (exit 1)
+        ({"outcome": "skipped"}, "undetermined", "skipped", "ran ? at git None"),
+        ({"outcome": "error (pytest exit 3)"}, "undetermined", "error (pytest exit 3)",
+         "ran ? at git None"),
+        ({}, "undetermined", "?", "ran ? at git None"),
     ],
 )
 def test_a_property_claim_holds_only_when_its_test_passed(tmp_path, record, status, ours, detail):

@@ -9,6 +9,7 @@ plans, hours and outcomes are written from the inputs by hand.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 from types import SimpleNamespace
@@ -453,9 +454,26 @@ def test_property_tests_that_time_out_or_leave_no_report(tmp_path, monkeypatch):
     args, kwargs = calls[0]
     assert args[1:6] == ["-m", "pytest", "-q", "-p", "no:cacheprovider"]
     assert args[6].startswith("--junitxml=") and args[7:] == nodes
+    env = kwargs.pop("env")
     assert kwargs == {"cwd": tmp_path, "capture_output": True, "check": False, "timeout": 1800}
-    monkeypatch.setattr(rc.subprocess, "run", lambda *a, **k: None)  # no junit written
-    assert rc._pytest_outcomes(nodes, tmp_path) == {}
+    assert env["PATH"] == os.environ["PATH"]
+    monkeypatch.setattr(rc.subprocess, "run",  # pytest crashed: no junit written
+                        lambda *a, **k: SimpleNamespace(returncode=3))
+    assert rc._pytest_outcomes(nodes, tmp_path) == {n: "error (pytest exit 3)" for n in nodes}
+
+
+def test_property_tests_run_in_their_own_pytest_session(tmp_path, monkeypatch):
+    """Under a pytest-xdist worker the child inherited PYTEST_XDIST_WORKER, and a plugin of
+    the child (pytest-benchmark) then stopped it before any report: 'not collected'."""
+    seen = []
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw1")
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "2")
+    monkeypatch.setenv("PYTEST_CURRENT_TEST", "tests/x.py::test_y (call)")
+    monkeypatch.setenv("PYTEST_VERSION", "9.0")
+    monkeypatch.setenv("PYTEST_ADDOPTS", "-x")  # the user's own options stay
+    monkeypatch.setattr(rc.subprocess, "run", lambda *a, **k: seen.append(k["env"]))
+    rc._pytest_outcomes(["tests/a.py::test_x"], tmp_path)
+    assert sorted(k for k in seen[0] if k.startswith("PYTEST_")) == ["PYTEST_ADDOPTS"]
 
 
 @pytest.mark.parametrize(

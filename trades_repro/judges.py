@@ -229,8 +229,11 @@ def property_claim(entry: Entry, ctx: Context) -> Judgement:
     outcome = ctx.evidence.property_outcome(entry.id)
     if outcome is None:
         return judged(entry, ctx, "not run", n_required=1, detail="property test not run")
-    held = outcome.get("outcome") == "passed"
-    return judged(entry, ctx, "held" if held else "failed", ours=outcome.get("outcome", "?"),
+    said = outcome.get("outcome", "?")
+    # only a pass or a fail decides; skipped, not collected, timed out or a pytest error
+    # says nothing about the property (exit 3, not 1)
+    status = {"passed": "held", "failed": "failed"}.get(said, "undetermined")
+    return judged(entry, ctx, status, ours=said,
                  test=f"pytest {entry.claim.test.node}", n_required=1, n_found=1,
                  detail=f"ran {outcome.get('finished', '?')} at git "
                         f"{str(outcome.get('git_sha'))[:10]}")

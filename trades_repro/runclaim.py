@@ -10,6 +10,7 @@ calls `verify` afterwards.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tempfile
@@ -214,16 +215,26 @@ def _pytest_outcomes(nodes: list[str], root: Path) -> dict[str, str]:
     with tempfile.TemporaryDirectory() as tmp:
         xml = Path(tmp) / "junit.xml"
         try:
-            subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                            f"--junitxml={xml}", *nodes], cwd=root, capture_output=True,
-                           check=False, timeout=PROPERTY_TIMEOUT_S)
+            done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p",
+                                   "no:cacheprovider", f"--junitxml={xml}", *nodes], cwd=root,
+                                  capture_output=True, check=False, env=_own_pytest_env(),
+                                  timeout=PROPERTY_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             return {node: "timed out" for node in nodes}
-        if not xml.is_file():
-            return {}
+        if not xml.is_file():  # pytest itself failed (internal or usage error): no verdict
+            status = getattr(done, "returncode", "?")
+            return {node: f"error (pytest exit {status})" for node in nodes}
         cases = ET.parse(xml).getroot().iter("testcase")
         results = [(c.get("classname", ""), c.get("name", ""), _case_outcome(c)) for c in cases]
     return {node: _node_outcome(node, results) for node in nodes}
+
+
+def _own_pytest_env() -> dict[str, str]:
+    """This environment without a calling pytest's per-session variables: under a pytest-xdist
+    worker, `PYTEST_XDIST_WORKER` made plugins of the child (pytest-benchmark) believe they
+    ran under xdist, and their warning ended the child before it wrote its report."""
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith(("PYTEST_XDIST_", "PYTEST_CURRENT_TEST", "PYTEST_VERSION"))}
 
 
 def _case_outcome(case: ET.Element) -> str:
