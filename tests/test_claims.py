@@ -165,7 +165,7 @@ def test_unknown_tier_and_unmatched_pattern_are_bad_input(tmp_path):
     assert_one_line_error(runner.invoke(app, ["verify", "--tier", "huge"]), "--tier", "huge")
     assert_one_line_error(runner.invoke(app, ["verify", "table_99.*"]), "no claim matches")
     assert_one_line_error(runner.invoke(app, ["run-claim", "table_2.*", "--tier", "instant"]),
-                          "has a 'instant' tier")
+                          "has the 'instant' tier (theirs: reduced, full;")
     assert_one_line_error(runner.invoke(app, ["run-claim", "table_2.*", "--tier", "full",
                                               "--dry-run", "--device-kind", "tpu"]),
                           "--device-kind", "tpu")

@@ -348,14 +348,18 @@ def _tier(name: str) -> str:
 
 
 def _selected(claims_dir: Path, patterns: list[str] | None, tier: str | None):
-    from trades_repro.claims import ClaimsError, load_catalogue
+    from trades_repro.claims import TIERS, ClaimsError, load_catalogue
 
     catalogue = load_catalogue(claims_dir)
     entries = catalogue.select(patterns, tier)
     if patterns and not catalogue.select(patterns):
         raise ClaimsError(f"no claim matches {' '.join(patterns)} in {claims_dir}")
     if patterns and not entries:
-        raise ClaimsError(f"no claim matching {' '.join(patterns)} has a '{tier}' tier")
+        have = sorted({t for e in catalogue.select(patterns) for t in catalogue.tiers_of(e)},
+                      key=TIERS.index)
+        raise ClaimsError(f"no claim matching {' '.join(patterns)} has the '{tier}' tier "
+                          f"(theirs: {', '.join(have) or 'none'}; `trades-repro claims list` "
+                          "shows every claim's tiers)")
     return catalogue, entries
 
 
