@@ -387,7 +387,7 @@ def test_property_claims_record_their_pytest_outcome(tmp_path, monkeypatch):
     catalogue = _catalogue(tmp_path, {"a": arm()}, claims)
     said = []
     rc.run_properties(list(catalogue.entries), tmp_path / "runs", said.append, root=root)
-    assert said[0] == "property tests: 5 pytest node(s)"
+    assert said[0] == "property tests: 5 pytest node(s), alongside the runs"
     assert sorted(said[1:]) == sorted(f"  table_9.{n}: {o}" for n, o in names.items())
     for name, outcome in names.items():
         record = json.loads(
@@ -401,26 +401,57 @@ def test_property_claims_record_their_pytest_outcome(tmp_path, monkeypatch):
             "git_dirty": False,
         }
         assert record["seconds"] > 0 and record["finished"]
+    log = (tmp_path / "runs" / "_properties" / "pytest.log").read_text()
+    assert "RuntimeError: fixture" in log and "2 failed, 2 passed, 1 skipped, 1 error" in log
 
 
-def test_property_records_take_the_batchs_seconds_and_default_to_not_collected(
+def test_property_records_take_the_childs_seconds_and_default_to_not_collected(
     tmp_path, monkeypatch
 ):
-    clock = iter([100.0, 103.456])
-    monkeypatch.setattr(rc, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    class Silent:  # a pytest whose report names none of the nodes
+        def __init__(self, nodes, root, log):
+            self.seconds = 3.5
+
+        def outcomes(self):
+            return {}
+
+    monkeypatch.setattr(rc, "PytestChild", Silent)
     node = "tests/test_metrics.py::test_sgcs"
-    monkeypatch.setattr(rc, "_pytest_outcomes", lambda nodes, root: {})  # no report at all
     catalogue = _catalogue(tmp_path, {"a": arm()}, [_property("table_9.p", node)])
     rc.run_properties(list(catalogue.entries), tmp_path / "runs", lambda line: None)
     record = json.loads((tmp_path / "runs" / "_properties" / "table_9.p.json").read_text())
     assert (record["outcome"], record["seconds"]) == ("not collected", 3.5)
 
 
+class FakePopen:
+    """subprocess.Popen as PytestChild uses it: records its call, writes no report."""
+
+    calls: list = []
+
+    def __init__(self, args, **kwargs):
+        FakePopen.calls.append((args, kwargs))
+        FakePopen.last, self.killed = self, False
+
+    def wait(self, timeout=None):
+        if self.returncode is None and not self.killed:
+            raise subprocess.TimeoutExpired("pytest", timeout)
+        return self.returncode
+
+    def kill(self):
+        self.killed = True
+
+
+def _fake_popen(monkeypatch, returncode):
+    FakePopen.calls = []
+    monkeypatch.setattr(FakePopen, "returncode", returncode, raising=False)
+    monkeypatch.setattr(rc.subprocess, "Popen", FakePopen)
+
+
 def test_without_property_claims_no_pytest_runs(tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("pytest started")
 
-    monkeypatch.setattr(rc.subprocess, "run", refuse)
+    monkeypatch.setattr(rc.subprocess, "Popen", refuse)
     catalogue = _catalogue(
         tmp_path, {"a": arm()}, [claim("table_9.x", "instability_rate", arm="a", **RATE)]
     )
@@ -443,37 +474,70 @@ def test_a_property_node_outside_the_checkout_is_bad_input(tmp_path):
 
 def test_property_tests_that_time_out_or_leave_no_report(tmp_path, monkeypatch):
     nodes = ["tests/a.py::test_x", "tests/a.py::test_y"]
-    calls = []
-
-    def slow(args, **kwargs):
-        calls.append((args, kwargs))
-        raise subprocess.TimeoutExpired(args, kwargs["timeout"])
-
-    monkeypatch.setattr(rc.subprocess, "run", slow)
-    assert rc._pytest_outcomes(nodes, tmp_path) == {n: "timed out" for n in nodes}
-    args, kwargs = calls[0]
+    clock = iter([100.0, 160.0])  # started at 100 s; collected 60 s later
+    monkeypatch.setattr(rc, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    _fake_popen(monkeypatch, None)  # never ends
+    child = rc.PytestChild(nodes, tmp_path, tmp_path / "pytest.log")
+    assert child.outcomes() == {n: "timed out" for n in nodes}
+    assert child._proc.killed
+    args, kwargs = FakePopen.calls[0]
     assert args[1:6] == ["-m", "pytest", "-q", "-p", "no:cacheprovider"]
     assert args[6].startswith("--junitxml=") and args[7:] == nodes
     env = kwargs.pop("env")
-    assert kwargs == {"cwd": tmp_path, "capture_output": True, "check": False, "timeout": 1800}
-    assert env["PATH"] == os.environ["PATH"]
-    monkeypatch.setattr(rc.subprocess, "run",  # pytest crashed: no junit written
-                        lambda *a, **k: SimpleNamespace(returncode=3))
-    assert rc._pytest_outcomes(nodes, tmp_path) == {n: "error (pytest exit 3)" for n in nodes}
+    assert kwargs["stdout"].name == str(tmp_path / "pytest.log")
+    assert kwargs.keys() == {"cwd", "stdout", "stderr"} and kwargs["cwd"] == tmp_path
+    assert kwargs["stderr"] == subprocess.STDOUT and env["PATH"] == os.environ["PATH"]
+    monkeypatch.setattr(rc, "time",
+                        SimpleNamespace(perf_counter=iter([0.0, 2.25, 2.25]).__next__))
+    _fake_popen(monkeypatch, 3)  # pytest crashed: no junit written
+    crashed = rc.PytestChild(nodes, tmp_path, tmp_path / "pytest.log")
+    assert crashed.outcomes() == {n: "error (pytest exit 3)" for n in nodes}
+    assert crashed.seconds == 2.2  # rounded to 0.1 s
+
+
+def test_the_timeout_counts_from_the_start_of_the_property_tests(tmp_path, monkeypatch):
+    waits = []
+    monkeypatch.setattr(rc, "time",
+                        SimpleNamespace(perf_counter=iter([10.0, 1010.0, 1010.0]).__next__))
+    _fake_popen(monkeypatch, None)
+    monkeypatch.setattr(FakePopen, "wait", lambda self, timeout=None: waits.append(timeout) or 0)
+    rc.PytestChild(["tests/a.py::test_x"], tmp_path, tmp_path / "log").outcomes()
+    assert waits == [800.0]  # 1800 s in all, 1000 s of them spent training alongside
+    waits.clear()
+    monkeypatch.setattr(rc, "time",
+                        SimpleNamespace(perf_counter=iter([0.0, 5000.0, 5000.0]).__next__))
+    rc.PytestChild(["tests/a.py::test_x"], tmp_path, tmp_path / "log").outcomes()
+    assert waits == [0.0]  # past it: not a second more
 
 
 def test_property_tests_run_in_their_own_pytest_session(tmp_path, monkeypatch):
     """Under a pytest-xdist worker the child inherited PYTEST_XDIST_WORKER, and a plugin of
     the child (pytest-benchmark) then stopped it before any report: 'not collected'."""
-    seen = []
     monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw1")
     monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "2")
     monkeypatch.setenv("PYTEST_CURRENT_TEST", "tests/x.py::test_y (call)")
     monkeypatch.setenv("PYTEST_VERSION", "9.0")
     monkeypatch.setenv("PYTEST_ADDOPTS", "-x")  # the user's own options stay
-    monkeypatch.setattr(rc.subprocess, "run", lambda *a, **k: seen.append(k["env"]))
-    rc._pytest_outcomes(["tests/a.py::test_x"], tmp_path)
-    assert sorted(k for k in seen[0] if k.startswith("PYTEST_")) == ["PYTEST_ADDOPTS"]
+    _fake_popen(monkeypatch, 0)
+    rc.PytestChild(["tests/a.py::test_x"], tmp_path, tmp_path / "log").stop()
+    env = FakePopen.calls[0][1]["env"]
+    assert sorted(k for k in env if k.startswith("PYTEST_")) == ["PYTEST_ADDOPTS"]
+
+
+def test_property_tests_run_while_the_block_trains_and_stop_if_it_fails(tmp_path,
+                                                                         monkeypatch):
+    node = "tests/test_metrics.py::test_sgcs"
+    catalogue = _catalogue(tmp_path, {"a": arm()}, [_property("table_9.p", node)])
+    _fake_popen(monkeypatch, None)
+    said = []
+    with pytest.raises(KeyboardInterrupt):
+        with rc.properties_alongside(list(catalogue.entries), tmp_path / "runs", said.append):
+            assert len(FakePopen.calls) == 1  # started before the runs train
+            raise KeyboardInterrupt
+    assert said == ["property tests: 1 pytest node(s), alongside the runs"]
+    assert FakePopen.last.killed
+    assert not (tmp_path / "runs" / "_properties" / "table_9.p.json").exists()
+    assert (tmp_path / "runs" / "_properties" / "pytest.log").is_file()
 
 
 @pytest.mark.parametrize(

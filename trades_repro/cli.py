@@ -513,9 +513,9 @@ def run_claim(
         runclaim.require_device(tier)
     _set_threads(None, None)  # one CPU thread unless CUDA: see _set_threads
     say = _progress(quiet)
-    runclaim.run_properties(entries, runs_dir, say)
-    failures = runclaim.execute(runs, runs_dir, report=say, progress=not quiet,
-                                executor=chosen, retry_failed=retry_failed)
+    with runclaim.properties_alongside(entries, runs_dir, say):
+        failures = runclaim.execute(runs, runs_dir, report=say, progress=not quiet,
+                                    executor=chosen, retry_failed=retry_failed)
     if submit_only:
         _after_submit(patterns, tier, runs_dir, failures)
         return

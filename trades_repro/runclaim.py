@@ -4,8 +4,8 @@ Arms resolve to specs; specs shared by several claims run once (by digest). Fini
 are skipped, partial runs resume (`train` does both), evaluation resumes per attack, failed
 runs wait for `retry_failed`. An executor (`executors.py`: inline, local processes, SLURM)
 runs them, each under its run folder's lock; `property` claims run their pytest nodes in one
-subprocess and leave their outcome in ``runs/_properties/``. Nothing is judged here: the CLI
-calls `verify` afterwards.
+subprocess alongside the runs and leave their outcome in ``runs/_properties/``. Nothing is
+judged here: the CLI calls `verify` afterwards.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import sys
 import tempfile
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal, get_args
@@ -33,7 +34,7 @@ from trades_repro.verify import PROPERTIES_DIR
 
 PROJECT = Path(__file__).resolve().parents[1]  # property nodes are paths from here (tests/…)
 COSTS_FILE = PROJECT / "spec" / "costs.yaml"
-PROPERTY_TIMEOUT_S = 1800  # all property tests together; they take about a minute on 2 cores
+PROPERTY_TIMEOUT_S = 1800  # all property tests together; about 2 minutes on one core
 GPU_TIERS = ("reduced", "full")  # ResNet-18 on CIFAR/TinyImageNet: never a silent CPU crawl
 Report = Callable[[str], None]
 DeviceKind = Literal["cpu", "h100"]  # the cost table's columns
@@ -187,46 +188,89 @@ def _label(run: PlannedRun) -> str:
     return f"{', '.join(run.arms)}, seed {run.spec.seed}: {run.state}"
 
 
-def run_properties(entries: list[Entry], runs_dir: Path, report: Report,
-                   root: Path = PROJECT) -> None:
-    """Run the property claims' pytest nodes in one subprocess; record each outcome."""
+@contextmanager
+def properties_alongside(entries: list[Entry], runs_dir: Path, report: Report,
+                         root: Path = PROJECT) -> Iterator[None]:
+    """The property claims' pytest nodes in one subprocess while the block trains; each
+    outcome recorded in runs/_properties/ when the block ends, pytest's output kept in
+    runs/_properties/pytest.log. On a CPU the runs and pytest use one thread each, so on 2
+    cores the instant tier takes the longer of the two, not their sum. If the block raises,
+    pytest is stopped and nothing is recorded."""
     props = [e for e in entries if e.claim.kind == "property"]
     if not props:
+        yield
         return
     nodes = sorted({e.claim.test.node for e in props})
     for node in nodes:
         if not (root / node.split("::")[0]).is_file():
             raise BadInput(f"{node}: no such test file under {root} (property tests need "
                            "the source checkout)")
-    report(f"property tests: {len(nodes)} pytest node(s)")
-    started = time.perf_counter()
-    outcomes = _pytest_outcomes(nodes, root)
-    seconds = round(time.perf_counter() - started, 1)
     folder = runs_dir / PROPERTIES_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    report(f"property tests: {len(nodes)} pytest node(s), alongside the runs")
+    child = PytestChild(nodes, root, folder / "pytest.log")
+    try:
+        yield
+    except BaseException:
+        child.stop()
+        raise
+    outcomes = child.outcomes()
     for entry in props:
         outcome = outcomes.get(entry.claim.test.node, "not collected")
         store.atomic_write_json(folder / f"{entry.id}.json", {
             "claim": entry.id, "node": entry.claim.test.node, "outcome": outcome,
-            "finished": store.now_iso(), "seconds": seconds, **store.git_state()})
+            "finished": store.now_iso(), "seconds": child.seconds, **store.git_state()})
         report(f"  {entry.id}: {outcome}")
 
 
-def _pytest_outcomes(nodes: list[str], root: Path) -> dict[str, str]:
-    with tempfile.TemporaryDirectory() as tmp:
-        xml = Path(tmp) / "junit.xml"
+def run_properties(entries: list[Entry], runs_dir: Path, report: Report,
+                   root: Path = PROJECT) -> None:
+    """The property claims' pytest nodes, now; each outcome recorded (see above)."""
+    with properties_alongside(entries, runs_dir, report, root):
+        pass
+
+
+class PytestChild:
+    """`pytest NODES` in its own process and pytest session, started at once; `outcomes()`
+    waits for it (PROPERTY_TIMEOUT_S from its start in all) and reads its JUnit report."""
+
+    def __init__(self, nodes: list[str], root: Path, log: Path) -> None:
+        self.nodes, self.seconds = nodes, 0.0
+        self._tmp = tempfile.TemporaryDirectory()
+        self._xml = Path(self._tmp.name) / "junit.xml"
+        self._started = time.perf_counter()
         try:
-            done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p",
-                                   "no:cacheprovider", f"--junitxml={xml}", *nodes], cwd=root,
-                                  capture_output=True, check=False, env=_own_pytest_env(),
-                                  timeout=PROPERTY_TIMEOUT_S)
+            with open(log, "w") as out:  # the child keeps its own copy of the descriptor
+                self._proc = subprocess.Popen(
+                    [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                     f"--junitxml={self._xml}", *nodes], cwd=root, stdout=out,
+                    stderr=subprocess.STDOUT, env=_own_pytest_env())
+        except BaseException:
+            self._tmp.cleanup()
+            raise
+
+    def outcomes(self) -> dict[str, str]:
+        left = self._started + PROPERTY_TIMEOUT_S - time.perf_counter()
+        try:
+            status = self._proc.wait(timeout=max(left, 0.0))
         except subprocess.TimeoutExpired:
-            return {node: "timed out" for node in nodes}
-        if not xml.is_file():  # pytest itself failed (internal or usage error): no verdict
-            status = getattr(done, "returncode", "?")
-            return {node: f"error (pytest exit {status})" for node in nodes}
-        cases = ET.parse(xml).getroot().iter("testcase")
-        results = [(c.get("classname", ""), c.get("name", ""), _case_outcome(c)) for c in cases]
-    return {node: _node_outcome(node, results) for node in nodes}
+            self.stop()
+            return {node: "timed out" for node in self.nodes}
+        self.seconds = round(time.perf_counter() - self._started, 1)
+        try:
+            if not self._xml.is_file():  # pytest itself failed (internal or usage error)
+                return {node: f"error (pytest exit {status})" for node in self.nodes}
+            cases = ET.parse(self._xml).getroot().iter("testcase")
+            results = [(c.get("classname", ""), c.get("name", ""), _case_outcome(c))
+                       for c in cases]
+        finally:
+            self._tmp.cleanup()
+        return {node: _node_outcome(node, results) for node in self.nodes}
+
+    def stop(self) -> None:
+        self._proc.kill()
+        self._proc.wait()
+        self._tmp.cleanup()
 
 
 def _own_pytest_env() -> dict[str, str]:
