@@ -474,12 +474,12 @@ def test_a_property_node_outside_the_checkout_is_bad_input(tmp_path):
 
 def test_property_tests_that_time_out_or_leave_no_report(tmp_path, monkeypatch):
     nodes = ["tests/a.py::test_x", "tests/a.py::test_y"]
-    clock = iter([100.0, 160.0])  # started at 100 s; collected 60 s later
+    clock = iter([100.0, 160.0, 160.5])  # started at 100 s; collected 60 s later
     monkeypatch.setattr(rc, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
     _fake_popen(monkeypatch, None)  # never ends
     child = rc.PytestChild(nodes, tmp_path, tmp_path / "pytest.log")
     assert child.outcomes() == {n: "timed out" for n in nodes}
-    assert child._proc.killed
+    assert child._proc.killed and child.seconds == 60.5
     args, kwargs = FakePopen.calls[0]
     assert args[1:6] == ["-m", "pytest", "-q", "-p", "no:cacheprovider"]
     assert args[6].startswith("--junitxml=") and args[7:] == nodes
@@ -488,7 +488,7 @@ def test_property_tests_that_time_out_or_leave_no_report(tmp_path, monkeypatch):
     assert kwargs.keys() == {"cwd", "stdout", "stderr"} and kwargs["cwd"] == tmp_path
     assert kwargs["stderr"] == subprocess.STDOUT and env["PATH"] == os.environ["PATH"]
     monkeypatch.setattr(rc, "time",
-                        SimpleNamespace(perf_counter=iter([0.0, 2.25, 2.25]).__next__))
+                        SimpleNamespace(perf_counter=iter([1.0, 3.25, 3.25]).__next__))
     _fake_popen(monkeypatch, 3)  # pytest crashed: no junit written
     crashed = rc.PytestChild(nodes, tmp_path, tmp_path / "pytest.log")
     assert crashed.outcomes() == {n: "error (pytest exit 3)" for n in nodes}

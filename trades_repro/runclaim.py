@@ -235,7 +235,7 @@ class PytestChild:
     waits for it (PROPERTY_TIMEOUT_S from its start in all) and reads its JUnit report."""
 
     def __init__(self, nodes: list[str], root: Path, log: Path) -> None:
-        self.nodes, self.seconds = nodes, 0.0
+        self.nodes = nodes
         self._tmp = tempfile.TemporaryDirectory()
         self._xml = Path(self._tmp.name) / "junit.xml"
         self._started = time.perf_counter()
@@ -255,8 +255,10 @@ class PytestChild:
             status = self._proc.wait(timeout=max(left, 0.0))
         except subprocess.TimeoutExpired:
             self.stop()
-            return {node: "timed out" for node in self.nodes}
+            status = None
         self.seconds = round(time.perf_counter() - self._started, 1)
+        if status is None:
+            return {node: "timed out" for node in self.nodes}
         try:
             if not self._xml.is_file():  # pytest itself failed (internal or usage error)
                 return {node: f"error (pytest exit {status})" for node in self.nodes}
