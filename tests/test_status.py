@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, replace
+from pathlib import Path
 
 import pytest
 from claimsutil import claim, claims_folder, write_run
@@ -41,7 +42,7 @@ def fleet(tmp_path):
 
 
 def _plant(run_dir, **fields) -> None:
-    holder = replace(runlock.Holder.me(), token="t", job_id="4242_1", **fields)
+    holder = replace(runlock.Holder.me(), **{"token": "t", "job_id": "4242_1", **fields})
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / runlock.LOCK_FILE).write_text(json.dumps(asdict(holder)))
 
@@ -93,3 +94,44 @@ def test_without_a_tier_only_launched_tiers_show(tmp_path):
     assert [r.tier for r in status.collect(catalogue, catalogue.select(), runs)] == ["full"]
     rows = status.collect(catalogue, catalogue.select(), runs, tier="instant")
     assert rows[0].counts()["pending"] == 1
+
+
+def _fake_squeue(tmp_path, monkeypatch, *, batch_fails: bool) -> Path:
+    """An `squeue` on the PATH that logs its arguments: 700_0 runs, 700_1 is pending,
+    700_2 is unknown to SLURM (ended). With `batch_fails`, a query of several ids fails."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "squeue.log"
+    bin_dir.mkdir()
+    script = bin_dir / "squeue"
+    script.write_text(f"""#!/bin/sh
+echo "$*" >> {log}
+case "$*" in *,*) {"exit 1" if batch_fails else ":"} ;; esac
+case "$*" in
+  *"%i %T"*) echo "700_0 RUNNING"; echo "700_1 PENDING" ;;
+  *"-j 700_0 "*) echo RUNNING ;;
+  *"-j 700_1 "*) echo PENDING ;;
+  *) echo "slurm_load_jobs error: Invalid job id specified" >&2; exit 1 ;;
+esac
+""")
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return log
+
+
+@pytest.mark.parametrize("batch_fails", [False, True])
+def test_runs_held_on_other_hosts_cost_one_squeue(tmp_path, monkeypatch, batch_fails):
+    """150 running runs on a cluster were 150 squeue calls per `status`; now one, and job by
+    job only when that one fails (an id SLURM has purged)."""
+    arms = {"tiny": {"label": "tiny digits", "tiers": {"instant": {"set": SET, "seeds": 3}}}}
+    folder = claims_folder(tmp_path, arms, [claim(
+        "table_9.rate", "instability_rate", arm="tiny", values_from="ours",
+        expected={"k": 0, "n": 3}, test={"name": "clopper_pearson"})])
+    catalogue, runs = load_catalogue(folder), tmp_path / "runs"
+    for task, spec in enumerate(catalogue.specs("tiny", "instant")):
+        _plant(write_run(runs, spec, status="running"), host="node-b", job_id=f"700_{task}")
+    log = _fake_squeue(tmp_path, monkeypatch, batch_fails=batch_fails)
+    (row,) = status.collect(catalogue, catalogue.select(), runs)
+    assert [r.state for r in row.runs] == ["running", "running", "pending"]
+    assert row.runs[2].note == "stale lock: job 700_2 is gone"
+    calls = log.read_text().splitlines()
+    assert calls[0] == "-h -r -j 700_0,700_1,700_2 -o %i %T"
+    assert len(calls) == (4 if batch_fails else 1)

@@ -27,7 +27,7 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -99,15 +99,20 @@ def heartbeat_age(run_dir: Path) -> float | None:
     return None
 
 
-def stale_reason(holder: Holder, run_dir: Path, me: Holder | None = None) -> str | None:
-    """Why `holder` is gone, or None while it may still be alive (module docstring)."""
+def stale_reason(holder: Holder, run_dir: Path, me: Holder | None = None,
+                 slurm: Mapping[str, str] | None = None) -> str | None:
+    """Why `holder` is gone, or None while it may still be alive (module docstring).
+    `slurm`: job states from :func:`slurm_states`, read instead of asking squeue again."""
     me = me or Holder.me()
     if holder.job_id and holder.job_id == me.job_id and holder.pid != me.pid:
         return f"job {holder.job_id} was requeued (old process {holder.host} pid {holder.pid})"
     if holder.host == me.host:
         return None if _alive(holder.pid, holder.pid_start) else \
             f"process {holder.pid} on {holder.host} is gone"
-    state = _slurm_state(holder.job_id) if holder.job_id else None
+    state = None
+    if holder.job_id:
+        known = slurm is not None and holder.job_id in slurm
+        state = slurm[holder.job_id] if known else _slurm_state(holder.job_id)
     if state is not None:
         return None if state in SLURM_ALIVE else f"job {holder.job_id} is {state or 'gone'}"
     age = heartbeat_age(run_dir)
@@ -257,6 +262,25 @@ def _alive(pid: int, start: str | None) -> bool:
     return start is None or now is None or now == start
 
 
+def slurm_states(job_ids: Iterable[str]) -> dict[str, str] | None:
+    """Many jobs' SLURM states from one `squeue` ('' for a job SLURM no longer knows), so
+    that `status` over hundreds of runs held on other hosts does not poll squeue once per
+    run; None without squeue or when the query fails (e.g. an id SLURM has purged: then
+    `stale_reason` asks job by job)."""
+    ids = sorted(set(job_ids))
+    if not ids or shutil.which("squeue") is None:
+        return None
+    try:  # -r: one line per array task, so ids read "<array>_<task>" as submitit's do
+        out = subprocess.run(["squeue", "-h", "-r", "-j", ",".join(ids), "-o", "%i %T"],
+                             capture_output=True, text=True, timeout=60, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    listed = dict(line.split(None, 1) for line in out.stdout.splitlines() if " " in line)
+    return {job: listed.get(job, "").strip() for job in ids}
+
+
 def _slurm_state(job_id: str) -> str | None:
     """The job's SLURM state ('' when SLURM no longer knows it), or None without squeue."""
     if shutil.which("squeue") is None:
@@ -271,4 +295,5 @@ def _slurm_state(job_id: str) -> str | None:
     return out.stdout.strip().splitlines()[0] if out.stdout.strip() else ""
 
 
-__all__ = ["Holder", "RunBusy", "acquire", "hold", "read", "release", "stale_reason"]
+__all__ = ["Holder", "RunBusy", "acquire", "hold", "read", "release", "slurm_states",
+           "stale_reason"]

@@ -10,7 +10,9 @@ done since): no cost table guess, and no clock on the run's own records.
 
 from __future__ import annotations
 
+import socket
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -53,13 +55,15 @@ class ArmStatus:
                 "runs": [asdict(r) for r in self.runs]}
 
 
-def run_status(spec: ExperimentSpec, runs_dir: Path, policies: tuple[str, ...]) -> RunStatus:
+def run_status(spec: ExperimentSpec, runs_dir: Path, policies: tuple[str, ...],
+               slurm: Mapping[str, str] | None = None) -> RunStatus:
+    """One run's state; `slurm`: job states from one squeue for many runs (`collect`)."""
     run_dir = store.run_dir_for(spec, runs_dir)
     epoch = _epochs(run_dir)
     base = {"digest": spec.digest(), "seed": spec.seed, "epoch": epoch,
             "epochs": spec.optim.epochs}
     holder = runlock.read(run_dir)
-    stale = runlock.stale_reason(holder, run_dir) if holder else None
+    stale = runlock.stale_reason(holder, run_dir, slurm=slurm) if holder else None
     if holder and not stale:
         seconds = _epoch_seconds(run_dir, holder, epoch)
         eta = None if seconds is None else seconds * max(0, spec.optim.epochs - epoch)
@@ -78,17 +82,25 @@ def collect(catalogue: Catalogue, entries: list[Entry], runs_dir: Path,
             tier: str | None = None) -> list[ArmStatus]:
     """One row per claim, tier and arm. Without `tier`: the tiers in which any of the arm's
     runs has a folder (what was launched), so a cluster user needs no flag."""
-    rows = []
+    arms = []
     for entry in entries:
         for arm in entry.claim.arm_names():
             for t in [tier] if tier else catalogue.tiers_of(entry):
                 specs = catalogue.specs(arm, t)
-                if not tier and not any(store.run_dir_for(s, runs_dir).is_dir() for s in specs):
-                    continue
-                policy = (catalogue.arms[arm].policy,)
-                rows.append(ArmStatus(entry.id, t, arm,
-                                      [run_status(s, runs_dir, policy) for s in specs]))
-    return rows
+                if tier or any(store.run_dir_for(s, runs_dir).is_dir() for s in specs):
+                    arms.append((entry.id, t, arm, specs))
+    slurm = runlock.slurm_states(_remote_jobs([s for *_, specs in arms for s in specs],
+                                              runs_dir))
+    return [ArmStatus(claim_id, t, arm, [run_status(s, runs_dir, (catalogue.arms[arm].policy,),
+                                                    slurm) for s in specs])
+            for claim_id, t, arm, specs in arms]
+
+
+def _remote_jobs(specs: list[ExperimentSpec], runs_dir: Path) -> list[str]:
+    """The job ids of locks held from other hosts: what squeue must be asked about."""
+    host = socket.gethostname()
+    holders = (runlock.read(store.run_dir_for(s, runs_dir)) for s in specs)
+    return [h.job_id for h in holders if h and h.job_id and h.host != host]
 
 
 def _epochs(run_dir: Path) -> int:
