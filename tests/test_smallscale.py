@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from claimsutil import add_probe, write_run
+from factories import assert_one_line_error
 from typer.testing import CliRunner
 
 from trades_repro import smallscale as ss
@@ -377,3 +378,18 @@ def test_study_sweep_refuses_a_bad_shard(tmp_path):
 def test_evidence_files_are_json(evidence):
     run = next(evidence.iterdir())
     assert json.loads((run / "spec.json").read_text())["data"]["dataset"] == "digits"
+
+
+def test_report_refuses_a_missing_runs_dir_and_keeps_the_report_without_evidence(tmp_path):
+    """A mistyped --runs-dir used to export nothing and overwrite the report's tables with
+    empty ones, exit 0."""
+    out = tmp_path / "small_scale.md"
+    out.write_text("the tables of 153 runs")
+    missing = runner.invoke(app, ["study", "report", "--runs-dir", str(tmp_path / "typo"),
+                                  "--evidence", str(tmp_path / "ev"), "--out", str(out)])
+    assert_one_line_error(missing, "--runs-dir", "typo", "not a folder")
+    empty = runner.invoke(app, ["study", "report", "--evidence", str(tmp_path / "ev"),
+                                "--out", str(out)])
+    assert empty.exit_code == 3, empty.output
+    assert "no evaluated run to report on" in empty.output
+    assert out.read_text() == "the tables of 153 runs"

@@ -750,10 +750,17 @@ def study_report(
     runs_dir: Annotated[Path | None, typer.Option(help="Copy finished runs' evidence from "
                                                   "here first.")] = None,
 ) -> None:
-    """Regenerate the small-scale report (tables, tests, plots) from the evidence alone."""
-    from trades_repro.smallscale import export
+    """Regenerate the small-scale report (tables, tests, plots) from the evidence alone.
+    Exit 2 when --runs-dir is not a folder; 3, with the report left as it was, when the
+    evidence holds no evaluated run."""
+    from trades_repro.errors import Inconclusive
+    from trades_repro.smallscale import export, load_runs
     from trades_repro.smallscale_report import write_report
 
     if runs_dir is not None:
+        if not runs_dir.is_dir():
+            raise BadInput(f"--runs-dir {runs_dir}: not a folder")
         typer.echo(f"exported {export(runs_dir, evidence)} run(s) from {runs_dir}")
+    if not evidence.is_dir() or not load_runs(evidence):
+        raise Inconclusive(f"{evidence}: no evaluated run to report on; {out} left as it was")
     typer.echo(str(write_report(evidence, out)))
