@@ -150,11 +150,13 @@ def test_duplicate_ids_and_unresolvable_arms_exit_2(tmp_path):
                           "table_9.a", "method.colour")
 
 
-def test_verify_on_empty_evidence_reports_not_run_and_exits_0(tmp_path):
+def test_verify_on_empty_evidence_reports_not_run_and_exits_3(tmp_path):
+    """No evidence is 'cannot decide' (3), not 'every claim held' (0)."""
     report, junit = tmp_path / "report.md", tmp_path / "junit.xml"
     result = runner.invoke(app, ["verify", "--runs-dir", str(tmp_path / "empty"), "--report",
                                  str(report), "--junit", str(junit)])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 3, result.output
+    assert "no evidence: none of the" in result.output
     n = len(load_catalogue(ROOT / "claims").select(None, "full"))
     assert f"{n} claims: {n} not run" in result.stdout
     assert "held" not in report.read_text().split("\n", 3)[2]

@@ -402,7 +402,8 @@ def verify(
         help="Judge claims on fewer seeds than they name (the report says so).")] = False,
 ) -> None:
     """Judge claims against the evidence in RUNS_DIR. Exit 0 every judged claim held, 1 one
-    failed, 2 bad input, 3 none failed but some could not be decided (undetermined)."""
+    failed, 2 bad input, 3 none failed but some could not be decided (undetermined), or no
+    evidence: not one claim could be judged."""
     judgements, titles = _judge(patterns, _tier(tier), runs_dir, claims_dir, allow_partial)
     _report(judgements, titles, tier, runs_dir, report, junit)
     _exit_for(judgements)
@@ -418,6 +419,9 @@ def _exit_for(judgements, run_failed: bool = False) -> None:
     if undetermined:
         raise Inconclusive(f"{len(undetermined)} claim(s) undetermined: "
                            f"{', '.join(undetermined[:5])}")
+    if judgements and all(j.status in ("not run", "incomplete") for j in judgements):
+        raise Inconclusive(f"no evidence: none of the {len(judgements)} claim(s) could be "
+                           "judged (not run or incomplete); run-claim trains what they need")
 
 
 def _judge(patterns, tier, runs_dir, claims_dir, allow_partial):
