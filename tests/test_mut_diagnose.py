@@ -849,6 +849,14 @@ def test_verify_exit_codes_follow_the_worst_judgement(capsys):
     with pytest.raises(Inconclusive) as caught:
         cli._exit_for(_judged("held", *["undetermined"] * 6))
     assert str(caught.value) == "6 claim(s) undetermined: c1, c2, c3, c4, c5"
+    # no evidence at all is 'cannot decide'; partial evidence is judged on what there is
+    for nothing in (_judged("not run", "not run"), _judged("incomplete", "not run")):
+        with pytest.raises(Inconclusive) as caught:
+            cli._exit_for(nothing)
+        assert str(caught.value) == ("no evidence: none of the 2 claim(s) could be judged "
+                                     "(not run or incomplete); run-claim trains what they need")
+    assert cli._exit_for(_judged("held", "not run", "incomplete")) is None
+    assert cli._exit_for([]) is None
     cli._exit_if_failed([])
     with pytest.raises(typer.Exit) as caught:
         cli._exit_if_failed(["abc failed: boom", "def failed: bang"])
