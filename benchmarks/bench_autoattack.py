@@ -104,6 +104,49 @@ def throughput(net, x, y, batch_size: int, attack: str, device: str,
 
 
 def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    console = Console(width=110)
+    spec = workload_spec(args.workload, args.device, args.epochs, quick=args.quick,
+                         root=args.data_root)
+    net, x, y, eps = workload(spec, args.n, args.device, args.runs_dir)
+    record = provenance(torch.device(args.device), {
+        "threads": args.threads, "n": args.n, "eps": eps, "train_epochs": args.epochs,
+        "workload": args.workload})
+    header(console, record)
+    path = write_record("autoattack", record, **({"out_dir": args.out_dir} if args.out_dir
+                                                 else {}))
+    figures = sweep(console, record, path, args, (net, x, y, eps))
+    first = next(iter(figures))
+    best = max(figures[first], key=lambda b: figures[first][b]["images_per_s"])
+    record[f"fastest_{first}_batch"] = best
+    # linear in the number of images at a fixed robust fraction: what 10,000 would take
+    record["seconds_per_10000"] = {a: 10_000 / v[best]["images_per_s"]
+                                   for a, v in figures.items()}
+    write_record("autoattack", record, path=path)
+    console.print(f"fastest {first} batch here: {best}; 10,000 images at it: "
+                  f"{record['seconds_per_10000']}; record: {path}")
+    return record
+
+
+def sweep(console: Console, record: dict, path: Path, args: argparse.Namespace,
+          attacked: tuple) -> dict[str, dict[int, dict]]:
+    """Each attack at each batch size; the record is saved after each, so a time-boxed call
+    keeps what finished."""
+    net, x, y, eps = attacked
+    figures: dict[str, dict[int, dict]] = {}
+    for attack in args.attacks:
+        figures[attack] = {}
+        for b in args.sizes:
+            figures[attack][b] = throughput(net, x, y, b, attack, args.device, eps)
+            record["figures"] = {a: {str(k): f for k, f in v.items()}
+                                 for a, v in figures.items()}
+            write_record("autoattack", record, path=path)
+        _table(console, attack, figures[attack], args.n, eps)
+    return figures
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="16 digits, 3 batch sizes")
     parser.add_argument("--n", type=int, default=64, help="test digits to attack")
@@ -122,41 +165,13 @@ def main(argv: list[str] | None = None) -> dict:
                         help="standard (the cascade) and/or square (alone)")
     parser.add_argument("--out-dir", type=Path, default=None)
     args = parser.parse_args(argv)
-    n, sizes = args.n, {int(b) for b in args.batch_sizes.split(",")}
-    epochs = DEFAULT_EPOCHS[args.workload]
+    sizes = {int(b) for b in args.batch_sizes.split(",")}
+    args.epochs = DEFAULT_EPOCHS[args.workload]
     if args.quick:
-        n, epochs, sizes = 16, 5, {4, 16}
-    sizes = sorted(sizes | {AA_DEFAULT_BATCH})
-    torch.set_num_threads(args.threads)
-    console = Console(width=110)
-    spec = workload_spec(args.workload, args.device, epochs, quick=args.quick,
-                         root=args.data_root)
-    net, x, y, eps = workload(spec, n, args.device, args.runs_dir)
-    record = provenance(torch.device(args.device), {
-        "threads": args.threads, "n": n, "eps": eps, "train_epochs": epochs,
-        "workload": args.workload})
-    header(console, record)
-    out = {"out_dir": args.out_dir} if args.out_dir else {}
-    path = write_record("autoattack", record, **out)
-    figures: dict[str, dict[int, dict]] = {}
-    for attack in args.attacks.split(","):
-        figures[attack] = {}
-        for b in sizes:  # saved after each, so a time-boxed call keeps what finished
-            figures[attack][b] = throughput(net, x, y, b, attack, args.device, eps)
-            record["figures"] = {a: {str(k): f for k, f in v.items()}
-                                 for a, v in figures.items()}
-            write_record("autoattack", record, path=path)
-        _table(console, attack, figures[attack], n, eps)
-    first = next(iter(figures))
-    best = max(figures[first], key=lambda b: figures[first][b]["images_per_s"])
-    record[f"fastest_{first}_batch"] = best
-    # linear in the number of images at a fixed robust fraction: what 10,000 would take
-    record["seconds_per_10000"] = {a: 10_000 / v[best]["images_per_s"]
-                                   for a, v in figures.items()}
-    write_record("autoattack", record, path=path)
-    console.print(f"fastest {first} batch here: {best}; 10,000 images at it: "
-                  f"{record['seconds_per_10000']}; record: {path}")
-    return record
+        args.n, args.epochs, sizes = 16, 5, {4, 16}
+    args.sizes = sorted(sizes | {AA_DEFAULT_BATCH})
+    args.attacks = args.attacks.split(",")
+    return args
 
 
 def _table(console: Console, attack: str, rows: dict[int, dict], n: int, eps: float) -> None:
