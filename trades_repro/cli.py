@@ -352,11 +352,11 @@ def _selected(claims_dir: Path, patterns: list[str] | None, tier: str | None):
 
     catalogue = load_catalogue(claims_dir)
     entries = catalogue.select(patterns, tier)
-    if patterns and not catalogue.select(patterns):
+    matching = catalogue.select(patterns) if patterns else []
+    if patterns and not matching:
         raise ClaimsError(f"no claim matches {' '.join(patterns)} in {claims_dir}")
     if patterns and not entries:
-        have = sorted({t for e in catalogue.select(patterns) for t in catalogue.tiers_of(e)},
-                      key=TIERS.index)
+        have = sorted({t for e in matching for t in catalogue.tiers_of(e)}, key=TIERS.index)
         raise ClaimsError(f"no claim matching {' '.join(patterns)} has the '{tier}' tier "
                           f"(theirs: {', '.join(have) or 'none'}; `trades-repro claims list` "
                           "shows every claim's tiers)")
@@ -757,14 +757,11 @@ def study_report(
     """Regenerate the small-scale report (tables, tests, plots) from the evidence alone.
     Exit 2 when --runs-dir is not a folder; 3, with the report left as it was, when the
     evidence holds no evaluated run."""
-    from trades_repro.errors import Inconclusive
-    from trades_repro.smallscale import export, load_runs
+    from trades_repro.smallscale import export
     from trades_repro.smallscale_report import write_report
 
     if runs_dir is not None:
         if not runs_dir.is_dir():
             raise BadInput(f"--runs-dir {runs_dir}: not a folder")
         typer.echo(f"exported {export(runs_dir, evidence)} run(s) from {runs_dir}")
-    if not evidence.is_dir() or not load_runs(evidence):
-        raise Inconclusive(f"{evidence}: no evaluated run to report on; {out} left as it was")
     typer.echo(str(write_report(evidence, out)))

@@ -277,8 +277,11 @@ def slurm_states(job_ids: Iterable[str]) -> dict[str, str] | None:
         return None
     if out.returncode != 0:
         return None
-    listed = dict(line.split(None, 1) for line in out.stdout.splitlines() if " " in line)
-    return {job: listed.get(job, "").strip() for job in ids}
+    listed = {}
+    for line in out.stdout.splitlines():  # "<id> <STATE>", any spacing; never a crash
+        job, _, state = line.strip().partition(" ")
+        listed[job] = state.strip()
+    return {job: listed.get(job, "") for job in ids}
 
 
 def _slurm_state(job_id: str) -> str | None:

@@ -292,7 +292,13 @@ def plot_margins(path: Path, runs: list[ss.RunSummary]) -> Path:
 
 
 def write_report(evidence_dir: Path, out: Path) -> Path:
+    """The report from the evidence; `Inconclusive` (and `out` untouched) without a run."""
     runs = ss.load_runs(evidence_dir)
+    if not runs:
+        from trades_repro.errors import Inconclusive
+
+        raise Inconclusive(f"{evidence_dir}: no evaluated run to report on; {out} left as "
+                           "it was")
     figures = out.parent / out.stem
     figures.mkdir(parents=True, exist_ok=True)
     lines = ["# TRADES overestimation on a CPU: Fashion-MNIST and digits (issue 19)", "",
