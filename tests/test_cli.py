@@ -117,3 +117,20 @@ def test_evaluate_and_diagnose_refuse_eval_batch_below_one_as_the_option(tmp_pat
     args = [a.format(run=tmp_path / "missing_run") for a in command]
     result = runner.invoke(app, [*args, "--eval-batch", "0"])
     assert_one_line_error(result, "--eval-batch 0")
+
+
+def test_every_command_help_is_reflowed_paragraphs():
+    """Rich prints a help text's line breaks as they are: a docstring paragraph wrapped at
+    the source's width came out ragged in `--help` and cut mid-sentence in a group's
+    command listing (which shows the first paragraph)."""
+    command = typer.main.get_command(app)
+    helps = {name: sub.help or "" for name, sub in _commands(command)}
+    helps |= {name: sub.help or "" for name, sub in command.commands.items()
+              if hasattr(sub, "commands")}
+    assert len(helps) >= 14
+    assert not {name: text for name, text in helps.items() if not text}
+    assert not {name: text for name, text in helps.items()
+                if any("\n" in paragraph for paragraph in text.split("\n\n"))}
+    diagnose = " ".join(runner.invoke(app, ["diagnose", "--help"], terminal_width=200)
+                        .stdout.split())
+    assert "1 overestimated (it lies at or above)" in diagnose

@@ -9,6 +9,7 @@ line on stderr naming a log file that holds the traceback).
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import sys
@@ -143,8 +144,9 @@ def spec_schema() -> None:
 @_user_errors
 def spec_show(spec_file: Annotated[Path, typer.Argument(
         help="Experiment spec or sweep (YAML).")]) -> None:
-    """Print the resolved spec (every default filled in) and its digest; for a sweep, every
-    expanded run's grid point, seed and digest."""
+    """Print the resolved spec (every default filled in) and its digest.
+
+    For a sweep, every expanded run's grid point, seed and digest."""
     from trades_repro.spec import is_sweep_file, load_sweep
 
     if is_sweep_file(spec_file):
@@ -401,9 +403,10 @@ def verify(
     allow_partial: Annotated[bool, typer.Option(
         help="Judge claims on fewer seeds than they name (the report says so).")] = False,
 ) -> None:
-    """Judge claims against the evidence in RUNS_DIR. Exit 0 every judged claim held, 1 one
-    failed, 2 bad input, 3 none failed but some could not be decided (undetermined), or no
-    evidence: not one claim could be judged."""
+    """Judge claims against the evidence in RUNS_DIR.
+
+    Exit 0 every judged claim held, 1 one failed, 2 bad input, 3 none failed but some could
+    not be decided (undetermined), or no evidence: not one claim could be judged."""
     judgements, titles = _judge(patterns, _tier(tier), runs_dir, claims_dir, allow_partial)
     _report(judgements, titles, tier, runs_dir, report, junit)
     _exit_for(judgements)
@@ -487,11 +490,13 @@ def run_claim(
     account: SlurmOption = None,
     qos: SlurmOption = None,
 ) -> None:
-    """Train and evaluate what the claims need at TIER (finished runs skipped, partial ones
-    resumed, shared arms once, runs another launch is training left to it), then verify them.
-    Exit codes as `verify`; 3 also when the tier needs a GPU and none is visible; 1 also when
-    a run failed. With `--executor slurm` it submits one job array and exits 0: follow it with
-    `trades-repro status`, judge it with `trades-repro verify`."""
+    """Train and evaluate what the claims need at TIER, then verify them.
+
+    Finished runs are skipped, partial ones resumed, shared arms run once, and runs another
+    launch is training are left to it. Exit codes as `verify`; 3 also when the tier needs a GPU
+    and none is visible; 1 also when a run failed. With `--executor slurm` it submits one job
+    array and exits 0: follow it with `trades-repro status`, judge it with
+    `trades-repro verify`."""
     from trades_repro import executors, runclaim
     from trades_repro.claims import ClaimsError
     from trades_repro.runclaim import DEVICE_KINDS
@@ -563,11 +568,12 @@ def demo(
         help="FOSC and PGD-10 per epoch (default: RUNS_DIR/demo_fosc.png).")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress lines.")] = False,
 ) -> None:
-    """The paper's story in three real Fashion-MNIST runs on the CPU, seed 0 of each cpu-tier
-    arm: Table 2's risky corner, the same with Algorithm 1, and the safe corner. Prints clean,
-    PGD-10, Square-5000, the margin with its interval, the verdict and peak FOSC; plots FOSC per
-    epoch. About 9 minutes on 2 idle cores. Exit 0 when all three ran, whatever their verdicts;
-    1 when a run failed."""
+    """The paper's story in three real Fashion-MNIST runs on the CPU (about 9 minutes).
+
+    Seed 0 of each cpu-tier arm: Table 2's risky corner, the same with Algorithm 1, and the
+    safe corner. Prints clean, PGD-10, Square-5000, the margin with its interval, the verdict
+    and peak FOSC; plots FOSC per epoch. About 9 minutes on 2 idle cores. Exit 0 when all
+    three ran, whatever their verdicts; 1 when a run failed."""
     import time
 
     from trades_repro import demo as demolib
@@ -611,8 +617,10 @@ def status(
     claims_dir: ClaimsDir = Path("claims"),
     as_json: Annotated[bool, typer.Option("--json", help="JSON for scripts.")] = False,
 ) -> None:
-    """Per claim and arm: runs done / running / failed / pending, with job ids, each running
-    run's epoch and ETA, and each failed run's error line. Reads run folders only."""
+    """Per claim and arm: runs done / running / failed / pending.
+
+    With job ids, each running run's epoch and ETA, and each failed run's error line. Reads
+    run folders only."""
     from rich.table import Table
 
     from trades_repro import status as statuslib
@@ -691,9 +699,11 @@ def study_sweep(
         help="Print each file's runs by state (done, to evaluate, resume or train, failed); "
         "run nothing.")] = False,
 ) -> None:
-    """Train and evaluate the sweeps' runs (finished skipped, partial resumed); exit 1 when
-    a run failed. Each next run is every cell's first seed, then the further seeds of cells
-    with a flagged run, then the rest; a second launch on the same files shares the work."""
+    """Train and evaluate the sweeps' runs (finished skipped, partial resumed).
+
+    Exit 1 when a run failed. Each next run is every cell's first seed, then the further
+    seeds of cells with a flagged run, then the rest; a second launch on the same files
+    shares the work."""
     from trades_repro import smallscale as ss
 
     if dry_run:
@@ -732,8 +742,9 @@ def study_probe(
     = 1000,
     shard: ShardOption = "0/1",
 ) -> None:
-    """Square alone at another query budget on every finished, evaluated run of the sweeps,
-    kept as a record of its own (the report's Square-1000 columns)."""
+    """Square alone at another query budget on every finished, evaluated run of the sweeps.
+
+    Kept as a record of its own (the report's Square-1000 columns)."""
     from trades_repro.smallscale import probe_square
 
     if square_queries < 1:
@@ -755,6 +766,7 @@ def study_report(
                                                   "here first.")] = None,
 ) -> None:
     """Regenerate the small-scale report (tables, tests, plots) from the evidence alone.
+
     Exit 2 when --runs-dir is not a folder; 3, with the report left as it was, when the
     evidence holds no evaluated run."""
     from trades_repro.smallscale import export
@@ -765,3 +777,15 @@ def study_report(
             raise BadInput(f"--runs-dir {runs_dir}: not a folder")
         typer.echo(f"exported {export(runs_dir, evidence)} run(s) from {runs_dir}")
     typer.echo(str(write_report(evidence, out)))
+
+
+def _reflowed(doc: str) -> str:
+    """A docstring's paragraphs each on one line. Rich prints a help text's line breaks as
+    they are, so paragraphs wrapped at the source's width came out ragged in `--help`."""
+    return "\n\n".join(" ".join(paragraph.split()) for paragraph in doc.split("\n\n"))
+
+
+for _group in (app, spec_app, claims_app, study_app):
+    for _info in _group.registered_commands:
+        if _info.help is None and _info.callback is not None and _info.callback.__doc__:
+            _info.help = _reflowed(inspect.getdoc(_info.callback))
