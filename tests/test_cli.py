@@ -134,3 +134,75 @@ def test_every_command_help_is_reflowed_paragraphs():
     diagnose = " ".join(runner.invoke(app, ["diagnose", "--help"], terminal_width=200)
                         .stdout.split())
     assert "1 overestimated (it lies at or above)" in diagnose
+
+
+CLAIMS = str(SPEC_DIR.parent / "claims")
+SWEEP = str(SPEC_DIR / "sweeps" / "digits_eps0p2.yaml")
+FOLDER_OPTIONS = [  # (command, the option that names a folder)
+    (["train", str(SPEC_DIR / "digits.yaml")], "--runs-dir"),
+    (["verify", "--claims-dir", CLAIMS], "--runs-dir"),
+    (["run-claim", "instant.*", "--claims-dir", CLAIMS], "--runs-dir"),
+    (["run-claim", "instant.*", "--claims-dir", CLAIMS, "--dry-run"], "--runs-dir"),
+    (["status", "--claims-dir", CLAIMS], "--runs-dir"),
+    (["claims", "list", "--claims-dir", CLAIMS], "--runs-dir"),
+    (["demo", "--claims-dir", CLAIMS], "--runs-dir"),
+    (["study", "sweep", SWEEP], "--runs-dir"),
+    (["study", "probe", SWEEP], "--runs-dir"),
+    (["study", "report", "--out", "{tmp}/report.md"], "--evidence"),
+    (["diagnose", "{tmp}/absent.pt", "--dataset", "digits", "--model", "small_cnn"], "--out"),
+]
+FILE_OPTIONS = [  # (command, the option that names a file the command writes)
+    (["verify", "--claims-dir", CLAIMS, "--runs-dir", "{tmp}"], "--report"),
+    (["verify", "--claims-dir", CLAIMS, "--runs-dir", "{tmp}"], "--junit"),
+    (["run-claim", "instant.*", "--claims-dir", CLAIMS, "--runs-dir", "{tmp}/runs"], "--report"),
+    (["run-claim", "instant.*", "--claims-dir", CLAIMS, "--runs-dir", "{tmp}/runs"], "--junit"),
+    (["demo", "--claims-dir", CLAIMS, "--runs-dir", "{tmp}/runs"], "--plot"),
+    (["study", "report", "--evidence", "{tmp}"], "--out"),
+]
+
+
+def _args(command: list[str], tmp_path: Path) -> list[str]:
+    return [a.format(tmp=tmp_path) for a in command]
+
+
+@pytest.mark.parametrize(("command", "option"), FOLDER_OPTIONS)
+@pytest.mark.parametrize("under", [False, True])
+def test_a_folder_option_naming_a_file_is_one_line_bad_input(tmp_path, command, option, under):
+    """`--runs-dir FILE` trained nothing and exited 4 ("train failed unexpectedly:
+    NotADirectoryError"), as if our code had crashed; a mistyped folder is bad input."""
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    folder = afile / "runs" if under else afile
+    result = runner.invoke(app, [*_args(command, tmp_path), option, str(folder)])
+    assert_one_line_error(result, f"{option} {folder}", f"{afile} is a file" if under
+                          else "not a folder")
+    assert afile.read_text() == "not a folder"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # nothing written
+
+
+@pytest.mark.parametrize(("command", "option"), FILE_OPTIONS)
+@pytest.mark.parametrize("target", ["afile/out.png", "adir"])
+def test_an_output_file_option_that_cannot_be_written_is_one_line_bad_input(
+        tmp_path, command, option, target):
+    (tmp_path / "afile").write_text("not a folder")
+    (tmp_path / "adir").mkdir()
+    path = tmp_path / target
+    result = runner.invoke(app, [*_args(command, tmp_path), option, str(path)])
+    assert_one_line_error(result, f"{option} {path}", "is a file" if "/" in target
+                          else "a folder, not a file")
+    assert not (tmp_path / "runs").exists()  # refused before any run
+
+
+def test_a_runs_dir_where_nothing_may_be_written_is_refused_before_training(
+        tmp_path, monkeypatch):
+    """As root every folder is writable, so the refusal is shown with os.access answering
+    as it would for a user without write permission on tmp_path."""
+    import os
+
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path)
+    result = runner.invoke(app, ["train", str(SPEC_DIR / "digits.yaml"),
+                                 "--runs-dir", str(tmp_path / "runs")])
+    assert_one_line_error(result, f"{tmp_path} is not writable")
+    reading = runner.invoke(app, ["verify", "--claims-dir", CLAIMS, "--runs-dir",
+                                  str(tmp_path / "runs")])
+    assert reading.exit_code == 3  # reading commands need no write permission

@@ -53,6 +53,36 @@ def _checked_eval_batch(eval_batch: int | None) -> None:
         checked(eval_batch)
 
 
+def _folder_option(option: str, path: Path | None, *, writes: bool = True) -> None:
+    """Exit 2 (one line), before any work, when a folder option names a file or lies under
+    one, or, for a folder the command writes, lies where nothing may be written. Without
+    this, `--runs-dir FILE` trained nothing and exited 4 as if the code had crashed."""
+    if path is not None and (why := _blocked(path, writes=writes)):
+        raise BadInput(f"{option} {path}: {why}")
+
+
+def _file_option(option: str, path: Path | None) -> None:
+    """Exit 2 (one line), before any work, when a file the command writes cannot be."""
+    if path is None:
+        return
+    why = "a folder, not a file" if path.is_dir() else _blocked(path, writes=True, file=True)
+    if why:
+        raise BadInput(f"{option} {path}: {why}")
+
+
+def _blocked(path: Path, *, writes: bool, file: bool = False) -> str | None:
+    """Why the folder `path` (or the folder of the file `path`) cannot be made and used."""
+    folders = path.parents if file else (path, *path.parents)
+    existing = next((p for p in folders if p.exists()), None)
+    if existing is None:
+        return None
+    if not existing.is_dir():
+        return "not a folder" if existing == path else f"{existing} is a file"
+    if writes and not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
+
+
 def _fail(message: str, code: int) -> typer.Exit:
     typer.echo(f"error: {message}", err=True)
     return typer.Exit(code)
@@ -118,6 +148,7 @@ def train(
     from trades_repro import runlock, store
     from trades_repro.train import train as run_training
 
+    _folder_option("--runs-dir", runs_dir)
     spec = load_spec(spec_file)
     with runlock.hold(store.run_dir_for(spec, runs_dir)):  # RunBusy (exit 2) if held
         result = run_training(spec, runs_dir, progress=not quiet, eval_batch=eval_batch)
@@ -308,6 +339,7 @@ def diagnose(
     from trades_repro.evaluate import DIAGNOSE_RULE, verdict_line
 
     _checked_eval_batch(eval_batch)
+    _folder_option("--out", out)
     _set_threads(threads, device)
     record = run_diagnosis(
         checkpoint, dataset=dataset, arch=model, factory=factory, width=width,
@@ -378,6 +410,7 @@ def claims_list(
 
     from trades_repro.verify import Context, Evidence, judge
 
+    _folder_option("--runs-dir", runs_dir, writes=False)
     catalogue, entries = _selected(claims_dir, patterns, tier and _tier(tier))
     evidence = Evidence(runs_dir)
     table = Table(title=f"{len(entries)} claims in {claims_dir}", title_justify="left")
@@ -407,6 +440,9 @@ def verify(
 
     Exit 0 every judged claim held, 1 one failed, 2 bad input, 3 none failed but some could
     not be decided (undetermined), or no evidence: not one claim could be judged."""
+    _folder_option("--runs-dir", runs_dir, writes=False)
+    _file_option("--report", report)
+    _file_option("--junit", junit)
     judgements, titles = _judge(patterns, _tier(tier), runs_dir, claims_dir, allow_partial)
     _report(judgements, titles, tier, runs_dir, report, junit)
     _exit_for(judgements)
@@ -502,6 +538,9 @@ def run_claim(
     from trades_repro.runclaim import DEVICE_KINDS
 
     tier = _tier(tier)
+    _folder_option("--runs-dir", runs_dir, writes=not dry_run)
+    _file_option("--report", report)
+    _file_option("--junit", junit)
     catalogue, entries = _selected(claims_dir, patterns, tier)
     runs = runclaim.plan(catalogue, entries, tier, runs_dir)
     device_kind = device_kind or ("h100" if tier in runclaim.GPU_TIERS else "cpu")
@@ -580,7 +619,9 @@ def demo(
     from trades_repro import executors
     from trades_repro.claims import load_catalogue
 
-    if plot is not None and (plot.is_dir() or plot.suffix.lower() != ".png"):
+    _folder_option("--runs-dir", runs_dir)
+    _file_option("--plot", plot)
+    if plot is not None and plot.suffix.lower() != ".png":
         raise BadInput(f"--plot {plot}: expected the path of a .png file")
     start = time.monotonic()
     runs = demolib.plan(load_catalogue(claims_dir), download=download)
@@ -625,6 +666,7 @@ def status(
 
     from trades_repro import status as statuslib
 
+    _folder_option("--runs-dir", runs_dir, writes=False)
     catalogue, entries = _selected(claims_dir, patterns, tier and _tier(tier))
     rows = statuslib.collect(catalogue, entries, runs_dir, tier)
     if as_json:
@@ -706,6 +748,7 @@ def study_sweep(
     shares the work."""
     from trades_repro import smallscale as ss
 
+    _folder_option("--runs-dir", runs_dir, writes=not dry_run)
     if dry_run:
         for path, counts in ss.progress(sweeps, runs_dir):
             states = ", ".join(f"{counts[k]} {k}" for k in STATES if counts.get(k))
@@ -749,6 +792,7 @@ def study_probe(
 
     if square_queries < 1:
         raise BadInput(f"--square-queries {square_queries}: must be at least 1")
+    _folder_option("--runs-dir", runs_dir)
     _set_threads(None, None)
     n = probe_square(sweeps, runs_dir, queries=square_queries, shard=_shard(shard),
                      report=_progress(False))
@@ -772,9 +816,11 @@ def study_report(
     from trades_repro.smallscale import export
     from trades_repro.smallscale_report import write_report
 
+    if runs_dir is not None and not runs_dir.is_dir():
+        raise BadInput(f"--runs-dir {runs_dir}: not a folder")
+    _folder_option("--evidence", evidence, writes=runs_dir is not None)
+    _file_option("--out", out)
     if runs_dir is not None:
-        if not runs_dir.is_dir():
-            raise BadInput(f"--runs-dir {runs_dir}: not a folder")
         typer.echo(f"exported {export(runs_dir, evidence)} run(s) from {runs_dir}")
     typer.echo(str(write_report(evidence, out)))
 
