@@ -484,7 +484,9 @@ def test_specs_resolve_relative_to_each_claims_folder(tmp_path):
 def test_a_missing_folder_or_arms_file_is_one_line(tmp_path):
     with pytest.raises(ClaimsError) as err:
         load_catalogue(tmp_path / "nowhere")
-    assert str(err.value) == f"{tmp_path / 'nowhere'}: claims folder not found"
+    assert str(err.value) == (f"{tmp_path / 'nowhere'}: claims folder not found (the "
+                              "repository's claims/: run from the repository root, or pass "
+                              "it with --claims-dir)")
     folder = tmp_path / "claims"
     folder.mkdir()
     expected = f"{folder / ARMS_FILE}: needs a mapping 'arms' of arm name -> arm"

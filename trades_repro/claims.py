@@ -354,7 +354,8 @@ def load_catalogue(folder: str | Path = "claims") -> Catalogue:
     `ClaimsError` with the file and claim id."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise ClaimsError(f"{folder}: claims folder not found")
+        raise ClaimsError(f"{folder}: claims folder not found (the repository's claims/: run "
+                          "from the repository root, or pass it with --claims-dir)")
     arms = _load_arms(folder / ARMS_FILE)
     entries: list[Entry] = []
     titles: dict[str, str] = {}
