@@ -137,3 +137,39 @@ def test_every_wrapped_command_exits_4_on_an_unexpected_error(tmp_path, monkeypa
     assert "train failed unexpectedly: KeyError" in result.stderr
     Path(re.search(r"traceback in (\S+)\)", result.stderr).group(1)).unlink()
 
+
+
+@pytest.mark.parametrize("command", [
+    ["spec", "show", "spec/digits.yaml"],  # typer.echo
+    ["verify", "--tier", "cpu", "--runs-dir", "evidence/cpu"],  # a rich table
+])
+def test_a_reader_that_closes_the_pipe_stops_the_command_quietly_with_141(command):
+    """`trades-repro … | head` used to end 'spec_show failed unexpectedly: BrokenPipeError'
+    (exit 4, a traceback log) or, through rich's own handler, exit 1, verify's 'a claim
+    failed'. The reader's end is closed before the command has imported torch, so its
+    first write meets the closed pipe."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-m", "trades_repro", *command], cwd=root,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 141, stderr.decode()
+    assert stderr.decode() == ""
+
+
+def test_a_broken_pipe_of_our_own_is_still_a_crash(tmp_path, monkeypatch):
+    """Only a closed stdout or stderr is the reader's doing; any other broken pipe exits 4."""
+    import trades_repro.train as training
+
+    def broken(*args, **kwargs):
+        raise BrokenPipeError(32, "a worker's pipe")
+
+    monkeypatch.setattr(training, "train", broken)
+    spec = Path(__file__).resolve().parents[1] / "spec" / "digits.yaml"
+    result = runner.invoke(app, ["train", str(spec), "--runs-dir", str(tmp_path), "--quiet"])
+    assert result.exit_code == 4, result.output
+    assert "train failed unexpectedly: BrokenPipeError" in result.stderr
+    Path(re.search(r"traceback in (\S+)\)", result.stderr).group(1)).unlink()

@@ -4,11 +4,14 @@ Exit codes (every command wrapped by `_user_errors`; see `trades_repro.errors`):
 0 ok (``diagnose``: not overestimated); 1 the run failed (a non-finite loss) or, for
 ``diagnose``, robustness overestimated; 2 bad input (one line on stderr, no traceback);
 3 inconclusive (no verdict could be decided); 4 the command itself failed unexpectedly (one
-line on stderr naming a log file that holds the traceback).
+line on stderr naming a log file that holds the traceback). When the reader of the output
+closes its pipe early (`… | head`), a command stops quietly with 141, the shell's status for
+SIGPIPE, instead of reporting a crash.
 """
 
 from __future__ import annotations
 
+import errno
 import inspect
 import json
 import os
@@ -21,13 +24,14 @@ from typing import Annotated, TypeVar
 import click
 import torch
 import typer
-from rich.console import Console
+from rich.console import Console as RichConsole
 
 from trades_repro.data import DataError
 from trades_repro.errors import BadInput
 from trades_repro.spec import ExperimentSpec, SpecError, load_spec
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INCONCLUSIVE, EXIT_CRASHED = 1, 2, 3, 4
+EXIT_READER_GONE = 128 + 13  # SIGPIPE: the shell's status for `… | head` closing early
 
 app = typer.Typer(
     name="trades-repro",
@@ -83,6 +87,14 @@ def _blocked(path: Path, *, writes: bool, file: bool = False) -> str | None:
     return None
 
 
+class Console(RichConsole):
+    """rich's Console, except that a closed pipe raises BrokenPipeError for `_user_errors`
+    to handle: rich's own handler exits 1, which here means a claim or a run failed."""
+
+    def on_broken_pipe(self) -> None:
+        raise BrokenPipeError(errno.EPIPE, "the reader closed the pipe")
+
+
 def _fail(message: str, code: int) -> typer.Exit:
     typer.echo(f"error: {message}", err=True)
     return typer.Exit(code)
@@ -116,12 +128,39 @@ def _user_errors(func: F) -> F:
         except Inconclusive as err:
             raise _fail(f"inconclusive: {err}", EXIT_INCONCLUSIVE) from None
         except Exception as err:  # noqa: BLE001 - the one place that catches everything
+            if isinstance(err, BrokenPipeError) and (gone := _readers_gone()):
+                raise _stop_quietly(gone) from None
             log = _traceback_log(func.__name__)
             message = (str(err).strip().splitlines() or [""])[0]
             raise _fail(f"{func.__name__} failed unexpectedly: {type(err).__name__}: {message} "
                         f"(traceback in {log})", EXIT_CRASHED) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _readers_gone() -> list[int]:
+    """The standard streams (stdout, stderr) whose reader has closed its end of the pipe, as
+    in `trades-repro spec show … | head`: Linux flags such a write end with POLLERR."""
+    import select
+
+    poller, fds = select.poll(), []
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            fds.append(stream.fileno())
+        except (AttributeError, OSError, ValueError):  # not a real file (a test's capture)
+            continue
+        poller.register(fds[-1], select.POLLOUT)
+    return [fd for fd, event in poller.poll(0) if event & select.POLLERR and fd in fds]
+
+
+def _stop_quietly(fds: list[int]) -> typer.Exit:
+    """The reader left: stop without a word, as Unix tools do (128 + SIGPIPE), and point the
+    closed streams at /dev/null so that Python's exit-time flush does not complain."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for fd in fds:
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    return typer.Exit(EXIT_READER_GONE)
 
 
 def _traceback_log(command: str) -> Path:
@@ -166,6 +205,7 @@ def train(
 
 
 @spec_app.command("schema")
+@_user_errors
 def spec_schema() -> None:
     """Print the JSON schema of an experiment spec."""
     typer.echo(json.dumps(ExperimentSpec.model_json_schema(), indent=2))
