@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from trades_repro import yamlio
 from trades_repro.errors import BadInput
 
 
@@ -78,7 +79,7 @@ def load_config(path: Path | None) -> ExecutorConfig:
     if path is None:
         return ExecutorConfig()
     try:
-        return ExecutorConfig.model_validate(yaml.safe_load(path.read_text()) or {})
+        return ExecutorConfig.model_validate(yamlio.load(path.read_text()) or {})
     except OSError as err:
         raise BadInput(f"--executor-config: cannot read {path}: {err.strerror}") from None
     except (ValidationError, yaml.YAMLError) as err:

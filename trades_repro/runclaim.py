@@ -22,10 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal, get_args
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from trades_repro import store
+from trades_repro import store, yamlio
 from trades_repro.claims import Catalogue, Entry
 from trades_repro.errors import BadInput, Inconclusive
 from trades_repro.executors import Executor, Inline, RunJob, failure
@@ -110,7 +109,7 @@ def is_evaluated(run_dir: Path, spec: ExperimentSpec, policies: tuple[str, ...])
 
 
 def load_costs(path: Path = COSTS_FILE) -> list[Cost]:
-    return [Cost.model_validate(c) for c in yaml.safe_load(path.read_text())["costs"]]
+    return [Cost.model_validate(c) for c in yamlio.load(path.read_text())["costs"]]
 
 
 def estimate_hours(runs: list[PlannedRun], device: str,

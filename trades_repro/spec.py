@@ -16,6 +16,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
+from trades_repro import yamlio
+
 SPEC_VERSION = 1  # bump when a field's meaning changes; it is part of the digest
 
 
@@ -245,7 +247,7 @@ def load_spec(path: str | Path) -> ExperimentSpec:
     if not path.is_file():
         raise SpecError(f"{path}: spec file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yamlio.load(path.read_text())
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -339,7 +341,7 @@ def _read_raw(path: Path) -> dict[str, Any]:
     key = (str(path), stat and (stat.st_mtime_ns, stat.st_size))
     if key not in _RAW_BASES:
         load_spec(path)  # validates the base itself, with its own error messages
-        _RAW_BASES[key] = yaml.safe_load(path.read_text())
+        _RAW_BASES[key] = yamlio.load(path.read_text())
     return json.loads(json.dumps(_RAW_BASES[key]))  # a fresh copy for every expansion
 
 
@@ -349,7 +351,7 @@ _RAW_BASES: dict[tuple[str, Any], dict[str, Any]] = {}
 def load_sweep(path: str | Path) -> tuple[Sweep, list[ExperimentSpec]]:
     """Read a sweep YAML (a mapping with ``base``) and expand it; errors name the file."""
     path = Path(path)
-    raw = yaml.safe_load(path.read_text()) if path.is_file() else None
+    raw = yamlio.load(path.read_text()) if path.is_file() else None
     if not isinstance(raw, dict) or "base" not in raw:
         raise SpecError(f"{path}: not a sweep file (a YAML mapping with 'base')")
     try:
@@ -362,7 +364,7 @@ def load_sweep(path: str | Path) -> tuple[Sweep, list[ExperimentSpec]]:
 def is_sweep_file(path: str | Path) -> bool:
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yamlio.load(path.read_text())
     except (OSError, yaml.YAMLError):
         return False
     return isinstance(raw, dict) and "base" in raw
