@@ -11,7 +11,7 @@ from claimsutil import arm, claim, claims_folder
 from factories import assert_one_line_error
 from typer.testing import CliRunner
 
-from trades_repro.claims import TIERS, load_catalogue
+from trades_repro.claims import TIERS, ClaimsError, load_catalogue
 from trades_repro.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -208,3 +208,18 @@ def test_run_claim_dry_run_estimates_short_cpu_work_in_minutes(tmp_path):
     assert result.exit_code == 0, result.output
     assert re.search(r"estimated CPU time \(cpu, spec/costs.yaml\): \d+ min", result.stdout)
     assert not (tmp_path / "_properties").exists()  # a dry run runs nothing
+
+
+def test_a_non_finite_expected_value_is_refused_with_the_file(tmp_path):
+    """`expected: {mean: .nan}` loaded, and every comparison with NaN is False."""
+    import shutil
+
+    repo = Path(__file__).resolve().parents[1]
+    folder = tmp_path / "claims"
+    shutil.copytree(repo / "claims", folder)
+    shutil.copytree(repo / "spec", tmp_path / "spec")  # the arms' specs, as in the repository
+    path = folder / "table_3.yaml"
+    path.write_text(path.read_text().replace("expected: {mean: 0.5342,",
+                                             "expected: {mean: .nan,", 1))
+    with pytest.raises(ClaimsError, match=r"table_3.yaml.*finite"):
+        load_catalogue(folder)

@@ -125,3 +125,33 @@ def test_missing_file(tmp_path):
 def test_evaluation_settings_do_not_change_the_run_digest():
     evaluated = parse_spec({"evaluation": {"n_examples": 100, "attacks": ["square"]}})
     assert evaluated.digest() == ExperimentSpec().digest()
+
+
+def _float_fields(model: type, prefix: str = "") -> list[str]:
+    """Every float field of a spec model, as a dotted path (nested models walked)."""
+    from pydantic import BaseModel
+
+    out = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            out += _float_fields(annotation, f"{prefix}{name}.")
+        elif annotation is float or "float" in str(annotation):
+            out.append(f"{prefix}{name}")
+    return out
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_a_non_finite_number_anywhere_in_a_spec_is_refused_by_field(value):
+    """`method.beta: .inf` passed `ge=0`, trained, and stopped with a non-finite loss (exit
+    1, a failed run) instead of being refused as bad input (exit 2)."""
+    from trades_repro.spec import set_dotted
+
+    fields = _float_fields(ExperimentSpec)
+    assert {"method.beta", "optim.lr", "healing.fosc_threshold", "method.attack.eps"} <= set(
+        fields)
+    for field in fields:
+        raw: dict = {"data": {"dataset": "digits"}}
+        set_dotted(raw, field, value)
+        with pytest.raises(SpecError, match=rf"field '{field}'.*finite"):
+            parse_spec(raw)

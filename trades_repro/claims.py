@@ -41,7 +41,7 @@ class ClaimsError(BadInput):
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 Rationale = Annotated[str, Field(min_length=20)]  # one real sentence, not a placeholder

@@ -15,7 +15,7 @@ from trades_repro.errors import BadInput
 
 
 class LocalConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     jobs: Annotated[int, Field(ge=1)] | None = None  # None: GPUs × jobs_per_gpu, or 1 on CPU
     jobs_per_gpu: Annotated[int, Field(ge=1)] = 1
@@ -24,7 +24,7 @@ class LocalConfig(BaseModel):
 class SlurmConfig(BaseModel):
     """A `slurm:` block of an executor config (see spec/slurm.example.yaml)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     partition: str | None = None
     time: Annotated[int, Field(ge=1)] | str = 24 * 60  # minutes, or [D-]HH:MM[:SS]
@@ -69,7 +69,7 @@ class SlurmConfig(BaseModel):
 class ExecutorConfig(BaseModel):
     """An `--executor-config` file: a `slurm:` block and/or a `local:` block."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     slurm: SlurmConfig = SlurmConfig()
     local: LocalConfig = LocalConfig()

@@ -41,7 +41,7 @@ PositiveInt = Annotated[int, Field(gt=0)]
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=False)
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=False, allow_inf_nan=False)
 
 
 DatasetName = Literal["cifar10", "cifar100", "tinyimagenet", "digits", "fashion_mnist", "synthetic"]
