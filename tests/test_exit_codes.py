@@ -173,3 +173,15 @@ def test_a_broken_pipe_of_our_own_is_still_a_crash(tmp_path, monkeypatch):
     assert result.exit_code == 4, result.output
     assert "train failed unexpectedly: BrokenPipeError" in result.stderr
     Path(re.search(r"traceback in (\S+)\)", result.stderr).group(1)).unlink()
+
+
+def test_an_inconclusive_verdict_says_inconclusive_once(nets):
+    """The error line read 'error: inconclusive: inconclusive: PGD-10 exceeds Square …'."""
+    result = runner.invoke(app, [  # at ε = 0.001 neither attack moves an image: margin 0
+        "diagnose", str(nets / "linear.safetensors"), "--dataset", "digits", "--eps", "0.001",
+        "--factory", "exit_nets:linear", "--quiet", "--attacks", "pgd10,square",
+        "--n-examples", "10", "--square-queries", "20"])
+    assert result.exit_code == 3, result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: inconclusive: PGD-10 ") and "straddles" in line, line
+    assert line.count("inconclusive") == 1

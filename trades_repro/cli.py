@@ -395,8 +395,9 @@ def diagnose(
     verdict = next(v for v in record.verdicts if v.rule == DIAGNOSE_RULE.name)
     if verdict.outcome == "flagged":
         raise typer.Exit(EXIT_FAILED)
-    if verdict.outcome != "clear":
-        raise Inconclusive(verdict_line(verdict, record.attacks.get(verdict.attack)))
+    if verdict.outcome != "clear":  # _user_errors says "inconclusive:" once
+        line = verdict_line(verdict, record.attacks.get(verdict.attack))
+        raise Inconclusive(line.removeprefix("inconclusive: "))
 
 
 # ------------------------------------------------------------------- claims and verification
