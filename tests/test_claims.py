@@ -165,7 +165,9 @@ def test_verify_on_empty_evidence_reports_not_run_and_exits_3(tmp_path):
 
 def test_unknown_tier_and_unmatched_pattern_are_bad_input(tmp_path):
     assert_one_line_error(runner.invoke(app, ["verify", "--tier", "huge"]), "--tier", "huge")
-    assert_one_line_error(runner.invoke(app, ["verify", "table_99.*"]), "no claim matches")
+    assert_one_line_error(runner.invoke(app, ["verify", "table_99.*"]),
+                          "no claim matches 'table_99.*' in claims")
+    assert_one_line_error(runner.invoke(app, ["verify", ""]), "no claim matches '' in claims")
     assert_one_line_error(runner.invoke(app, ["run-claim", "table_2.*", "--tier", "instant"]),
                           "has the 'instant' tier (theirs: reduced, full;")
     assert_one_line_error(runner.invoke(app, ["run-claim", "table_2.*", "--tier", "full",

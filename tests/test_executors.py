@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from factories import digits
+from factories import assert_one_line_error, digits
 
 from trades_repro import executors, runclaim, runlock
 from trades_repro.errors import BadInput
@@ -289,3 +289,31 @@ def test_run_claim_rejects_an_unknown_executor_in_one_line(tmp_path):
                                       str(_claims(tmp_path)), "--runs-dir",
                                       str(tmp_path / "runs"), "--executor", "cloud"])
     assert_one_line_error(result, "--executor: unknown 'cloud'")
+
+
+def test_slurm_without_sbatch_or_srun_is_bad_input_before_anything_starts(tmp_path,
+                                                                          monkeypatch):
+    """Off a cluster, submitit raised 'Could not detect "srun"' mid-launch, after the
+    property tests had started: exit 4, 'failed unexpectedly'."""
+    from typer.testing import CliRunner
+
+    from trades_repro.cli import app
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text("#!/bin/sh\nexit 1\n")
+    (bin_dir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))  # sbatch, no srun
+    with pytest.raises(BadInput, match=r"--executor slurm: srun not found on PATH"):
+        executors.build("slurm", tmp_path, config=executors.ExecutorConfig())
+    debug = executors.ExecutorConfig(slurm={"cluster": "debug"})
+    assert executors.build("slurm", tmp_path, config=debug).config.cluster == "debug"
+
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
+    runs = tmp_path / "runs"
+    result = CliRunner().invoke(app, ["run-claim", "table_9.*", "--claims-dir",
+                                      str(_claims(tmp_path)), "--runs-dir", str(runs),
+                                      "--executor", "slurm", "--quiet"])
+    assert_one_line_error(result, "--executor slurm: sbatch and srun not found on PATH",
+                          "--executor local")
+    assert not runs.exists()  # no property tests, no run folder

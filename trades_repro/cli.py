@@ -429,7 +429,8 @@ def _selected(claims_dir: Path, patterns: list[str] | None, tier: str | None):
     entries = catalogue.select(patterns, tier)
     matching = catalogue.select(patterns) if patterns else []
     if patterns and not matching:
-        raise ClaimsError(f"no claim matches {' '.join(patterns)} in {claims_dir}")
+        shown = " ".join(repr(p) for p in patterns)  # '' is a pattern too
+        raise ClaimsError(f"no claim matches {shown} in {claims_dir}")
     if patterns and not entries:
         have = sorted({t for e in matching for t in catalogue.tiers_of(e)}, key=TIERS.index)
         raise ClaimsError(f"no claim matching {' '.join(patterns)} has the '{tier}' tier "

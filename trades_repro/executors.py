@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import time
 import traceback
 from collections import deque
@@ -304,10 +305,22 @@ def build(name: str, runs_dir: Path, *, config: ExecutorConfig, progress: bool =
             return Local(LocalConfig.model_validate(block), folder)
         if name == "slurm":
             block = {**config.slurm.model_dump(), **_known(given, SlurmConfig)}
-            return Slurm(SlurmConfig.model_validate(block), folder)
+            slurm = Slurm(SlurmConfig.model_validate(block), folder)
+            if slurm.config.cluster == "slurm":
+                _require_slurm_commands()
+            return slurm
     except ValidationError as err:
         raise BadInput(f"--executor {name}: {first_line(err)}") from None
     raise BadInput(f"--executor: unknown {name!r}; known: {', '.join(EXECUTORS)}")
+
+
+def _require_slurm_commands() -> None:
+    """Before anything starts: submitit needs `sbatch` and `srun`; without them it raised
+    a RuntimeError mid-launch (exit 4, 'failed unexpectedly')."""
+    missing = [c for c in ("sbatch", "srun") if shutil.which(c) is None]
+    if missing:
+        raise BadInput(f"--executor slurm: {' and '.join(missing)} not found on PATH; run on "
+                       "a SLURM login node, or use --executor local")
 
 
 def _known(values: dict, model: type[BaseModel]) -> dict:
