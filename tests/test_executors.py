@@ -68,6 +68,10 @@ def test_bad_executor_input_is_bad_input(tmp_path):
     with pytest.raises(BadInput, match="time"):
         executors.build("slurm", tmp_path, config=executors.ExecutorConfig(),
                         overrides={"time": "soon"})
+    with pytest.raises(BadInput) as caught:  # no 'time.constrained-int': the field alone
+        executors.build("slurm", tmp_path, config=executors.ExecutorConfig(),
+                        overrides={"time": 0})
+    assert str(caught.value) == "--executor slurm: time: Input should be greater than or equal to 1"
     bad = tmp_path / "bad.yaml"
     bad.write_text("slurm: {partitoin: gpu}\n")
     with pytest.raises(BadInput, match="bad.yaml"):

@@ -90,9 +90,16 @@ def first_line(err: BaseException) -> str:
     """One line: a pydantic error's first field and message, else the message's first line."""
     if isinstance(err, ValidationError) and err.errors():
         first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
+        where = ".".join(str(p) for p in first["loc"] if not _union_tag(p))
         return f"{where}: {first['msg']}" if where else first["msg"]
     return (str(err).strip().splitlines() or [""])[0]
+
+
+def _union_tag(part: object) -> bool:
+    """pydantic's name for the member of a union that failed ('constrained-int', 'str'):
+    in an error's location it is not a field the user wrote."""
+    return isinstance(part, str) and (part in {"int", "str", "float", "bool"}
+                                      or "-" in part or "[" in part)
 
 
 __all__ = ["ExecutorConfig", "LocalConfig", "SlurmConfig", "first_line", "load_config"]
