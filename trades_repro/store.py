@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 from safetensors.torch import save_file
 
 from trades_repro import __version__
+from trades_repro.errors import BadInput
 from trades_repro.spec import DataSpec, ExperimentSpec
 
 SPEC_FILE = "spec.json"
@@ -130,11 +131,25 @@ def atomic_save_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> Non
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
 
 
+class CorruptFile(BadInput):
+    """A run file that does not hold what it should (exit 2): our writers are atomic, so it
+    was cut or edited outside them, and the message names the file and the line."""
+
+
 def read_metrics(run_dir: Path) -> list[EpochRecord]:
+    """The run's epoch records; `CorruptFile` for a line that is not one."""
     path = run_dir / METRICS_FILE
     if not path.exists():
         return []
-    return [EpochRecord.model_validate_json(line) for line in path.read_text().splitlines()]
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            records.append(EpochRecord.model_validate_json(line))
+        except ValidationError as err:
+            problem = err.errors()[0]["msg"] if err.errors() else str(err)
+            raise CorruptFile(f"{path}, line {number}: not an epoch record ({problem}); move "
+                              "the run folder aside to go on without it") from None
+    return records
 
 
 def append_jsonl(path: Path, records: Iterable[BaseModel]) -> None:
@@ -161,7 +176,12 @@ def atomic_torch_save(path: Path, obj: Any) -> None:
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text())
+    """A JSON file of ours; `CorruptFile` (a ValueError) when it is not JSON."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CorruptFile(f"{path}: not valid JSON ({err}); it was cut or edited outside "
+                          "trades-repro: move it, or its run folder, aside") from None
 
 
 @dataclass(frozen=True)
