@@ -78,7 +78,8 @@ def test_bad_executor_input_is_bad_input(tmp_path):
         executors.load_config(bad)
 
 
-def test_the_example_config_loads_and_the_command_line_wins():
+def test_the_example_config_loads_and_the_command_line_wins(monkeypatch):
+    monkeypatch.setattr(executors.shutil, "which", lambda name: f"/usr/bin/{name}")  # a cluster
     example = Path(__file__).resolve().parents[1] / "spec" / "slurm.example.yaml"
     config = executors.load_config(example)
     slurm = executors.build("slurm", Path("runs"), config=config,

@@ -942,7 +942,7 @@ def _outcome_record(b: int, c: int) -> ev.CheckpointEval:
     [
         (30, 0, 1, ""),  # v2 flagged
         (0, 0, 0, ""),  # v2 clear
-        (8, 0, 3, "error: inconclusive: inconclusive: PGD-10 exceeds Square by 8.0 points; 95% CI"),
+        (8, 0, 3, "error: inconclusive: PGD-10 exceeds Square by 8.0 points; 95% CI"),
         (None, None, 3, "error: inconclusive: no verdict: PGD-10 and Square are both needed"),
     ],
 )
