@@ -38,6 +38,23 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def cpu_features() -> dict[str, Any]:
+    """What decides torch's CPU kernels: its dispatch level and the vector units present.
+    Two VMs both named 'AMD EPYC' measured bf16 at 0.25x and at 1.03x of fp32: one of them
+    had avx512_bf16."""
+    try:
+        flags = next((line.split(":", 1)[1].split()
+                      for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu_flags": [f for f in CPU_FEATURES if f in flags]}
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -55,6 +72,7 @@ def provenance(device: torch.device, flags: dict[str, Any]) -> dict[str, Any]:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device_description": device_name(device),
         "load_average_start": load_average(),
+        **(cpu_features() if device.type == "cpu" else {}),
         "flags": flags,
         **store.environment(device),
         **store.git_state(),
@@ -63,7 +81,9 @@ def provenance(device: torch.device, flags: dict[str, Any]) -> dict[str, Any]:
 
 def header(console: Console, record: dict[str, Any]) -> None:
     console.print(f"command: {record['command']}")
-    console.print(f"device: {record['device_description']}; torch {record['torch']} "
+    units = (f", {record['cpu_capability']}, {' '.join(record['cpu_flags']) or 'no avx'}"
+             if "cpu_capability" in record else "")
+    console.print(f"device: {record['device_description']}{units}; torch {record['torch']} "
                   f"({record['torch_threads']} threads); load average "
                   f"{record['load_average_start']}; git {str(record['git_sha'])[:8]}"
                   f"{' (dirty)' if record['git_dirty'] else ''}")

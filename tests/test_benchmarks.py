@@ -75,8 +75,12 @@ def test_records_carry_device_versions_flags_and_figures(tmp_path):
     saved = json.loads(path.read_text())
     assert path.name.startswith("unit-cpu-")
     for key in ("device", "device_description", "torch", "git_sha", "flags", "figures",
-                "load_average_end", "command"):
+                "load_average_end", "command", "cpu_capability", "cpu_flags"):
         assert key in saved, key
+    # the vector units decide CPU figures (bf16 ran at 0.25x fp32 on one 'AMD EPYC', 1.03x
+    # on another): the record names torch's dispatch level and the units present
+    assert saved["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert set(saved["cpu_flags"]) <= set(common.CPU_FEATURES)
     assert common.summary([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0}
 
 
