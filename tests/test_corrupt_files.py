@@ -87,3 +87,21 @@ def test_read_json_and_read_metrics_raise_a_value_error_callers_already_catch(tm
     with pytest.raises(store.CorruptFile, match=r"line 1: not an epoch record \(Field "
                                                 r"required\)"):
         store.read_metrics(tmp_path)
+
+
+@pytest.mark.parametrize("status", ["interrupted", "failed", "running", None])
+def test_evaluate_refuses_a_run_that_has_not_finished(run, status):
+    """run-claim and verify take any record of a policy as that policy's result: a record
+    of a mid-training best checkpoint, later replaced, would have stood for the finished
+    run ('done', never evaluated again)."""
+    _, folder = run
+    provenance = folder / store.PROVENANCE_FILE
+    if status is None:
+        provenance.unlink()
+    else:
+        provenance.write_text(json.dumps({**store.read_json(provenance), "status": status}))
+    result = runner.invoke(app, ["evaluate", str(folder), "--attacks", "pgd10",
+                                 "--n-examples", "8", "--quiet"])
+    assert_one_line_error(result, f"{folder}: the run has not finished "
+                          f"({status or 'never started'})", "trades-repro diagnose FILE")
+    assert not (folder / store.EVAL_FILE).exists()

@@ -456,6 +456,7 @@ def _run_folder(folder: Path, normalize: bool = False, **evaluation) -> Path:
     )
     folder.mkdir(parents=True, exist_ok=True)
     store.atomic_write_json(folder / store.SPEC_FILE, spec.model_dump(mode="json"))
+    store.atomic_write_json(folder / store.PROVENANCE_FILE, {"status": "finished"})
     _checkpoint(folder, store.BEST_FILE, normalize=normalize)
     return folder
 

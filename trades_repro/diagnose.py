@@ -126,6 +126,7 @@ def evaluate_run(run_dir: Path, *, attacks: tuple[str, ...] | None = None,
     already in the file are kept.
     """
     spec = _run_spec(run_dir, attacks, n_examples, seed, eval_batch, square_queries)
+    _require_finished(run_dir)
     splits = load_splits(spec.data, spec.seed, train=False)  # only the split it scores
     settings = _settings(spec, splits, resolve_device(device or spec.device),
                          spec.model.model_dump_json())
@@ -144,6 +145,21 @@ def evaluate_run(run_dir: Path, *, attacks: tuple[str, ...] | None = None,
                                   (file, file_sha256(run_dir / file), chosen_by), evals, path,
                                   run_dir, save_adversarial, report))
     return done
+
+
+def _require_finished(run_dir: Path) -> None:
+    """A run's eval.json speaks for its finished policy checkpoints: run-claim and verify
+    take any record of a policy as that policy's result. A record made mid-training, of a
+    best checkpoint that later training replaced, would stand for the finished run."""
+    if store.is_finished(run_dir):
+        return
+    provenance = run_dir / store.PROVENANCE_FILE
+    status = (store.read_json(provenance).get("status", "unknown") if provenance.is_file()
+              else "never started")
+    raise EvaluationError(
+        f"{run_dir}: the run has not finished ({status}), so its checkpoints may still change; "
+        "finish it with `trades-repro train`, or score a file as it is now with "
+        "`trades-repro diagnose FILE --out ANOTHER_FOLDER`")
 
 
 def run_records(run_dir: Path, *, complete: bool = False) -> list[CheckpointEval]:
