@@ -206,3 +206,12 @@ def test_a_runs_dir_where_nothing_may_be_written_is_refused_before_training(
     reading = runner.invoke(app, ["verify", "--claims-dir", CLAIMS, "--runs-dir",
                                   str(tmp_path / "runs")])
     assert reading.exit_code == 3  # reading commands need no write permission
+
+
+@pytest.mark.parametrize("value", ["0", "-2"])
+def test_threads_below_one_is_refused_not_turned_into_one(tmp_path, value):
+    """`--threads 0` ran silently on one thread."""
+    result = runner.invoke(app, ["diagnose", str(tmp_path / "w.pt"), "--dataset", "digits",
+                                 "--model", "small_cnn", "--threads", value])
+    assert result.exit_code == 2
+    assert "--threads" in result.output and "Traceback" not in result.output

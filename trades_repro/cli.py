@@ -248,7 +248,7 @@ AttacksOption = Annotated[list[str] | None, typer.Option(
 
 
 ThreadsOption = Annotated[int | None, typer.Option(
-    help="CPU threads for torch (default: 1 on CPU).")]
+    min=1, help="CPU threads for torch (default: 1 on CPU).")]
 
 
 def _set_threads(threads: int | None, device: str | None) -> None:
