@@ -150,7 +150,7 @@ def _readers_gone() -> list[int]:
         except (AttributeError, OSError, ValueError):  # not a real file (a test's capture)
             continue
         poller.register(fds[-1], select.POLLOUT)
-    return [fd for fd, event in poller.poll(0) if event & select.POLLERR and fd in fds]
+    return [fd for fd, event in poller.poll(0) if event & select.POLLERR]
 
 
 def _stop_quietly(fds: list[int]) -> typer.Exit:
@@ -649,12 +649,12 @@ def demo(
         help="FOSC and PGD-10 per epoch (default: RUNS_DIR/demo_fosc.png).")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress lines.")] = False,
 ) -> None:
-    """The paper's story in three real Fashion-MNIST runs on the CPU (about 9 minutes).
+    """The paper's story in three real Fashion-MNIST runs on the CPU (about 9 min on 2 cores).
 
     Seed 0 of each cpu-tier arm: Table 2's risky corner, the same with Algorithm 1, and the
     safe corner. Prints clean, PGD-10, Square-5000, the margin with its interval, the verdict
-    and peak FOSC; plots FOSC per epoch. About 9 minutes on 2 idle cores. Exit 0 when all
-    three ran, whatever their verdicts; 1 when a run failed."""
+    and peak FOSC; plots FOSC per epoch. Exit 0 when all three ran, whatever their verdicts;
+    1 when a run failed."""
     import time
 
     from trades_repro import demo as demolib
