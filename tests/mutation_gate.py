@@ -84,7 +84,8 @@ QUICK = (
 # mutates them; their options are pinned in tests/test_defaults_pinned.py instead.
 CLI_HELPERS = tuple(f"trades_repro.cli.x__{name}__*" for name in (
     "fail", "traceback_log", "set_threads", "progress", "print_record", "tier", "exit_for",
-    "exit_if_failed"))
+    "exit_if_failed", "folder_option", "file_option", "blocked", "readers_gone",
+    "stop_quietly", "reflowed"))
 
 FULL = (
     Group("core_math", _src("metrics", "losses", "policies"), MATH_TESTS),
@@ -112,10 +113,12 @@ FULL = (
                 "test_rules_live_in_one_table_and_name_their_attack",
                 "test_verdict_line_says_what_happened"))),
     Group("diagnose", _src("diagnose"), (
-        "tests/test_mut_diagnose.py", "tests/test_defaults_pinned.py", "tests/test_exit_codes.py")),
+        "tests/test_mut_diagnose.py", "tests/test_defaults_pinned.py", "tests/test_exit_codes.py",
+        "tests/test_corrupt_files.py")),
     Group("spec", _src("spec"), (
         "tests/test_spec.py", "tests/test_sweep.py", "tests/test_cli.py",
         "tests/test_defaults_pinned.py")),
+    Group("yamlio", _src("yamlio"), ("tests/test_yamlio.py",)),
     Group("cli", _src("cli"), (
         "tests/test_mut_diagnose.py", "tests/test_defaults_pinned.py", "tests/test_cli.py",
         "tests/test_exit_codes.py"), CLI_HELPERS),

@@ -174,8 +174,9 @@ def test_a_folder_option_naming_a_file_is_one_line_bad_input(tmp_path, command, 
     afile.write_text("not a folder")
     folder = afile / "runs" if under else afile
     result = runner.invoke(app, [*_args(command, tmp_path), option, str(folder)])
-    assert_one_line_error(result, f"{option} {folder}", f"{afile} is a file" if under
-                          else "not a folder")
+    why = f"{afile} is a file" if under else "not a folder"
+    assert_one_line_error(result, f"{option} {folder}", why)
+    assert result.stderr == f"error: {option} {folder}: {why}\n"
     assert afile.read_text() == "not a folder"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # nothing written
 
@@ -188,8 +189,9 @@ def test_an_output_file_option_that_cannot_be_written_is_one_line_bad_input(
     (tmp_path / "adir").mkdir()
     path = tmp_path / target
     result = runner.invoke(app, [*_args(command, tmp_path), option, str(path)])
-    assert_one_line_error(result, f"{option} {path}", "is a file" if "/" in target
-                          else "a folder, not a file")
+    why = f"{tmp_path / 'afile'} is a file" if "/" in target else "a folder, not a file"
+    assert_one_line_error(result, f"{option} {path}", why)
+    assert result.stderr == f"error: {option} {path}: {why}\n"
     assert not (tmp_path / "runs").exists()  # refused before any run
 
 
@@ -199,10 +201,17 @@ def test_a_runs_dir_where_nothing_may_be_written_is_refused_before_training(
     as it would for a user without write permission on tmp_path."""
     import os
 
-    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path)
+    def access(path, mode):  # tmp_path can be searched, not written
+        return Path(path) != tmp_path or not mode & os.W_OK
+
+    monkeypatch.setattr(os, "access", access)
     result = runner.invoke(app, ["train", str(SPEC_DIR / "digits.yaml"),
                                  "--runs-dir", str(tmp_path / "runs")])
     assert_one_line_error(result, f"{tmp_path} is not writable")
+    report = runner.invoke(app, ["verify", "--claims-dir", CLAIMS, "--report",
+                                 str(tmp_path / "report.md")])
+    assert_one_line_error(report, f"--report {tmp_path / 'report.md'}: {tmp_path} is not "
+                          "writable")
     reading = runner.invoke(app, ["verify", "--claims-dir", CLAIMS, "--runs-dir",
                                   str(tmp_path / "runs")])
     assert reading.exit_code == 3  # reading commands need no write permission
@@ -215,3 +224,55 @@ def test_threads_below_one_is_refused_not_turned_into_one(tmp_path, value):
                                  "--model", "small_cnn", "--threads", value])
     assert result.exit_code == 2
     assert "--threads" in result.output and "Traceback" not in result.output
+
+
+def test_an_existing_output_file_may_be_written_over(tmp_path):
+    """A report from an earlier run is replaced, not refused as 'not a folder'."""
+    report = tmp_path / "report.md"
+    report.write_text("an earlier report")
+    result = runner.invoke(app, ["verify", "instant.*", "--claims-dir", CLAIMS, "--runs-dir",
+                                 str(tmp_path / "runs"), "--tier", "instant",
+                                 "--report", str(report)])
+    assert result.exit_code == 3, result.output  # no evidence: judged, written, exit 3
+    assert report.read_text() != "an earlier report"
+
+
+def test_a_path_with_no_existing_ancestor_is_not_blocked(monkeypatch):
+    from trades_repro import cli
+
+    monkeypatch.setattr(Path, "exists", lambda self: False)  # e.g. a deleted working folder
+    assert cli._blocked(Path("a/b"), writes=True) is None
+    assert cli._blocked(Path("a/b.md"), writes=True, file=True) is None
+
+
+def test_help_paragraphs_are_joined_and_kept_apart():
+    from trades_repro import cli
+
+    assert cli._reflowed("One\n    two  three.\n\nFour\nfive.") == "One two three.\n\nFour five."
+
+
+def test_a_closed_pipe_is_seen_and_silenced(monkeypatch):
+    """The in-process half of the pipe test in test_exit_codes.py: which stream lost its
+    reader, and that writing to it afterwards goes nowhere instead of failing."""
+    import io
+    import os
+    import sys
+
+    from trades_repro import cli
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    stream = io.TextIOWrapper(io.FileIO(write_end, "w", closefd=False))
+    monkeypatch.setattr(sys, "stdout", io.StringIO())  # no fileno: skipped, stderr still seen
+    monkeypatch.setattr(sys, "stderr", stream)
+    try:
+        assert cli._readers_gone() == [write_end]
+        monkeypatch.setattr(sys, "stdout", stream)
+        monkeypatch.setattr(sys, "stderr", io.StringIO())
+        assert cli._readers_gone() == [write_end]
+        stop = cli._stop_quietly([write_end])
+        assert stop.exit_code == 141
+        assert os.write(write_end, b"after") == 5  # /dev/null now
+        assert cli._readers_gone() == []
+    finally:
+        os.close(write_end)

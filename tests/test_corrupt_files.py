@@ -89,19 +89,25 @@ def test_read_json_and_read_metrics_raise_a_value_error_callers_already_catch(tm
         store.read_metrics(tmp_path)
 
 
-@pytest.mark.parametrize("status", ["interrupted", "failed", "running", None])
+@pytest.mark.parametrize("status", ["interrupted", "failed", "running", "unknown", None])
 def test_evaluate_refuses_a_run_that_has_not_finished(run, status):
     """run-claim and verify take any record of a policy as that policy's result: a record
     of a mid-training best checkpoint, later replaced, would have stood for the finished
     run ('done', never evaluated again)."""
     _, folder = run
     provenance = folder / store.PROVENANCE_FILE
+    recorded = store.read_json(provenance)
     if status is None:
         provenance.unlink()
+    elif status == "unknown":  # a provenance without a status
+        provenance.write_text(json.dumps({k: v for k, v in recorded.items() if k != "status"}))
     else:
-        provenance.write_text(json.dumps({**store.read_json(provenance), "status": status}))
+        provenance.write_text(json.dumps({**recorded, "status": status}))
     result = runner.invoke(app, ["evaluate", str(folder), "--attacks", "pgd10",
                                  "--n-examples", "8", "--quiet"])
-    assert_one_line_error(result, f"{folder}: the run has not finished "
-                          f"({status or 'never started'})", "trades-repro diagnose FILE")
+    assert_one_line_error(result, f"{folder}: the run has not finished")
+    assert result.stderr == (
+        f"error: {folder}: the run has not finished ({status or 'never started'}), so its "
+        "checkpoints may still change; finish it with `trades-repro train`, or score a file "
+        "as it is now with `trades-repro diagnose FILE --out ANOTHER_FOLDER`\n")
     assert not (folder / store.EVAL_FILE).exists()

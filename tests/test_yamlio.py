@@ -83,3 +83,47 @@ def test_the_repository_yaml_has_no_repeated_key():
     assert len(files) > 20
     for path in files:
         yamlio.load(path.read_text())  # raises, naming the line, on a repeated key
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_a_key_repeated_after_a_merge_is_still_an_error(fast):
+    text = "base: &b {lr: 0.1}\nrun:\n  <<: *b\n  lr: 0.01\n  lr: 0.02\n"
+    with pytest.raises(yaml.YAMLError, match="key 'lr' given twice"):
+        yamlio.load(text, fast=fast)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_an_unhashable_key_is_pyyamls_own_error(fast):
+    with pytest.raises(yaml.YAMLError, match="unhashable key"):
+        yamlio.load("{[1]: 2}\n", fast=fast)
+
+
+@pytest.mark.skipif(not hasattr(yaml, "CSafeLoader"), reason="PyYAML without libyaml")
+def test_specs_keep_pyyamls_messages_and_claims_use_libyaml():
+    """Specs' error messages are pinned to PyYAML's pure loader (test_defaults_pinned.py);
+    the claims, a hundred flow mappings per file, parse with libyaml."""
+    with pytest.raises(yaml.YAMLError) as pure:
+        yamlio.load("a: [1\n")
+    with pytest.raises(yaml.YAMLError) as fast:
+        yamlio.load("a: [1\n", fast=True)
+    assert "expected ',' or ']', but got '<stream end>'" in str(pure.value)
+    assert "did not find expected ',' or ']'" in str(fast.value)
+
+
+def test_without_libyaml_the_fast_loader_is_pyyamls_own(monkeypatch):
+    """libyaml only makes the claims faster to read: a PyYAML built without it gives the
+    same data (the loader class is chosen when yamlio is imported, so it is re-imported)."""
+    import importlib
+
+    text = (REPO / "claims" / "arms.yaml").read_text()
+    with_libyaml = yamlio.load(text, fast=True)
+    monkeypatch.delattr(yaml, "CSafeLoader", raising=False)
+    try:
+        plain = importlib.reload(yamlio)
+        assert plain.FastStrictLoader.__mro__[2] is yaml.SafeLoader
+        assert plain.load(text, fast=True) == with_libyaml
+        with pytest.raises(yaml.YAMLError, match="given twice"):
+            plain.load("a: 1\na: 2\n", fast=True)
+    finally:
+        monkeypatch.undo()
+        importlib.reload(yamlio)
