@@ -22,8 +22,8 @@
 #
 # Before the device call, here (once):
 #   python benchmarks/gpu_pack.py            # the head of Fashion-MNIST into .gpu/ (2.5 MiB)
-#   .whl/ holds the wheels the GPU image lacks (pydantic, typer, submitit, pyautoattack, ...;
-#   see /work/.library/device/README.md)
+#   bash benchmarks/gpu_wheels.sh           # the wheels the GPU image lacks into .whl/ (2.7 MiB:
+#                                            # pydantic, submitit, pyautoattack, ...)
 # The device call: carry [".whl", ".gpu"], timeout 600, command
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade
 #     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit;
