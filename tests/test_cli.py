@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import typer
 from factories import assert_one_line_error
+from hypothesis import given
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from trades_repro.cli import app
@@ -276,3 +278,63 @@ def test_a_closed_pipe_is_seen_and_silenced(monkeypatch):
         assert cli._readers_gone() == []
     finally:
         os.close(write_end)
+
+
+names = st.sampled_from(["a", "b", "c"])
+relative_paths = st.lists(names, min_size=1, max_size=3).map(lambda parts: Path(*parts))
+
+
+def _build(root: Path, tree: dict[Path, str]) -> None:
+    for path, kind in sorted(tree.items(), key=lambda item: len(item[0].parts)):
+        try:
+            (root / path).parent.mkdir(parents=True, exist_ok=True)
+            (root / path).mkdir() if kind == "folder" else (root / path).write_text("x")
+        except OSError:
+            continue  # a shorter path of the tree took this place first
+
+
+def _mkdir_fails(path: Path) -> bool:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return True
+    return False
+
+
+def _write_fails(path: Path) -> bool:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.open("a").close()
+    except OSError:
+        return True
+    return False
+
+
+def _file_refused(path: Path) -> bool:
+    from trades_repro import cli
+    from trades_repro.errors import BadInput
+
+    try:
+        cli._file_option("--out", path)
+    except BadInput:
+        return True
+    return False
+
+
+@given(tree=st.dictionaries(relative_paths, st.sampled_from(["file", "folder"]), max_size=5),
+       target=relative_paths)
+def test_a_folder_is_blocked_exactly_when_it_cannot_be_made(tree, target):
+    """Against the file system itself: `_blocked` finds a problem with a folder exactly when
+    `mkdir -p` fails, and `_file_option` one with a file exactly when writing it fails."""
+    import tempfile
+
+    from trades_repro import cli
+
+    with tempfile.TemporaryDirectory() as tmp:
+        _build(Path(tmp), tree)
+        path = Path(tmp) / target
+        assert (cli._blocked(path, writes=True) is not None) == _mkdir_fails(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        _build(Path(tmp), tree)
+        path = Path(tmp) / target
+        assert _file_refused(path) == _write_fails(path)
