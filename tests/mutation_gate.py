@@ -82,10 +82,10 @@ QUICK = (
 
 # cli.py: the helpers that hold its decisions. Typer commands are decorated, so mutmut never
 # mutates them; their options are pinned in tests/test_defaults_pinned.py instead.
-CLI_HELPERS = tuple(f"trades_repro.cli.x__{name}__*" for name in (
-    "fail", "traceback_log", "set_threads", "progress", "print_record", "tier", "exit_for",
-    "exit_if_failed", "folder_option", "file_option", "blocked", "readers_gone",
-    "stop_quietly", "reflowed"))
+CLI_HELPERS = (*(f"trades_repro.cli.x__{name}__*" for name in (
+    "fail", "traceback_log", "set_threads", "progress", "print_record", "exit_if_failed",
+    "folder_option", "file_option", "blocked", "readers_gone", "stop_quietly", "reflowed")),
+    *(f"trades_repro.cli_claims.x__{name}__*" for name in ("tier", "exit_for")))
 
 FULL = (
     Group("core_math", _src("metrics", "losses", "policies"), MATH_TESTS),
@@ -119,7 +119,7 @@ FULL = (
         "tests/test_spec.py", "tests/test_sweep.py", "tests/test_cli.py",
         "tests/test_defaults_pinned.py")),
     Group("yamlio", _src("yamlio"), ("tests/test_yamlio.py",)),
-    Group("cli", _src("cli"), (
+    Group("cli", _src("cli", "cli_claims"), (
         "tests/test_mut_diagnose.py", "tests/test_defaults_pinned.py", "tests/test_cli.py",
         "tests/test_exit_codes.py"), CLI_HELPERS),
     # The claims and verification code: what decides whether a paper claim held.

@@ -813,17 +813,17 @@ def test_a_crash_log_holds_the_command_and_traceback(monkeypatch):
 
 
 def test_tiers_are_checked_by_name():
-    from trades_repro import cli
+    from trades_repro import cli_claims
     from trades_repro.claims import ClaimsError
 
-    assert [cli._tier(t) for t in ("instant", "cpu", "reduced", "full")] == [
+    assert [cli_claims._tier(t) for t in ("instant", "cpu", "reduced", "full")] == [
         "instant",
         "cpu",
         "reduced",
         "full",
     ]
     with pytest.raises(ClaimsError) as caught:
-        cli._tier("huge")
+        cli_claims._tier("huge")
     assert str(caught.value) == "--tier: unknown tier 'huge'; known: instant, cpu, reduced, full"
 
 
@@ -836,28 +836,28 @@ def _judged(*statuses: str):
 def test_verify_exit_codes_follow_the_worst_judgement(capsys):
     import typer
 
-    from trades_repro import cli
+    from trades_repro import cli, cli_claims
     from trades_repro.errors import Inconclusive
 
-    assert cli._exit_for(_judged("held", "held")) is None
+    assert cli_claims._exit_for(_judged("held", "held")) is None
     for judged, failed in (
         (_judged("held", "failed", "undetermined"), False),
         (_judged("held"), True),
     ):
         with pytest.raises(typer.Exit) as caught:
-            cli._exit_for(judged, run_failed=failed)
+            cli_claims._exit_for(judged, run_failed=failed)
         assert caught.value.exit_code == 1
     with pytest.raises(Inconclusive) as caught:
-        cli._exit_for(_judged("held", *["undetermined"] * 6))
+        cli_claims._exit_for(_judged("held", *["undetermined"] * 6))
     assert str(caught.value) == "6 claim(s) undetermined: c1, c2, c3, c4, c5"
     # no evidence at all is 'cannot decide'; partial evidence is judged on what there is
     for nothing in (_judged("not run", "not run"), _judged("incomplete", "not run")):
         with pytest.raises(Inconclusive) as caught:
-            cli._exit_for(nothing)
+            cli_claims._exit_for(nothing)
         assert str(caught.value) == ("no evidence: none of the 2 claim(s) could be judged "
                                      "(not run or incomplete); run-claim trains what they need")
-    assert cli._exit_for(_judged("held", "not run", "incomplete")) is None
-    assert cli._exit_for([]) is None
+    assert cli_claims._exit_for(_judged("held", "not run", "incomplete")) is None
+    assert cli_claims._exit_for([]) is None
     cli._exit_if_failed([])
     with pytest.raises(typer.Exit) as caught:
         cli._exit_if_failed(["abc failed: boom", "def failed: bang"])

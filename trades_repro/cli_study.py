@@ -1,0 +1,125 @@
+"""`trades-repro study sweep`, `probe` and `report`: the CPU study of when TRADES
+overestimates robustness (docs/small_scale.md). Registered on `cli.app`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from trades_repro.cli import (
+    RunsDir,
+    _exit_if_failed,
+    _file_option,
+    _folder_option,
+    _progress,
+    _set_threads,
+    _user_errors,
+    app,
+)
+from trades_repro.errors import BadInput
+
+study_app = typer.Typer(help="The CPU study of when TRADES overestimates robustness "
+                        "(docs/small_scale.md).", no_args_is_help=True)
+app.add_typer(study_app, name="study")
+
+
+STATES = ("done", "evaluate", "resume", "train", "failed")  # runclaim.run_state's, in order
+ShardOption = Annotated[str, typer.Option(
+    help="K/N: every N-th run from the K-th (0-based), for N processes side by side.")]
+
+
+@study_app.command("sweep")
+@_user_errors
+def study_sweep(
+    sweeps: Annotated[list[Path], typer.Argument(help="Sweep files, run in this order.")],
+    runs_dir: RunsDir = Path("runs"),
+    shard: ShardOption = "0/1",
+    dry_run: Annotated[bool, typer.Option(
+        help="Print each file's runs by state (done, to evaluate, resume or train, failed); "
+        "run nothing.")] = False,
+) -> None:
+    """Train and evaluate the sweeps' runs (finished skipped, partial resumed).
+
+    Exit 1 when a run failed. Each next run is every cell's first seed, then the further
+    seeds of cells with a flagged run, then the rest; a second launch on the same files
+    shares the work."""
+    from trades_repro import smallscale as ss
+
+    _folder_option("--runs-dir", runs_dir, writes=not dry_run)
+    if dry_run:
+        for path, counts in ss.progress(sweeps, runs_dir):
+            states = ", ".join(f"{counts[k]} {k}" for k in STATES if counts.get(k))
+            typer.echo(f"{path}: {sum(counts.values())} runs: {states}")
+        pending = [(t, spec) for t, state, spec in ss.queue(ss.sweep_specs(sweeps), runs_dir)
+                   if state != "failed"]
+        tiers = [f"{n} {name}" for k, name in enumerate(ss.TIERS)
+                 if (n := sum(t == k for t, _ in pending))]
+        if pending:
+            first = pending[0][1]
+            typer.echo(f"to run, in this order: {'; '.join(tiers)}. Next: "
+                       f"{ss.cell_label(first)}, seed {first.seed}")
+        return
+    _set_threads(None, None)
+    _exit_if_failed(ss.run_sweeps(sweeps, runs_dir, shard=_shard(shard),
+                                  report=_progress(False)))
+
+
+def _shard(shard: str) -> tuple[int, int]:
+    try:
+        k, n = (int(part) for part in shard.split("/"))
+        assert 0 <= k < n
+    except (ValueError, AssertionError):
+        raise BadInput(f"--shard {shard!r}: expected K/N with 0 <= K < N") from None
+    return k, n
+
+
+@study_app.command("probe")
+@_user_errors
+def study_probe(
+    sweeps: Annotated[list[Path], typer.Argument(help="Sweep files.")],
+    runs_dir: RunsDir = Path("runs"),
+    square_queries: Annotated[int, typer.Option(help="Square's query budget of the probe.")]
+    = 1000,
+    shard: ShardOption = "0/1",
+) -> None:
+    """Square alone at another query budget on every finished, evaluated run of the sweeps.
+
+    Kept as a record of its own (the report's Square-1000 columns)."""
+    from trades_repro.smallscale import probe_square
+
+    if square_queries < 1:
+        raise BadInput(f"--square-queries {square_queries}: must be at least 1")
+    _folder_option("--runs-dir", runs_dir)
+    _set_threads(None, None)
+    n = probe_square(sweeps, runs_dir, queries=square_queries, shard=_shard(shard),
+                     report=_progress(False))
+    typer.echo(f"probed {n} run(s) with Square at {square_queries} queries")
+
+
+@study_app.command("report")
+@_user_errors
+def study_report(
+    evidence: Annotated[Path, typer.Option(help="Evidence folder (no weights).")]
+    = Path("evidence/cpu"),
+    out: Annotated[Path, typer.Option(help="Markdown report; PNGs go to its stem folder.")]
+    = Path("docs/small_scale.md"),
+    runs_dir: Annotated[Path | None, typer.Option(help="Copy finished runs' evidence from "
+                                                  "here first.")] = None,
+) -> None:
+    """Regenerate the small-scale report (tables, tests, plots) from the evidence alone.
+
+    Exit 2 when --runs-dir is not a folder; 3, with the report left as it was, when the
+    evidence holds no evaluated run."""
+    from trades_repro.smallscale import export
+    from trades_repro.smallscale_report import write_report
+
+    if runs_dir is not None and not runs_dir.is_dir():
+        raise BadInput(f"--runs-dir {runs_dir}: not a folder")
+    _folder_option("--evidence", evidence, writes=runs_dir is not None)
+    _file_option("--out", out)
+    if runs_dir is not None:
+        typer.echo(f"exported {export(runs_dir, evidence)} run(s) from {runs_dir}")
+    typer.echo(str(write_report(evidence, out)))
+
