@@ -338,3 +338,12 @@ def test_a_folder_is_blocked_exactly_when_it_cannot_be_made(tree, target):
         _build(Path(tmp), tree)
         path = Path(tmp) / target
         assert _file_refused(path) == _write_fails(path)
+
+
+def test_without_poll_a_broken_pipe_is_not_taken_for_a_closed_reader(monkeypatch):
+    import select
+
+    from trades_repro import cli
+
+    monkeypatch.delattr(select, "poll")
+    assert cli._readers_gone() == []

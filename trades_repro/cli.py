@@ -151,6 +151,8 @@ def _readers_gone() -> list[int]:
     in `trades-repro spec show … | head`: Linux flags such a write end with POLLERR."""
     import select
 
+    if not hasattr(select, "poll"):  # Windows: no way to tell, so it stays a crash report
+        return []
     poller, fds = select.poll(), []
     for stream in (sys.stdout, sys.stderr):
         try:
