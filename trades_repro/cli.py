@@ -1,5 +1,9 @@
 """`trades-repro`: a thin Typer front end; every command parses paths, then calls the library.
 
+This module holds the app, the error handling every command shares, and `train`,
+`evaluate`, `diagnose` and `spec`; the claims commands are in `cli_claims.py`, the study's
+in `cli_study.py`.
+
 Exit codes (every command wrapped by `_user_errors`; see `trades_repro.errors`):
 0 ok (``diagnose``: not overestimated); 1 the run failed (a non-finite loss) or, for
 ``diagnose``, robustness overestimated; 2 bad input (one line on stderr, no traceback);
