@@ -347,3 +347,21 @@ def test_without_poll_a_broken_pipe_is_not_taken_for_a_closed_reader(monkeypatch
 
     monkeypatch.delattr(select, "poll")
     assert cli._readers_gone() == []
+
+
+@pytest.mark.parametrize("first", ["trades_repro.cli", "trades_repro.cli_claims",
+                                   "trades_repro.cli_study"])
+def test_every_command_is_registered_whichever_module_is_imported_first(first):
+    """The claims and study commands register themselves on cli.app; a circular import
+    between them (cli_study importing from a half-imported cli_claims) failed at import."""
+    import subprocess
+    import sys
+
+    code = (f"import importlib, typer; importlib.import_module({first!r})\n"
+            "from trades_repro.cli import app\n"
+            "print(' '.join(sorted(typer.main.get_command(app).commands)))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["claims", "demo", "diagnose", "evaluate", "run-claim",
+                                   "spec", "status", "study", "train", "verify"]
