@@ -151,11 +151,11 @@ def _require_finished(run_dir: Path) -> None:
     """A run's eval.json speaks for its finished policy checkpoints: run-claim and verify
     take any record of a policy as that policy's result. A record made mid-training, of a
     best checkpoint that later training replaced, would stand for the finished run."""
-    if store.is_finished(run_dir):
-        return
     provenance = run_dir / store.PROVENANCE_FILE
     status = (store.read_json(provenance).get("status", "unknown") if provenance.is_file()
               else "never started")
+    if status == "finished":  # as store.is_finished, without reading the file twice
+        return
     raise EvaluationError(
         f"{run_dir}: the run has not finished ({status}), so its checkpoints may still change; "
         "finish it with `trades-repro train`, or score a file as it is now with "
