@@ -107,7 +107,7 @@ PAPER_SPEC = {
         "attacks": list(ALL_SIX),
         "square_queries": 5000,
         "seed": 0,
-        "landscape": {"radius": 8 / 255, "steps": 21, "n_images": 1},
+        "landscape": {"radius": None, "steps": 21, "n_images": 1},  # None: validation ε
     },
 }
 
@@ -121,7 +121,7 @@ def test_standard_square_budget_and_pgd10_are_the_papers_numbers():
     assert EvalSpec().square_queries == 5000
     pgd = ValidationAttackSpec()
     assert (pgd.steps, pgd.step_size, pgd.eps, pgd.random_start) == (10, 2 / 255, 8 / 255, True)
-    assert LandscapeSpec().radius == 8 / 255
+    assert LandscapeSpec().radius is None  # Fig. 1 spans the threat model: the validation ε
 
 
 # ------------------------------------------------------------------- AutoAttack's settings

@@ -489,6 +489,19 @@ def test_an_old_spec_without_evaluation_is_evaluated_at_the_defaults(tmp_path, e
     assert (s.square_queries, s.seed, evaluations.calls[0]["attacks"]) == (5000, 0, ALL_SIX)
 
 
+@pytest.mark.parametrize(("landscape", "radius"), [({}, 0.2), ({"radius": 0.05}, 0.05)])
+def test_the_landscape_spans_the_runs_threat_model(tmp_path, evaluations, landscape, radius):
+    # a run at ε = 0.2 once got a surface of ±8/255 from `evaluate` (±0.2 from `diagnose`):
+    # unset, the radius is the validation ε the attacks use; set, it is kept
+    run = _run_folder(tmp_path, n_examples=2, landscape=landscape)
+    raw = json.loads((run / store.SPEC_FILE).read_text())
+    raw["validation"].update(eps=0.2, step_size=0.05)
+    store.atomic_write_json(run / store.SPEC_FILE, raw)
+    dg.evaluate_run(run)
+    s = evaluations.calls[0]["settings"]
+    assert (s.eps, s.landscape.radius, s.landscape.steps) == (0.2, radius, 21)
+
+
 def test_a_broken_run_spec_is_named(tmp_path, evaluations):
     run = _run_folder(tmp_path)
     raw = json.loads((run / store.SPEC_FILE).read_text())

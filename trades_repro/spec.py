@@ -184,7 +184,9 @@ AttackName = Literal["pgd10", "apgd-ce", "apgd-t", "fab-t", "square", "autoattac
 class LandscapeSpec(_Frozen):
     """Fig. 1's loss surface z = loss(x + a·r1 + b·r2) on a (steps × steps) grid."""
 
-    radius: Radius = 8 / 255  # a, b ∈ [-radius, radius]; the threat model's ε by default
+    # a, b ∈ [-radius, radius]; None: the validation ε (the threat model PGD-10 and AutoAttack
+    # use), resolved when a checkpoint is evaluated, so the surface spans the attacks' ball
+    radius: Radius | None = None
     steps: Annotated[int, Field(ge=3, le=201)] = 21  # grid points per axis
     n_images: PositiveInt = 1  # surfaces are averaged over this many test images
 
