@@ -51,8 +51,11 @@ def write_run(runs: Path, spec: ExperimentSpec, *, pgd10: float = 0.40, square: 
               clean: float = 0.90, fosc: list[float] | None = None,
               gap: list[float] | None = None, folder: str | None = None,
               status: str = "finished", policy: str = "best_pgd10",
-              drop: tuple[str, ...] = ()) -> Path:
-    """One run's evidence; flagged by rule v1 iff pgd10 − square ≥ 0.08."""
+              drop: tuple[str, ...] = (), roughness: float | None = None,
+              radius: float | None = None, batches: dict[int, dict] | None = None) -> Path:
+    """One run's evidence; flagged by rule v1 iff pgd10 − square ≥ 0.08. `roughness` adds a
+    landscape (over `radius`, default the spec's own); `batches` maps an epoch to App. G
+    series (w_grad_norm, kl_norm, ce_norm, grad_cosine_similarity) for batches.jsonl."""
     run = runs / (folder or spec.digest())
     run.mkdir(parents=True, exist_ok=True)
     (run / "spec.json").write_text(spec.model_dump_json())
@@ -69,6 +72,14 @@ def write_run(runs: Path, spec: ExperimentSpec, *, pgd10: float = 0.40, square: 
                           "autoattack": _attack("autoattack", min(pgd10, square) - 0.01)},
               "complete": True}
     record["attacks"] = {k: v for k, v in record["attacks"].items() if k not in drop}
+    if roughness is not None:
+        record["landscape"] = {"radius": spec.landscape().radius if radius is None else radius,
+                               "steps": 21, "n_images": 1, "roughness": roughness,
+                               "loss_min": 0.0, "loss_max": 1.0}
+    if batches is not None:
+        (run / "batches.jsonl").write_text("".join(
+            json.dumps(line) + "\n" for epoch, series in batches.items()
+            for line in _steps(epoch, series)))
     evals = {"source": str(run), "checkpoints": {record["key"]: record}}
     (run / "eval.json").write_text(json.dumps(evals))
     return run
@@ -88,6 +99,12 @@ def add_probe(run: Path, square_queries: int, square: float, *, extra: tuple[str
     evals["checkpoints"][probe["key"]] = probe
     (run / "eval.json").write_text(json.dumps(evals))
     return own
+
+
+def _steps(epoch: int, series: dict) -> list[dict]:
+    n = len(series["w_grad_norm"])
+    return [{"epoch": epoch, "step": i + 1, "loss": 1.0, "noised": False,
+             **{key: float(values[i]) for key, values in series.items()}} for i in range(n)]
 
 
 def _attack(name: str, accuracy: float) -> dict:

@@ -22,7 +22,8 @@ runner = CliRunner()
 PAPER_CELLS = {"table_1": 14, "table_2": 18, "table_3": 12, "table_4": 9, "table_5": 15,
                "table_6": 12, "table_7": 10}
 CELL_KINDS = ("table_cell", "instability_rate")
-EVENT_ARTEFACTS = ("figure_2", "figure_3", "figure_5", "figure_6", "figure_7", "section_5_3")
+EVENT_ARTEFACTS = ("figure_2", "figure_3", "figure_4", "figure_5", "figure_6", "figure_7",
+                   "section_5_3")
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +135,26 @@ def test_bad_claims_exit_2_naming_file_and_claim(tmp_path, change, needle):
     folder = claims_folder(tmp_path, {"a": arm(seeds=2)}, [bad])
     result = runner.invoke(app, ["verify", "--claims-dir", str(folder)])
     assert_one_line_error(result, "table_9.yaml", "table_9.a", needle)
+
+
+SPLIT = claim("table_9.s", "trend", arms=["a", "a"], subsets=["regular", "flagged"],
+              measure="roughness", test={"name": "welch_one_sided"})
+
+
+@pytest.mark.parametrize(("change", "needle"), [
+    ({"subsets": ["regular"]}, "one subset per arm"),
+    ({"subsets": ["flagged", "flagged"]}, "the same arm and subset twice"),
+    ({"subsets": None}, "the same arm and subset twice"),  # an arm against itself
+    ({"measure": "flagged", "test": {"name": "fisher"}}, "drop 'subsets'"),
+    ({"subsets": ["regular", "most"]}, "subsets.1"),
+])
+def test_bad_subset_trends_exit_2_naming_file_and_claim(tmp_path, change, needle):
+    assert "table_9.s" in load_catalogue(claims_folder(tmp_path / "ok", {"a": arm(seeds=2)},
+                                                       [SPLIT])).by_id
+    bad = {k: v for k, v in {**SPLIT, **change}.items() if v is not None}
+    folder = claims_folder(tmp_path, {"a": arm(seeds=2)}, [bad])
+    result = runner.invoke(app, ["claims", "list", "--claims-dir", str(folder)])
+    assert_one_line_error(result, "table_9.yaml", "table_9.s", needle)
 
 
 def test_duplicate_ids_and_unresolvable_arms_exit_2(tmp_path):

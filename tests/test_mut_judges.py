@@ -18,6 +18,7 @@ from claimsutil import arm, claim, claims_folder, write_run
 from scipy import stats
 from statsmodels.stats.contingency_tables import Table
 
+from trades_repro import events
 from trades_repro.claims import load_catalogue
 from trades_repro.verify import Context, Evidence, judge
 
@@ -564,7 +565,7 @@ def test_a_metric_trend_needs_two_runs_per_arm(tmp_path):
             "trend",
             "undetermined",
             "increasing",
-            detail="each arm needs 2 evaluated runs",
+            detail="each group needs 2 evaluated runs; found 2, 1",
         ),
     )
 
@@ -1044,3 +1045,186 @@ def test_an_unrecorded_property_claim_is_not_run(tmp_path):
             detail="property test not run",
         ),
     )
+
+
+# ----------------------------------------------------------- Fig. 1: one arm, two subsets
+
+
+def _roughness_trend(tmp_path, regular, flagged, **run_kw):
+    arms = {"a": arm(seeds=len(regular) + len(flagged))}
+    c = claim("table_9.rough", "trend", arms=["a", "a"], subsets=["regular", "flagged"],
+              measure="roughness", test={"name": "welch_one_sided"})
+    catalogue = _catalogue(tmp_path, arms, [c])
+    runs = _runs(tmp_path, catalogue, "a",
+                 *({"roughness": v, **REGULAR, **run_kw} for v in regular),
+                 *({"roughness": v, **FLAGGED, **run_kw} for v in flagged))
+    return catalogue, runs
+
+
+@pytest.mark.parametrize(("regular", "flagged", "status"), [
+    ((0.5, 0.6, 0.55), (0.9, 1.0, 1.2, 1.1), "held"),
+    ((0.9, 1.0, 1.2), (0.5, 0.6, 0.55, 0.52), "failed"),
+])
+def test_a_subset_trend_compares_one_arms_regular_and_flagged_runs(tmp_path, regular,
+                                                                   flagged, status):
+    catalogue, _ = _roughness_trend(tmp_path, regular, flagged)
+    ref = stats.ttest_ind(flagged, regular, equal_var=False, alternative="greater")
+    _assert_same(_judge(tmp_path, catalogue, "table_9.rough"), _expect(
+        "table_9.rough", "trend", status, "increasing",
+        ours=f"{_sd_text(regular)}, {_sd_text(flagged)}", statistic=ref.statistic,
+        p_value=ref.pvalue, n_required=7, n_found=7,  # the arm counts once
+        test="Welch t-test (one-sided), α = 0.05: a rise along the arms"))
+
+
+def test_a_landscape_over_another_radius_is_not_the_arms(tmp_path):
+    # evaluated before the radius followed ε: ±8/255 on a run whose ε is digits' 0.1
+    catalogue, runs = _roughness_trend(tmp_path, (0.5, 0.6), (0.9, 1.0))
+    spec = catalogue.specs("a", "full")[0]
+    assert spec.landscape().radius == spec.validation.eps == 0.1
+    evals = json.loads((runs[0] / "eval.json").read_text())
+    (record,) = evals["checkpoints"].values()
+    record["landscape"]["radius"] = 8 / 255
+    (runs[0] / "eval.json").write_text(json.dumps(evals))
+    got = _judge(tmp_path, catalogue, "table_9.rough")
+    assert (got["status"], got["n_found"], got["n_required"]) == ("incomplete", 3, 4)
+    got = _judge(tmp_path, catalogue, "table_9.rough", partial=True)
+    assert (got["status"], got["detail"]) == ("undetermined",
+                                              "each group needs 2 evaluated runs; found 1, 2")
+
+
+def test_a_run_without_a_landscape_leaves_a_roughness_trend_incomplete(tmp_path):
+    catalogue, runs = _roughness_trend(tmp_path, (0.5, 0.6), (0.9, 1.0))
+    write_run(tmp_path / "runs", catalogue.specs("a", "full")[3], **FLAGGED)  # no landscape
+    got = _judge(tmp_path, catalogue, "table_9.rough")
+    assert (got["status"], got["n_found"]) == ("incomplete", 3)
+
+
+# ------------------------------------------------------ Fig. 4: App. G at FOSC's first rise
+
+W = [1.0, 1.1, 5.0, 1.2, 1.0, 6.0, 1.1, 0.9]  # two spikes (steps 3 and 6)
+KL_SPIKES = [0.5, 0.6, 4.0, 0.7, 0.5, 5.0, 0.6, 0.4]  # spikes with W: ρ high, CV high
+CE_STEADY = [0.5, 0.5, 0.6, 0.5, 0.5, 0.6, 0.5, 0.5]
+COS_DROPS = [0.9, 0.9, 0.1, 0.85, 0.9, 0.0, 0.88, 0.92]  # falls where W spikes
+FIRST_RISE = [0.01, 0.02, 0.2, 0.01]  # FOSC passes digits' 0.05 first at epoch 3
+
+
+def _coupling(tmp_path, relation, batches_per_run, *, min_rho=0.5, monitored=True,
+              fosc=FIRST_RISE):
+    """An event claim on arm "a", one run per entry of `batches_per_run` (None: no
+    batches.jsonl), each with the FOSC series `fosc`."""
+    arm_set = {"monitor.batch_metrics": True} if monitored else {}
+    catalogue, _ = _event(tmp_path, {"name": "batch_gradient_coupling", "relation": relation,
+                                     "min_rho": min_rho}, [fosc] * len(batches_per_run),
+                          arm_set=arm_set, min_rate=0.5)
+    for spec, series in zip(catalogue.specs("a", "full"), batches_per_run, strict=True):
+        write_run(tmp_path / "runs", spec, fosc=fosc, batches=series)
+    return catalogue
+
+
+def _series(**kw):
+    return {3: {"w_grad_norm": W, "kl_norm": KL_SPIKES, "ce_norm": CE_STEADY,
+                "grad_cosine_similarity": COS_DROPS, **kw}}
+
+
+def _rho(a, b):
+    return stats.spearmanr(a, b).statistic
+
+
+def test_kl_norm_coupling_at_the_first_fosc_rise(tmp_path):
+    batches = [_series(), _series(ce_norm=KL_SPIKES, kl_norm=CE_STEADY)]  # CE the spiky one
+    catalogue = _coupling(tmp_path, "kl_with_w", batches)
+    got = _judge(tmp_path, catalogue, "table_9.event")
+    cv = [statistics.pstdev(v) / statistics.fmean(v) for v in (CE_STEADY, KL_SPIKES)]
+    first = (f"epoch 3: ρ(W_grad_norm, KL_norm) {_rho(W, KL_SPIKES):+.2f}; CV of CE_norm "
+             f"{cv[0]:.2f} vs KL_norm {cv[1]:.2f} over 8 steps")
+    second = (f"epoch 3: ρ(W_grad_norm, KL_norm) {_rho(W, CE_STEADY):+.2f}; CV of CE_norm "
+              f"{cv[1]:.2f} vs KL_norm {cv[0]:.2f} over 8 steps")
+    assert (got["status"], got["ours"]) == ("held", "1/2 runs")
+    assert got["detail"] == (f"{_label(catalogue, 'a', 0)}: yes ({first}); "
+                             f"{_label(catalogue, 'a', 1)}: no ({second})")
+
+
+@pytest.mark.parametrize(("cosine", "min_rho", "happened"), [
+    (COS_DROPS, 0.5, True),
+    ([1 - c for c in COS_DROPS], 0.5, False),  # rises with W instead
+    (COS_DROPS, 0.97, False),  # ρ is −0.963 here: a fall, but short of 0.97
+])
+def test_cosine_coupling_needs_a_fall_of_at_least_min_rho(tmp_path, cosine, min_rho, happened):
+    batches = [_series(grad_cosine_similarity=cosine)]
+    catalogue = _coupling(tmp_path, "cosine_against_w", batches, min_rho=min_rho)
+    got = _judge(tmp_path, catalogue, "table_9.event")
+    rho = _rho(W, cosine)
+    assert got["status"] == ("held" if happened else "failed")
+    assert got["detail"].endswith(f"(epoch 3: ρ(W_grad_norm, grad_cosine_similarity) "
+                                  f"{rho:+.2f} over 8 steps)")
+
+
+def test_coupling_is_read_at_the_first_rise_only(tmp_path):
+    # epoch 4's records would hold; epoch 3 (FOSC's first rise) has none
+    batches = [{4: _series()[3]}]
+    catalogue = _coupling(tmp_path, "kl_with_w", batches)
+    got = _judge(tmp_path, catalogue, "table_9.event")
+    assert got["status"] == "failed" and got["detail"].endswith("(no step records for epoch 3)")
+
+
+def test_coupling_without_a_fosc_rise_did_not_happen(tmp_path):
+    batches = [_series()]
+    catalogue = _coupling(tmp_path, "kl_with_w", batches, fosc=[0.01] * 4)
+    got = _judge(tmp_path, catalogue, "table_9.event")
+    assert got["status"] == "failed" and got["detail"].endswith("(FOSC never above 0.05)")
+
+
+def test_coupling_leaves_out_runs_that_did_not_monitor_app_g(tmp_path):
+    catalogue = _coupling(tmp_path, "kl_with_w", [None, None], monitored=False)
+    got = _judge(tmp_path, catalogue, "table_9.event")
+    assert (got["status"], got["n_found"], got["detail"]) == (
+        "undetermined", 2, "no all run with FOSC and App. G step metrics "
+        "(monitor.batch_metrics)")
+
+
+def test_coupling_needs_three_steps_to_rank():
+    for check in (lambda n: events.kl_with_w(W[:n], KL_SPIKES[:n], CE_STEADY[:n], min_rho=0.1),
+                  lambda n: events.cosine_against_w(W[:n], COS_DROPS[:n], min_rho=0.1)):
+        assert check(2) == events.EventResult(False, "2 step(s): too few to rank")
+        assert check(3).happened
+
+
+def test_a_constant_series_ranks_nothing_and_warns_nothing(recwarn):
+    flat = [1.0] * 8
+    result = events.kl_with_w(W, flat, CE_STEADY, min_rho=0.1)
+    assert not result.happened and "KL_norm) +0.00" in result.detail
+    result = events.cosine_against_w(flat, COS_DROPS, min_rho=0.1)
+    assert not result.happened and "+0.00" in result.detail
+    assert not recwarn.list
+
+
+def test_a_zero_kl_norm_is_not_steadier_than_ce():
+    # a zero-mean KL_norm (β·KL with no gradient) has no finite variation to compare
+    result = events.kl_with_w(W, [0.0] * 7 + [0.0], CE_STEADY, min_rho=0.1)
+    assert not result.happened and "vs KL_norm inf" in result.detail
+
+
+def test_a_cut_step_record_is_named_with_its_line(tmp_path):
+    from trades_repro import store
+
+    catalogue = _coupling(tmp_path, "kl_with_w", [_series()])
+    (run,) = (tmp_path / "runs").iterdir()
+    path = run / "batches.jsonl"
+    assert [r.step for r in store.read_batches(run, 3)] == list(range(1, 9))
+    assert store.read_batches(run, 2) == []
+    path.write_text(path.read_text()[:-20])
+    with pytest.raises(store.CorruptFile, match=r"batches\.jsonl, line 8: not a step record"):
+        _judge(tmp_path, catalogue, "table_9.event")
+
+
+def test_a_run_evaluated_again_is_read_at_its_new_landscape(tmp_path):
+    # the old record (±8/255) first, the new one (±ε) after: same attacks, new landscape wins
+    catalogue, runs = _roughness_trend(tmp_path, (0.5, 0.6), (0.9, 1.0))
+    evals = json.loads((runs[0] / "eval.json").read_text())
+    (new,) = evals["checkpoints"].values()
+    old = json.loads(json.dumps(new))
+    old["key"], old["landscape"]["radius"], old["landscape"]["roughness"] = "old", 8 / 255, 9.0
+    evals["checkpoints"] = {"old": old, new["key"]: new}
+    (runs[0] / "eval.json").write_text(json.dumps(evals))
+    got = _judge(tmp_path, catalogue, "table_9.rough")
+    assert (got["status"], got["ours"].split(", ")[0]) == ("held", _sd_text((0.5, 0.6)))

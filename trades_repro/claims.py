@@ -28,9 +28,9 @@ Tier = Literal["instant", "cpu", "reduced", "full"]
 TIERS: tuple[str, ...] = ("instant", "cpu", "reduced", "full")
 ARMS_FILE = "arms.yaml"
 # pgd10 … autoattack: eval.json's attacks; gap: PGD-10 − AutoAttack (Tables 3, 5, 6, 7);
-# square_gap: PGD-10 − Square (Table 2's rule, as a number)
+# square_gap: PGD-10 − Square (Table 2's rule, as a number); roughness: Fig. 1's landscape
 Metric = Literal["clean", "pgd10", "apgd-ce", "apgd-t", "fab-t", "square", "autoattack", "gap",
-                 "square_gap"]
+                 "square_gap", "roughness"]
 Subset = Literal["all", "flagged", "regular"]
 Policy = Literal["best_pgd10", "best_pgd10_fosc_ok"]
 ID_PATTERN = r"^[a-z0-9_]+(\.[a-z0-9_\-]+)+$"
@@ -185,6 +185,8 @@ class InstabilityRate(_Claim):
 class Trend(_Claim):
     kind: Literal["trend"]
     arms: Annotated[tuple[str, ...], Field(min_length=2)]  # in the claimed increasing order
+    # one per arm: which of its runs count; Fig. 1 compares one arm's regular and flagged runs
+    subsets: tuple[Subset, ...] | None = None
     measure: Literal["flagged"] | Metric = "flagged"
     direction: Literal["increasing", "not_decreasing"] = "increasing"
     expected: tuple[Rate, ...] | None = None  # the paper's counts per arm, for the report
@@ -194,10 +196,20 @@ class Trend(_Claim):
         return self.arms
 
     def needs_rule(self) -> bool:
-        return self.measure == "flagged"
+        return self.measure == "flagged" or any(s != "all" for s in self.subsets or ())
+
+    def groups(self) -> tuple[tuple[str, Subset], ...]:
+        """(arm, subset) per compared group, in the claimed increasing order."""
+        return tuple(zip(self.arms, self.subsets or ("all",) * len(self.arms), strict=True))
 
     @model_validator(mode="after")
     def _test_fits(self) -> Trend:
+        if self.subsets is not None and len(self.subsets) != len(self.arms):
+            raise ValueError("'subsets' needs one subset per arm")
+        if len(set(self.groups())) != len(self.arms):
+            raise ValueError("the same arm and subset twice: a group would face itself")
+        if self.measure == "flagged" and self.subsets is not None:
+            raise ValueError("flagged counts compare whole arms: drop 'subsets'")
         two = len(self.arms) == 2
         if self.test.name in ("fisher", "welch_one_sided") and not two:
             raise ValueError(f"test '{self.test.name}' compares exactly two arms")
@@ -246,7 +258,20 @@ class SpikeDuration(_Frozen):
     fosc_threshold: Annotated[float, Field(gt=0)] | None = None
 
 
-EventSpec = Annotated[FoscSpike | GapDrop | SelfHealing | SpikeDuration,
+class BatchCoupling(_Frozen):
+    """Fig. 4 / §5.2, over App. G's steps of the first epoch validation FOSC passes the
+    threshold (needs `monitor.batch_metrics`). `kl_with_w`: KL_norm spikes with W_grad_norm
+    (Spearman ρ ≥ `min_rho`) while CE_norm stays steadier than KL_norm (smaller coefficient
+    of variation); `cosine_against_w`: the before/after gradient cosine falls where
+    W_grad_norm rises (ρ ≤ −`min_rho`)."""
+
+    name: Literal["batch_gradient_coupling"]
+    relation: Literal["kl_with_w", "cosine_against_w"]
+    min_rho: Annotated[float, Field(gt=0, lt=1)]
+    fosc_threshold: Annotated[float, Field(gt=0)] | None = None
+
+
+EventSpec = Annotated[FoscSpike | GapDrop | SelfHealing | SpikeDuration | BatchCoupling,
                       Field(discriminator="name")]
 
 

@@ -47,7 +47,7 @@ from trades_repro.evaluate import (
     settings_key,
 )
 from trades_repro.records import STANDARD_SQUARE_QUERIES
-from trades_repro.spec import ExperimentSpec, LandscapeSpec, parse_spec
+from trades_repro.spec import ExperimentSpec, parse_spec
 from trades_repro.verdict import attack_label
 
 Report = Callable[[str], None]
@@ -360,16 +360,8 @@ def _settings(spec: ExperimentSpec, splits: Splits, device: str, model: str) -> 
                         step_size=v.step_size, steps=v.steps, random_start=v.random_start,
                         batch_size=eval_batch_size(splits.shape, device, e.batch_size),
                         seed=e.seed, square_queries=e.square_queries,
-                        device=device, landscape=landscape_settings(spec), model=model,
+                        device=device, landscape=spec.landscape(), model=model,
                         n_classes=splits.num_classes, versions=versions())
-
-
-def landscape_settings(spec: ExperimentSpec) -> LandscapeSpec:
-    """The spec's landscape with its radius resolved: unset, the validation ε."""
-    landscape = spec.evaluation.landscape
-    if landscape.radius is not None:
-        return landscape
-    return landscape.model_copy(update={"radius": spec.validation.eps})
 
 
 def versions() -> dict[str, str]:

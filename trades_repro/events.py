@@ -83,3 +83,49 @@ def spike_duration_at_most(fosc: Sequence[float], threshold: float,
     longest = max((last - first + 1 for first, last in stretches), default=0)
     return EventResult(longest <= max_epochs, f"{len(stretches)} spike(s) above "
                        f"{threshold:g}, the longest {longest} epoch(s)")
+
+
+def first_spike_epoch(fosc: Sequence[float], threshold: float) -> int | None:
+    """The first epoch (1-based) with FOSC above the threshold; None if there is none."""
+    stretches = spikes(fosc, threshold)
+    return stretches[0][0] + 1 if stretches else None
+
+
+def kl_with_w(w_grad_norm: Sequence[float], kl_norm: Sequence[float],
+              ce_norm: Sequence[float], *, min_rho: float) -> EventResult:
+    """Fig. 4 / §5.2 over one epoch's steps: KL_norm spikes where W_grad_norm does (Spearman
+    ρ ≥ `min_rho`) while CE_norm is the steadier term (coefficient of variation below
+    KL_norm's)."""
+    if len(w_grad_norm) < 3:
+        return EventResult(False, f"{len(w_grad_norm)} step(s): too few to rank")
+    rho = _rho(w_grad_norm, kl_norm)
+    cv_ce, cv_kl = _variation(ce_norm), _variation(kl_norm)
+    return EventResult(rho >= min_rho and cv_ce < cv_kl, f"ρ(W_grad_norm, KL_norm) "
+                       f"{rho:+.2f}; CV of CE_norm {cv_ce:.2f} vs KL_norm {cv_kl:.2f} over "
+                       f"{len(w_grad_norm)} steps")
+
+
+def cosine_against_w(w_grad_norm: Sequence[float], cosine: Sequence[float],
+                     *, min_rho: float) -> EventResult:
+    """Fig. 4 / §5.2 over one epoch's steps: the gradient cosine before/after each step
+    falls where W_grad_norm rises (Spearman ρ ≤ −`min_rho`)."""
+    if len(w_grad_norm) < 3:
+        return EventResult(False, f"{len(w_grad_norm)} step(s): too few to rank")
+    rho = _rho(w_grad_norm, cosine)
+    return EventResult(rho <= -min_rho, f"ρ(W_grad_norm, grad_cosine_similarity) {rho:+.2f} "
+                       f"over {len(w_grad_norm)} steps")
+
+
+def _rho(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman's ρ; 0 where it is undefined (a constant series ranks nothing)."""
+    from scipy.stats import spearmanr
+
+    if len(set(a)) < 2 or len(set(b)) < 2:
+        return 0.0
+    return float(spearmanr(a, b).statistic)
+
+
+def _variation(values: Sequence[float]) -> float:
+    """Coefficient of variation (population sd over mean); inf for a zero mean."""
+    mean = statistics.fmean(values)
+    return statistics.pstdev(values) / mean if mean > 0 else float("inf")

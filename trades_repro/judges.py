@@ -11,7 +11,14 @@ from collections.abc import Callable
 from typing import Any
 
 from trades_repro import events, stats
-from trades_repro.claims import Entry, FoscSpike, GapDrop, SelfHealing, SpikeDuration
+from trades_repro.claims import (
+    BatchCoupling,
+    Entry,
+    FoscSpike,
+    GapDrop,
+    SelfHealing,
+    SpikeDuration,
+)
 from trades_repro.verify import (
     Context,
     Judgement,
@@ -92,7 +99,8 @@ def trend(entry: Entry, ctx: Context) -> Judgement:
     found, early = collect(entry, ctx, claim.arms, needs=needed(claim, metrics))
     if early:
         return early
-    runs = [found[a] for a in claim.arms]
+    runs = [subset(found[a], which, claim.rule) for a, which in claim.groups()]
+    arms = tuple(dict.fromkeys(claim.arms))  # an arm split into subsets counts once
     if claim.measure == "flagged":
         counts = [(sum(bool(r.flagged(claim.rule)) for r in rs), len(rs)) for rs in runs]
         if any(n == 0 for _, n in counts):
@@ -103,7 +111,8 @@ def trend(entry: Entry, ctx: Context) -> Judgement:
         values = [[v for v in (r.metric(claim.measure) for r in rs) if v is not None]
                   for rs in runs]
         if any(len(v) < 2 for v in values):
-            return judged(entry, ctx, "undetermined", detail="each arm needs 2 evaluated runs")
+            return judged(entry, ctx, "undetermined", detail="each group needs 2 evaluated "
+                          f"runs; found {', '.join(map(str, map(len, values)))}")
         ours = ", ".join(fmt_cell(*stats.mean_sd(v)) for v in values)
         low, high = values if claim.direction == "increasing" else values[::-1]
         result = stats.welch_greater(high, low)
@@ -111,9 +120,9 @@ def trend(entry: Entry, ctx: Context) -> Judgement:
     held = significant if claim.direction == "increasing" else not significant
     what = ("a rise along the arms" if claim.direction == "increasing"
             else "no significant fall along the arms")
-    n_total = sum(len(rs) for rs in runs)
+    n_total = sum(len(found[a]) for a in arms)
     return judged(entry, ctx, "held" if held else "failed", ours=ours, n_found=n_total,
-                 n_required=sum(len(ctx.catalogue.specs(a, ctx.tier)) for a in claim.arms),
+                 n_required=sum(len(ctx.catalogue.specs(a, ctx.tier)) for a in arms),
                  test=f"{result.name}, α = {claim.test.alpha:g}: {what}",
                  statistic=result.statistic, p_value=result.p_value,
                  partial=ctx.allow_partial, detail=_paper_p(claim))
@@ -142,10 +151,14 @@ def event(entry: Entry, ctx: Context) -> Judgement:
         return early
     runs = subset([r for a in claim.arms for r in found[a]], claim.subset, claim.rule)
     runs = [r for r in runs if r.fosc() is not None]
+    steps = isinstance(claim.event, BatchCoupling)
+    if steps:  # App. G's step records exist only where the run monitored them
+        runs = [r for r in runs if r.spec.monitor.batch_metrics]
     reference = _reference_median(claim, found)
     if not runs or (isinstance(claim.event, FoscSpike) and reference is None):
+        what = "FOSC and App. G step metrics (monitor.batch_metrics)" if steps else "FOSC"
         return judged(entry, ctx, "undetermined", n_found=sum(map(len, found.values())),
-                     detail=f"no {claim.subset} run with FOSC" if not runs
+                     detail=f"no {claim.subset} run with {what}" if not runs
                      else "no reference run to compare FOSC with")
     outcomes = [(r, _event_outcome(claim.event, r, reference)) for r in runs]
     k, n = sum(o.happened for _, o in outcomes), len(outcomes)
@@ -194,8 +207,28 @@ def _event_outcome(spec: Any, run: RunEvidence, reference: float | None) -> even
                                         window=spec.window)
     if isinstance(spec, SelfHealing):
         return events.self_healing(fosc, threshold, within=spec.within)
+    if isinstance(spec, BatchCoupling):
+        return _coupling(spec, run, events.first_spike_epoch(fosc, threshold), threshold)
     assert isinstance(spec, SpikeDuration)
     return events.spike_duration_at_most(fosc, threshold, max_epochs=spec.max_epochs)
+
+
+def _coupling(spec: BatchCoupling, run: RunEvidence, epoch: int | None,
+              threshold: float) -> events.EventResult:
+    """Fig. 4: App. G's step metrics in the first epoch FOSC passed the threshold."""
+    if epoch is None:
+        return events.EventResult(False, f"FOSC never above {threshold:g}")
+    steps = run.batches(epoch)
+    if not steps:
+        return events.EventResult(False, f"no step records for epoch {epoch}", epoch)
+    w = [b.w_grad_norm for b in steps]
+    if spec.relation == "kl_with_w":
+        result = events.kl_with_w(w, [b.kl_norm for b in steps], [b.ce_norm for b in steps],
+                                  min_rho=spec.min_rho)
+    else:
+        result = events.cosine_against_w(w, [b.grad_cosine_similarity for b in steps],
+                                         min_rho=spec.min_rho)
+    return events.EventResult(result.happened, f"epoch {epoch}: {result.detail}", epoch)
 
 
 def healing(entry: Entry, ctx: Context) -> Judgement:

@@ -242,6 +242,13 @@ class ExperimentSpec(_Frozen):
         canonical = json.dumps(training, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
+    def landscape(self) -> LandscapeSpec:
+        """The evaluation's landscape with its radius resolved: unset, the validation ε."""
+        landscape = self.evaluation.landscape
+        if landscape.radius is not None:
+            return landscape
+        return landscape.model_copy(update={"radius": self.validation.eps})
+
 
 def load_spec(path: str | Path) -> ExperimentSpec:
     """Read and validate a YAML spec; any problem raises `SpecError` naming file and field."""

@@ -138,16 +138,25 @@ class CorruptFile(BadInput):
 
 def read_metrics(run_dir: Path) -> list[EpochRecord]:
     """The run's epoch records; `CorruptFile` for a line that is not one."""
-    path = run_dir / METRICS_FILE
+    return _read_jsonl(run_dir / METRICS_FILE, EpochRecord, "an epoch record")
+
+
+def read_batches(run_dir: Path, epoch: int) -> list[BatchRecord]:
+    """App. G's step records of one epoch (`monitor.batch_metrics`); [] without the file."""
+    records = _read_jsonl(run_dir / BATCHES_FILE, BatchRecord, "a step record")
+    return [r for r in records if r.epoch == epoch]
+
+
+def _read_jsonl(path: Path, model: type[BaseModel], what: str) -> list:
     if not path.exists():
         return []
     records = []
     for number, line in enumerate(path.read_text().splitlines(), 1):
         try:
-            records.append(EpochRecord.model_validate_json(line))
+            records.append(model.model_validate_json(line))
         except ValidationError as err:
             problem = err.errors()[0]["msg"] if err.errors() else str(err)
-            raise CorruptFile(f"{path}, line {number}: not an epoch record ({problem}); move "
+            raise CorruptFile(f"{path}, line {number}: not {what} ({problem}); move "
                               "the run folder aside to go on without it") from None
     return records
 

@@ -85,6 +85,8 @@ class RunEvidence:
             return None
         if name == "clean":
             return self.evaluation.clean.accuracy if self.evaluation.clean else None
+        if name == "roughness":
+            return self.evaluation.landscape.roughness if self.has_landscape() else None
         if name in ("gap", "square_gap"):
             pgd10 = self.metric("pgd10")
             other = self.metric("autoattack" if name == "gap" else "square")
@@ -103,11 +105,22 @@ class RunEvidence:
         return apply_rule(rule, record.attacks, record.clean, record.flags).flagged
 
     def has(self, needs: frozenset[str]) -> bool:
-        """Whether the evaluation holds every result in `needs` ("clean" or attack names)."""
+        """Whether the evaluation holds every result in `needs` ("clean", "landscape" or
+        attack names)."""
         if self.evaluation is None:
             return not needs
         have = set(self.evaluation.attacks) | ({"clean"} if self.evaluation.clean else set())
-        return needs <= have
+        return needs <= have | ({"landscape"} if self.has_landscape() else set())
+
+    def has_landscape(self) -> bool:
+        """A landscape over the arm's radius (records made before the radius followed the
+        validation ε hold one over ±8/255 whatever the threat model: not this arm's)."""
+        land = self.evaluation.landscape if self.evaluation is not None else None
+        return _spans(land, self.spec.landscape().radius)
+
+    def batches(self, epoch: int) -> list[store.BatchRecord]:
+        """App. G's per-step records of `epoch` (empty unless the run monitored them)."""
+        return store.read_batches(self.folder, epoch)
 
     def fosc(self) -> list[float] | None:
         values = [r.val_fosc for r in self.records]
@@ -135,7 +148,8 @@ class Evidence:
         if folder is None:
             return None
         return RunEvidence(spec.digest(), folder, spec, tuple(store.read_metrics(folder)),
-                           policy_record(folder, policy, spec.evaluation))
+                           policy_record(folder, policy, spec.evaluation,
+                                         spec.landscape().radius))
 
     def property_outcome(self, claim_id: str) -> dict[str, Any] | None:
         path = self.runs_dir / PROPERTIES_DIR / f"{claim_id}.json"
@@ -149,9 +163,12 @@ def _digest_of(spec_file: Path) -> str | None:
         return None
 
 
-def policy_record(folder: Path, policy: str, evaluation: Any) -> Any | None:
+def policy_record(folder: Path, policy: str, evaluation: Any,
+                  radius: float | None = None) -> Any | None:
     """The policy checkpoint's record made with the arm's evaluation settings
-    (`evalfile.made_with`), the one with the most attacks when several."""
+    (`evalfile.made_with`), the one with the most attacks when several; among those, one
+    whose landscape spans `radius` (a run evaluated again after the landscape radius came
+    to follow ε holds an old record over ±8/255 and a new one)."""
     from trades_repro.evalfile import made_with, read_eval
 
     try:
@@ -162,7 +179,12 @@ def policy_record(folder: Path, policy: str, evaluation: Any) -> Any | None:
         return None
     chosen = [r for r in evals.checkpoints.values()
               if policy in r.policies and made_with(r, evaluation)]
-    return max(chosen, key=lambda r: len(r.attacks), default=None)
+    return max(chosen, key=lambda r: (len(r.attacks), _spans(r.landscape, radius)),
+               default=None)
+
+
+def _spans(landscape: Any, radius: float | None) -> bool:
+    return landscape is not None and radius is not None and abs(landscape.radius - radius) < 1e-12
 
 
 # ----------------------------------------------------------------------------- judging
@@ -224,7 +246,8 @@ def needed(claim: Any, metrics: tuple[str, ...] = ()) -> frozenset[str]:
     """The evaluation results a claim reads: its metrics' attacks and its rule's two."""
     from trades_repro.verdict import VERDICT_RULES
 
-    parts = {"gap": ("pgd10", "autoattack"), "square_gap": ("pgd10", "square")}
+    parts = {"gap": ("pgd10", "autoattack"), "square_gap": ("pgd10", "square"),
+             "roughness": ("landscape",)}
     names = {a for m in metrics for a in parts.get(m, (m,))}
     if claim.needs_rule():
         rule = next(r for r in VERDICT_RULES if r.name == claim.rule)
