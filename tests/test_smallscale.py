@@ -185,6 +185,11 @@ def test_export_copies_evidence_without_weights(evidence, tmp_path):
     copied = {p.name for p in (tmp_path / "ev").rglob("*") if p.is_file()}
     assert copied == set(ss.EVIDENCE_FILES)
     assert ss.export(evidence, tmp_path / "ev") == 0  # nothing changed: nothing copied
+    run = next(evidence.iterdir())
+    (run / "batches.jsonl").write_text('{"epoch": 1}\n')  # Fig. 4's evidence travels too
+    ss.export(evidence, tmp_path / "ev")
+    assert (tmp_path / "ev" / run.name / "batches.jsonl").read_text() == '{"epoch": 1}\n'
+    assert len(list((tmp_path / "ev").rglob("batches.jsonl"))) == 1
 
 
 def test_rekey_renames_a_finished_run_to_its_current_digest(tmp_path):

@@ -33,6 +33,7 @@ from trades_repro.verdict import DIAGNOSE_RULE, PRIMARY_RULE
 
 Report = Callable[[str], None]
 EVIDENCE_FILES = (store.SPEC_FILE, store.PROVENANCE_FILE, store.METRICS_FILE, store.EVAL_FILE)
+OPTIONAL_EVIDENCE = (store.BATCHES_FILE,)  # App. G's steps, where the run monitored them
 FOSC_QUANTILE = 0.95  # the threshold: this quantile of the regular runs' per-epoch FOSC
 FOSC_SKIP_EPOCHS = 1  # epoch 1's FOSC is the untrained model's, in every run: left out
 
@@ -198,8 +199,9 @@ def cell_label(spec: ExperimentSpec) -> str:
 
 
 def export(runs_dir: Path, evidence_dir: Path) -> int:
-    """Copy each finished run with a complete evaluation (no weights) to evidence_dir/<digest>/,
-    named by its spec's current digest; returns how many runs were copied or refreshed."""
+    """Copy each finished run with a complete evaluation (no weights; App. G's step records
+    where it has them) to evidence_dir/<digest>/, named by its spec's current digest;
+    returns how many runs were copied or refreshed."""
     from trades_repro.evalfile import read_eval
     from trades_repro.verify import Evidence
 
@@ -210,9 +212,9 @@ def export(runs_dir: Path, evidence_dir: Path) -> int:
             continue  # not evaluated yet, or an evaluation still under way
         target = evidence_dir / digest
         target.mkdir(parents=True, exist_ok=True)
-        for name in EVIDENCE_FILES:
+        for name in EVIDENCE_FILES + OPTIONAL_EVIDENCE:
             source = folder / name
-            if _newer(source, target / name):
+            if source.exists() and _newer(source, target / name):
                 shutil.copyfile(source, target / name)
                 copied += name == store.EVAL_FILE
     return copied
