@@ -157,6 +157,17 @@ def test_bad_subset_trends_exit_2_naming_file_and_claim(tmp_path, change, needle
     assert_one_line_error(result, "table_9.yaml", "table_9.s", needle)
 
 
+def test_a_split_trend_names_its_rule_and_a_whole_arm_trend_need_not(tmp_path):
+    unnamed = {k: v for k, v in SPLIT.items() if k != "rule"}
+    folder = claims_folder(tmp_path, {"a": arm(seeds=2)}, [unnamed])
+    assert_one_line_error(runner.invoke(app, ["claims", "list", "--claims-dir", str(folder)]),
+                          "table_9.s", "name its masking 'rule'")
+    whole = {**unnamed, "arms": ["a", "b"], "subsets": ["all", "all"]}
+    arms = {"a": arm(seeds=2), "b": arm(seeds=2, **{"method.beta": 2})}
+    claim_ = load_catalogue(claims_folder(tmp_path / "whole", arms, [whole])).by_id["table_9.s"]
+    assert not claim_.claim.needs_rule() and claim_.claim.rule is None
+
+
 def test_duplicate_ids_and_unresolvable_arms_exit_2(tmp_path):
     folder = claims_folder(tmp_path, {"a": arm(seeds=2)}, [GOOD, GOOD])
     assert_one_line_error(runner.invoke(app, ["claims", "list", "--claims-dir", str(folder)]),

@@ -381,6 +381,7 @@ def _claim_of(tmp_path, c):
         ({"metric": "gap"}, ("gap",), {"pgd10", "autoattack"}),
         ({"metric": "square_gap"}, ("square_gap",), {"pgd10", "square"}),
         ({"metric": "fab-t"}, ("fab-t",), {"fab-t"}),
+        ({"metric": "roughness"}, ("roughness",), {"landscape"}),  # Fig. 1: eval.json's
         (
             {"metric": "clean", "subset": "flagged", "rule": "pgd10_minus_autoattack_v1"},
             ("clean",),
@@ -488,3 +489,51 @@ def test_the_papers_value_as_printed_in_reports(tmp_path, kind, fields, paper, v
     c = claim("table_9.x", kind, values_from=values_from, **fields)
     mark = " (ours)" if values_from == "ours" else ""
     assert format_expected(_claim_of(tmp_path, c)) == paper + mark
+
+
+# ---------------------------------------------------------------- Fig. 1's landscape score
+
+
+@pytest.mark.parametrize(("radius", "roughness"), [
+    (None, 0.7),  # the spec's own radius: digits' ε 0.1
+    (0.1 + 1e-13, 0.7),  # equal up to rounding
+    (0.1 + 1e-9, None),
+    (8 / 255, None),  # drawn before the radius followed ε
+])
+def test_roughness_is_read_only_over_the_arms_radius(tmp_path, radius, roughness):
+    run = _one_run(tmp_path, roughness=0.7, radius=radius)
+    assert run.spec.landscape().radius == 0.1
+    assert run.metric("roughness") == roughness
+    assert run.has(frozenset({"landscape", "pgd10"})) is (roughness is not None)
+    assert run.has_landscape() is (roughness is not None)
+
+
+def test_a_run_without_an_evaluation_has_no_landscape(tmp_path):
+    run = _one_run(tmp_path, roughness=0.7)
+    bare = RunEvidence(run.digest, run.folder, run.spec, run.records, None)
+    assert bare.has_landscape() is False and bare.metric("roughness") is None
+    assert _one_run(tmp_path / "none").has_landscape() is False  # evaluated, no landscape
+
+
+def test_step_records_are_read_per_epoch_from_the_runs_folder(tmp_path):
+    series = {"w_grad_norm": [1.0, 2.0], "kl_norm": [1.0, 1.0], "ce_norm": [1.0, 1.0],
+              "grad_cosine_similarity": [0.5, 0.5]}
+    run = _one_run(tmp_path, batches={1: series, 2: {**series, "w_grad_norm": [3.0, 4.0]}})
+    assert [b.w_grad_norm for b in run.batches(2)] == [3.0, 4.0]
+    assert [b.step for b in run.batches(1)] == [1, 2] and run.batches(3) == []
+
+
+@pytest.mark.parametrize("old_first", [True, False])
+def test_of_two_records_the_one_over_the_arms_radius_is_the_runs(tmp_path, old_first):
+    run = _one_run(tmp_path, roughness=0.7)
+    evals = json.loads((run.folder / "eval.json").read_text())
+    (new,) = evals["checkpoints"].values()
+    old = json.loads(json.dumps(new))
+    old["key"], old["landscape"]["radius"] = "old", 8 / 255
+    pair = [("old", old), (new["key"], new)]
+    evals["checkpoints"] = dict(pair if old_first else pair[::-1])
+    (run.folder / "eval.json").write_text(json.dumps(evals))
+    assert policy_record(run.folder, "best_pgd10", run.spec.evaluation, 0.1).key == new["key"]
+    assert policy_record(run.folder, "best_pgd10", run.spec.evaluation, 8 / 255).key == "old"
+    again = Evidence(tmp_path / "runs").run(run.spec, "best_pgd10")
+    assert again.evaluation.key == new["key"] and again.metric("roughness") == 0.7

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from trades_repro.spec import ExperimentSpec, SpecError, load_spec, parse_spec
+from trades_repro.spec import ExperimentSpec, LandscapeSpec, SpecError, load_spec, parse_spec
 
 SPEC_DIR = Path(__file__).resolve().parents[1] / "spec"
 
@@ -155,3 +155,12 @@ def test_a_non_finite_number_anywhere_in_a_spec_is_refused_by_field(value):
         set_dotted(raw, field, value)
         with pytest.raises(SpecError, match=rf"field '{field}'.*finite"):
             parse_spec(raw)
+
+
+@pytest.mark.parametrize(("landscape", "radius"), [({}, 0.2), ({"radius": 0.05}, 0.05),
+                                                   ({"radius": 0}, 0.0)])
+def test_the_landscape_radius_resolves_to_the_validation_eps_unless_set(landscape, radius):
+    spec = parse_spec({"validation": {"eps": 0.2, "step_size": 0.05},
+                       "evaluation": {"landscape": {**landscape, "steps": 5}}})
+    assert spec.landscape() == LandscapeSpec(radius=radius, steps=5)
+    assert spec.evaluation.landscape.radius == landscape.get("radius")  # the spec keeps None

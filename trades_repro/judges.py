@@ -220,7 +220,7 @@ def _coupling(spec: BatchCoupling, run: RunEvidence, epoch: int | None,
         return events.EventResult(False, f"FOSC never above {threshold:g}")
     steps = run.batches(epoch)
     if not steps:
-        return events.EventResult(False, f"no step records for epoch {epoch}", epoch)
+        return events.EventResult(False, f"no step records for epoch {epoch}")
     w = [b.w_grad_norm for b in steps]
     if spec.relation == "kl_with_w":
         result = events.kl_with_w(w, [b.kl_norm for b in steps], [b.ce_norm for b in steps],
@@ -228,7 +228,7 @@ def _coupling(spec: BatchCoupling, run: RunEvidence, epoch: int | None,
     else:
         result = events.cosine_against_w(w, [b.grad_cosine_similarity for b in steps],
                                          min_rho=spec.min_rho)
-    return events.EventResult(result.happened, f"epoch {epoch}: {result.detail}", epoch)
+    return events.EventResult(result.happened, f"epoch {epoch}: {result.detail}")
 
 
 def healing(entry: Entry, ctx: Context) -> Judgement:

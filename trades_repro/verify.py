@@ -115,8 +115,8 @@ class RunEvidence:
     def has_landscape(self) -> bool:
         """A landscape over the arm's radius (records made before the radius followed the
         validation ε hold one over ±8/255 whatever the threat model: not this arm's)."""
-        land = self.evaluation.landscape if self.evaluation is not None else None
-        return _spans(land, self.spec.landscape().radius)
+        return self.evaluation is not None and _spans(self.evaluation.landscape,
+                                                      self.spec.landscape().radius)
 
     def batches(self, epoch: int) -> list[store.BatchRecord]:
         """App. G's per-step records of `epoch` (empty unless the run monitored them)."""
