@@ -222,6 +222,12 @@ def test_runs_pool_per_dataset_and_eps_and_a_larger_eps_is_tested_for_more_flags
             write_run(tmp_path, spec, pgd10=0.45, square=square, fosc=[0.3, 0.1])
     spec = _specs(betas=(1,), batches=(32,), seeds=1, healing=True)[0]
     write_run(tmp_path, spec, pgd10=0.45, square=0.30, fosc=[0.3, 0.1])  # left out: healed
+    # a grid cell's seed again with App. G's metrics (Figs. 1/4's arm): not a new run of it
+    monitored = spec.model_copy(update={"healing": spec.healing.model_copy(update={
+        "enabled": False}), "monitor": spec.monitor.model_copy(update={"batch_metrics": True}),
+        "method": spec.method.model_copy(update={"attack": spec.method.attack.model_copy(
+            update={"eps": 0.3})})})
+    write_run(tmp_path, monitored, pgd10=0.45, square=0.30, fosc=[0.3, 0.1])
     runs = ss.load_runs(tmp_path)
     assert [(g.key, g.k, g.n) for g in ss.by_eps(runs)] == [(("digits", 0.1), 0, 4),
                                                              (("digits", 0.3), 4, 4)]

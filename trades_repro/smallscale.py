@@ -282,13 +282,19 @@ class RunSummary:
 
 
 def load_runs(evidence_dir: Path) -> list[RunSummary]:
-    """Every evaluated run under `evidence_dir` with PGD-10, Square and FOSC, as summaries."""
+    """Every evaluated run under `evidence_dir` with PGD-10, Square and FOSC, as summaries.
+
+    Runs that monitored App. G's step metrics are left out: they are the Figs. 1/4 claims'
+    arm (claims/small_scale.yaml), not a cell of the grid, and since monitoring leaves
+    training unchanged they would count a grid cell's seeds a second time.
+    """
     from trades_repro.spec import parse_spec
     from trades_repro.verify import Evidence
 
     evidence = Evidence(evidence_dir)
-    runs = [summarize(evidence, parse_spec(store.read_json(folder / store.SPEC_FILE)))
-            for folder in evidence.index().values()]
+    specs = [parse_spec(store.read_json(folder / store.SPEC_FILE))
+             for folder in evidence.index().values()]
+    runs = [summarize(evidence, spec) for spec in specs if not spec.monitor.batch_metrics]
     return sorted((r for r in runs if r is not None), key=lambda r: (r.cell, r.seed))
 
 
