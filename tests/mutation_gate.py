@@ -125,7 +125,7 @@ FULL = (
     # The claims and verification code: what decides whether a paper claim held.
     Group("judges", _src("judges"), ("tests/test_mut_judges.py", "tests/test_verify.py")),
     Group("verify", _src("verify"), ("tests/test_mut_verify.py", "tests/test_verify.py")),
-    Group("claims", _src("claims"), (
+    Group("claims", _src("claims", "claimkinds"), (
         "tests/test_mut_claims.py", "tests/test_claims.py", "tests/test_verify.py")),
     Group("runclaim", _src("runclaim"), (
         "tests/test_mut_runclaim.py", "tests/test_verify.py", "tests/test_claims.py",

@@ -11,7 +11,8 @@ from claimsutil import arm, claim, claims_folder
 from factories import assert_one_line_error
 from typer.testing import CliRunner
 
-from trades_repro.claims import TIERS, ClaimsError, load_catalogue
+from trades_repro.claimkinds import TIERS
+from trades_repro.claims import ClaimsError, load_catalogue
 from trades_repro.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,20 +15,18 @@ import yaml
 from claimsutil import RATIONALE, SPEC_DIR, arm, claim, claims_folder
 from pydantic import ValidationError
 
-from trades_repro.claims import (
-    ARMS_FILE,
+from trades_repro.claimkinds import (
     ID_PATTERN,
     TIERS,
     Arm,
-    ClaimsError,
     ClopperPearsonTest,
     FoscSpike,
     GapDrop,
     HealingTest,
     TrendTest,
     WelchTest,
-    load_catalogue,
 )
+from trades_repro.claims import ARMS_FILE, ClaimsError, load_catalogue
 
 ROOT = Path(__file__).resolve().parents[1]
 V1 = "pgd10_minus_square_v1"

@@ -35,7 +35,8 @@ JunitOption = Annotated[Path | None, typer.Option(help="Write JUnit XML here.")]
 
 
 def _tier(name: str) -> str:
-    from trades_repro.claims import TIERS, ClaimsError
+    from trades_repro.claimkinds import TIERS
+    from trades_repro.claims import ClaimsError
 
     if name not in TIERS:
         raise ClaimsError(f"--tier: unknown tier {name!r}; known: {', '.join(TIERS)}")
@@ -43,7 +44,8 @@ def _tier(name: str) -> str:
 
 
 def _selected(claims_dir: Path, patterns: list[str] | None, tier: str | None):
-    from trades_repro.claims import TIERS, ClaimsError, load_catalogue
+    from trades_repro.claimkinds import TIERS
+    from trades_repro.claims import ClaimsError, load_catalogue
 
     catalogue = load_catalogue(claims_dir)
     entries = catalogue.select(patterns, tier)

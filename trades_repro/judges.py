@@ -11,14 +11,8 @@ from collections.abc import Callable
 from typing import Any
 
 from trades_repro import events, stats
-from trades_repro.claims import (
-    BatchCoupling,
-    Entry,
-    FoscSpike,
-    GapDrop,
-    SelfHealing,
-    SpikeDuration,
-)
+from trades_repro.claimkinds import BatchCoupling, FoscSpike, GapDrop, SelfHealing, SpikeDuration
+from trades_repro.claims import Entry
 from trades_repro.verify import (
     Context,
     Judgement,
