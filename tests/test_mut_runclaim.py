@@ -166,6 +166,17 @@ def test_hours_count_epochs_and_evaluation_of_what_is_not_done(tmp_path):
     assert missing == []
 
 
+def test_app_g_monitoring_is_priced_per_training_epoch(tmp_path):
+    plain, evaluate = _planned(tmp_path, ["train", "evaluate"])
+    monitor = plain.spec.monitor.model_copy(update={"batch_metrics": True})
+    monitored = [rc.PlannedRun(r.spec.model_copy(update={"monitor": monitor}), r.arms, r.state)
+                 for r in (plain, evaluate)]
+    hours, _ = rc.estimate_hours(monitored, "cpu", [_cost()])
+    # 10 epochs × 36 s × 1.26 + 360 s; evaluating it costs what any evaluation does
+    assert hours == pytest.approx((10 * 36 * 1.26 + 360 + 360) / 3600)
+    assert rc.APP_G_COST == 1.26
+
+
 def test_hours_name_what_the_cost_table_lacks(tmp_path):
     runs = _planned(tmp_path, ["train", "done"])
     costs = [_cost(device="h100"), _cost(arch="resnet18")]
