@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from trades_repro import smallscale as ss
 from trades_repro import smallscale_report as sr
+from trades_repro import smallscale_stats as sst
 from trades_repro.cli import app
 from trades_repro.spec import Sweep, load_sweep
 
@@ -200,14 +201,14 @@ def test_rekey_renames_a_finished_run_to_its_current_digest(tmp_path):
 
 def test_cells_count_flagged_runs_with_exact_intervals(evidence):
     runs = ss.load_runs(evidence)
-    by_key = {(c.key[2], c.key[3], c.key[4]): c for c in ss.cells(runs)}
+    by_key = {(c.key[2], c.key[3], c.key[4]): c for c in sst.cells(runs)}
     risky = by_key[(False, 32, 1.0)]
     assert (risky.k, risky.n) == (3, 3) and risky.interval()[0] == pytest.approx(0.292, 1e-2)
     assert by_key[(False, 128, 6.0)].k == 0 and by_key[(True, 32, 1.0)].k == 0
 
 
 def test_directions_use_fisher_for_two_levels(evidence):
-    found = ss.directions(ss.load_runs(evidence))
+    found = sst.directions(ss.load_runs(evidence))
     rows = {d.factor: d for d in found[("digits", 0.1)]}
     assert rows["batch"].order == (128, 32) and rows["batch"].counts == ((0, 6), (3, 6))
     assert rows["batch"].test.name.startswith("Fisher")
@@ -229,26 +230,26 @@ def test_runs_pool_per_dataset_and_eps_and_a_larger_eps_is_tested_for_more_flags
             update={"eps": 0.3})})})
     write_run(tmp_path, monitored, pgd10=0.45, square=0.30, fosc=[0.3, 0.1])
     runs = ss.load_runs(tmp_path)
-    assert [(g.key, g.k, g.n) for g in ss.by_eps(runs)] == [(("digits", 0.1), 0, 4),
+    assert [(g.key, g.k, g.n) for g in sst.by_eps(runs)] == [(("digits", 0.1), 0, 4),
                                                              (("digits", 0.3), 4, 4)]
-    found = ss.eps_directions(runs)["digits"]
+    found = sst.eps_directions(runs)["digits"]
     assert found.order == (0.1, 0.3) and found.counts == ((0, 4), (4, 4))
     assert found.test.p_value == pytest.approx(1 / 70)  # all 4 flags in one half: 1/C(8,4)
-    assert ss.eps_directions([r for r in runs if r.eps == 0.1]) == {}  # one level: no test
-    short = [(c.key[1], c.key[2], c.key[4]) for c in ss.short_cells(runs)]
+    assert sst.eps_directions([r for r in runs if r.eps == 0.1]) == {}  # one level: no test
+    short = [(c.key[1], c.key[2], c.key[4]) for c in sst.short_cells(runs)]
     assert short == [(0.1, True, 1.0), (0.3, False, 1.0), (0.3, False, 6.0)]  # flagged, n < 3
 
 
 def test_fosc_separates_the_fabricated_runs_and_the_threshold_is_a_regular_quantile(evidence):
     runs = [r for r in ss.load_runs(evidence) if not r.healed]
-    peak = ss.separation(runs, "peak")
+    peak = sst.separation(runs, "peak")
     assert peak.auc == 1.0 and peak.p_value < 0.01
-    threshold = ss.fosc_threshold(r for r in runs if not r.flagged)
+    threshold = sst.fosc_threshold(r for r in runs if not r.flagged)
     assert 0.11 < threshold <= 0.12  # from epochs 2+ only: epoch 1's 0.3 is left out
 
 
 def test_healing_compares_the_same_seeds(evidence):
-    (row,) = ss.healing_rows(ss.load_runs(evidence))
+    (row,) = sst.healing_rows(ss.load_runs(evidence))
     assert row.flagged_seeds == (0, 1, 2) and row.fixed_flagged == 0
     assert row.fixed_clean == pytest.approx(0.88) and row.regular_clean is None
 
@@ -280,15 +281,15 @@ def test_healing_rows_add_up_over_cells_and_read_the_best_pgd10_checkpoint_too(t
         still = spec.method.beta == 6  # β 6's healed seed 1 stays flagged
         _healed_run(tmp_path, spec, square=0.30 if still else 0.43,
                     square_at_best=0.30 if spec.seed < 2 else 0.43, fired=not still)
-    rows = ss.healing_rows(ss.load_runs(tmp_path))
+    rows = sst.healing_rows(ss.load_runs(tmp_path))
     assert [(r.key[4], r.flagged_seeds, r.fired, r.fixed_flagged, r.fixed_flagged_at_best)
             for r in rows] == [(1.0, (0, 1, 2), 3, 0, 2), (6.0, (1,), 0, 1, 1)]
-    total = ss.pooled_healing(rows)
+    total = sst.pooled_healing(rows)
     assert (len(total.flagged_seeds), total.fired, total.fixed_flagged,
             total.fixed_flagged_at_best, total.fixed_total, total.regular_n) == (
         4, 3, 1, 3, (3, 6), 2)
     assert total.regular_clean == pytest.approx(0.8)
-    assert ss.pooled_healing(rows[:1]) is None
+    assert sst.pooled_healing(rows[:1]) is None
     table = sr.healing_table(rows)
     assert table[-1].startswith("| **all digits, 0.1 cells** | 4 runs | 3/4 | 1/4 | 3/4 | 3/6 |")
     assert sr.healing_table(rows[:1])[-1].startswith("| digits, 0.1, 1, 32,")
@@ -325,10 +326,10 @@ def test_a_square_probe_is_read_beside_the_runs_own_square(tmp_path):
     assert (probed.square, probed.square_probe) == (pytest.approx(0.30), pytest.approx(0.42))
     assert probed.flagged and probed.probe_flagged is False  # 3 points at 1,000 queries
     assert plain.square_probe is None and plain.probe_flagged is None
-    rows = sr.probe_table(ss.cells([probed, plain]))
+    rows = sr.probe_table(sst.cells([probed, plain]))
     assert rows[2].startswith("| digits | 0.1 | 1 | 32 | 0.1 | no | 1/2 | 30.0 | 42.0 | 15.0 |")
     assert rows[2].endswith("| 1/1 | 0/1 |")
-    assert sr.probe_table(ss.cells([plain])) == ["No run probed yet."]
+    assert sr.probe_table(sst.cells([plain])) == ["No run probed yet."]
 
 
 def test_study_probe_evaluates_square_alone_on_the_done_runs_of_its_shard(tmp_path,

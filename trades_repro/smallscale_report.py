@@ -13,6 +13,7 @@ import io
 from pathlib import Path
 
 from trades_repro import smallscale as ss
+from trades_repro import smallscale_stats as sst
 from trades_repro import stats, store
 
 COMMAND = "trades-repro study report --evidence evidence/cpu --out docs/small_scale.md"
@@ -30,7 +31,7 @@ def _key_label(key: tuple) -> str:
             f"{'yes' if healed else 'no'}")
 
 
-def cell_table(cells: list[ss.Cell]) -> list[str]:
+def cell_table(cells: list[sst.Cell]) -> list[str]:
     lines = ["| data | ε | β | batch | LR | Alg. 1 | flagged k/n | 95 % CI | v2 flagged | "
              "clean | PGD-10 | Square | PGD-10 − Square | AutoAttack | peak FOSC | "
              "final FOSC |", "|" + "---|" * 16]
@@ -47,7 +48,7 @@ def cell_table(cells: list[ss.Cell]) -> list[str]:
     return lines
 
 
-def probe_table(cells: list[ss.Cell]) -> list[str]:
+def probe_table(cells: list[sst.Cell]) -> list[str]:
     """Per cell, over its runs probed at PROBE_QUERIES: both Squares, margins and flags."""
     q = ss.PROBE_QUERIES
     lines = [f"| data | ε | β | batch | LR | Alg. 1 | probed runs | Square-5000 | Square-{q} | "
@@ -91,7 +92,7 @@ def _secs(value: float | None) -> str:
     return "—" if value is None else f"{value:.0f}"
 
 
-def eps_table(groups: list[ss.Cell], found: dict[str, ss.Direction]) -> list[str]:
+def eps_table(groups: list[sst.Cell], found: dict[str, sst.Direction]) -> list[str]:
     """Per (dataset, ε): flagged k/n with its interval and mean accuracies; then per dataset
     the test that a larger ε is flagged more often."""
     lines = ["| data | ε | cells | flagged cells short of seeds | runs | flagged k/n | 95 % CI "
@@ -101,8 +102,8 @@ def eps_table(groups: list[ss.Cell], found: dict[str, ss.Direction]) -> list[str
         low, high = g.interval()
         margins = [r.margin for r in g.runs]
         lines.append(
-            f"| {g.key[0]} | {g.key[1]:g} | {len(ss.cells(g.runs))} | "
-            f"{len(ss.short_cells(g.runs))} | {g.n} | {g.k}/{g.n} | [{low:.2f}, {high:.2f}] | "
+            f"| {g.key[0]} | {g.key[1]:g} | {len(sst.cells(g.runs))} | "
+            f"{len(sst.short_cells(g.runs))} | {g.n} | {g.k}/{g.n} | [{low:.2f}, {high:.2f}] | "
             f"{sum(r.outcome == 'flagged' for r in g.runs)}/{g.n} | {_pct(g.mean('clean'))} | "
             f"{_pct(g.mean('pgd10'))} | {_pct(g.mean('square'))} | {_pct(_mean(margins))} "
             f"({_pct(min(margins))}, {_pct(max(margins))}) | "
@@ -117,7 +118,7 @@ def eps_table(groups: list[ss.Cell], found: dict[str, ss.Direction]) -> list[str
     return lines
 
 
-def direction_table(found: dict[tuple[str, float], list[ss.Direction]]) -> list[str]:
+def direction_table(found: dict[tuple[str, float], list[sst.Direction]]) -> list[str]:
     names = {"batch": "smaller batch", "beta": "smaller β", "lr": "larger LR"}
     lines = ["| data | ε | direction (⇒ more flagged) | levels (low → high risk) | "
              "flagged k/n per level | test | statistic | one-sided p |", "|" + "---|" * 8]
@@ -137,9 +138,9 @@ def separation_lines(runs: list[ss.RunSummary]) -> list[str]:
     base = [r for r in runs if not r.healed]
     for group in sorted({(r.dataset, r.eps) for r in base}):
         mine = [r for r in base if (r.dataset, r.eps) == group]
-        threshold = ss.fosc_threshold(r for r in mine if not r.flagged)
+        threshold = sst.fosc_threshold(r for r in mine if not r.flagged)
         for statistic in ("peak", "selected"):
-            sep = ss.separation(mine, statistic)
+            sep = sst.separation(mine, statistic)
             if sep is None:
                 continue
             above = (sum(v > threshold for v in sep.flagged),
@@ -158,18 +159,18 @@ def _median(values: tuple[float, ...]) -> float:
     return statistics.median(values)
 
 
-def healing_table(rows: list[ss.HealingRow]) -> list[str]:
+def healing_table(rows: list[sst.HealingRow]) -> list[str]:
     """One row per healed cell, and their sum per dataset and ε where there are several."""
     lines = ["| cell (data, ε, β, batch, LR) | baseline flagged seeds | Alg. 1 fired | "
              "still flagged with Alg. 1 | the same, at the best-PGD-10 checkpoint | flagged "
              "among all healed seeds | clean, healed flagged seeds | clean, baseline regular "
              "runs |", "|" + "---|" * 8]
-    groups: dict[tuple, list[ss.HealingRow]] = {}
+    groups: dict[tuple, list[sst.HealingRow]] = {}
     for h in rows:
         groups.setdefault(h.key[:2], []).append(h)
-    shown: list[tuple[str | None, ss.HealingRow]] = []
+    shown: list[tuple[str | None, sst.HealingRow]] = []
     for (dataset, eps), group in groups.items():  # a sum per dataset and ε, never across
-        pooled = ss.pooled_healing(group)
+        pooled = sst.pooled_healing(group)
         shown += [(None, h) for h in group]
         shown += [(f"{dataset}, {eps:g}", pooled)] if pooled else []
     for where, h in shown:
@@ -343,16 +344,16 @@ trades-repro verify --tier cpu --runs-dir evidence/cpu  # re-judge the cpu claim
 
 
 def _sections(runs: list[ss.RunSummary], figures: Path, root: Path) -> list[str]:
-    groups = ss.by_eps(runs)
+    groups = sst.by_eps(runs)
     lines = [REPRODUCE, "## By dataset and ε", "",
              "TRADES runs without Algorithm 1, pooled over β, batch and LR (balanced only "
              "where every cell has its seeds). Cells: grid cells with a run; short of seeds: "
-             f"cells with a flagged run and fewer than {ss.FLAGGED_CELL_SEEDS} runs (the "
+             f"cells with a flagged run and fewer than {sst.FLAGGED_CELL_SEEDS} runs (the "
              "sweep owes them seeds). Flagged: the paper's 8-point rule, as in the per-cell "
              "table. \"PGD-10 below 5 %\": runs with hardly any robustness to overstate. "
              "Test: larger ε flagged more often, one-sided Fisher exact (two levels) or "
              "linear-by-linear trend (three).", "",
-             *eps_table(groups, ss.eps_directions(runs)), ""]
+             *eps_table(groups, sst.eps_directions(runs)), ""]
     if groups:
         png = plot_margins(figures / "margin_vs_eps.png", runs)
         lines += [f"![PGD-10 − Square margin per run against ε]({png.relative_to(root)})", ""]
@@ -361,28 +362,28 @@ def _sections(runs: list[ss.RunSummary], figures: Path, root: Path) -> list[str]
              "Table 2's caption) on the evaluated checkpoint; 95 % CI: exact "
              "Clopper–Pearson (`binomtest(...).proportion_ci`); v2: the paired rule "
              "(`pgd10_minus_square_v2`, interval at or above 8 points). Accuracies in %, means "
-             "over the cell's runs.", "", *cell_table(ss.cells(runs)), "",
+             "over the cell's runs.", "", *cell_table(sst.cells(runs)), "",
              f"## Square at {ss.PROBE_QUERIES:,} queries", "",
              f"The same checkpoints and test images with Square at {ss.PROBE_QUERIES:,} "
              "queries instead of AutoAttack's 5,000 (`trades-repro study probe`; a record of "
              "its own in each run's eval.json, never the run's verdict). Flagged: the same "
              "rule with that Square. Means over the probed runs of each cell.", "",
-             *probe_table(ss.cells(runs)), "",
+             *probe_table(sst.cells(runs)), "",
              "## The paper's directions", "",
              "Flagged counts of TRADES runs (no Algorithm 1) per level, pooled over the other "
              "two factors (the grid is balanced only where every cell has its seeds). Two "
              "levels: one-sided Fisher exact test; three: one-sided linear-by-linear trend "
-             "test (`trades_repro.stats`).", "", *direction_table(ss.directions(runs)), "",
+             "test (`trades_repro.stats`).", "", *direction_table(sst.directions(runs)), "",
              "## FOSC separates flagged from regular runs?", "",
              f"Peak: a run's largest validation FOSC after epoch {ss.FOSC_SKIP_EPOCHS} (the "
              "first epoch's FOSC is the barely trained model's, high in every run); selected: "
              "FOSC at the evaluated epoch. "
              f"One-sided Mann–Whitney U (`scipy.stats.mannwhitneyu`), ROC AUC "
-             f"(`sklearn.metrics.roc_auc_score`). Threshold: the {ss.FOSC_QUANTILE:.0%} "
+             f"(`sklearn.metrics.roc_auc_score`). Threshold: the {sst.FOSC_QUANTILE:.0%} "
              f"quantile of the regular runs' per-epoch FOSC after epoch "
              f"{ss.FOSC_SKIP_EPOCHS} (so by construction about 5 % of regular epochs lie "
              "above it).", "", *separation_lines(runs), ""]
-    heal = ss.healing_rows(runs)
+    heal = sst.healing_rows(runs)
     lines += ["## Algorithm 1 on the flagged cells", "",
               "Each cell with Algorithm 1 against the same cell without it, seed by seed. "
               "Still flagged: the paper's rule on Algorithm 1's own checkpoint (the best "
