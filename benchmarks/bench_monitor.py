@@ -11,6 +11,11 @@ orders alternate between epochs. Shares are medians over epochs of
 
 * monitor share = validation / (training + validation): what the whole per-epoch check costs;
 * FOSC + SGCS share = (validation − PGD-10 alone) / (training + validation).
+
+It also trains a twin run with App. G's per-step metrics on (`monitor.batch_metrics`), the
+two taking turns each epoch, and reports App. G's price as the ratio of its training epoch
+to the plain one's (what `runclaim.APP_G_COST` prices), and whether the twin's weights stayed
+bit-identical to the plain run's (monitoring must not change training).
 """
 
 from __future__ import annotations
@@ -32,20 +37,29 @@ from trades_repro.spec import load_spec
 from trades_repro.train import train_epoch, validate
 
 
-def measure(spec_path: Path, epochs: int) -> dict[str, list[float]]:
+def measure(spec_path: Path, epochs: int) -> tuple[dict[str, list[float]], bool]:
+    """Seconds per epoch of each part, and whether the App. G twin stayed bit-identical."""
     spec = load_spec(spec_path)
     plain = spec.model_copy(update={"monitor": spec.monitor.model_copy(
         update={"fosc": False, "sgcs": False})})
-    times: dict[str, list[float]] = {"train": [], "monitored": [], "pgd10_only": []}
+    app_g = spec.model_copy(update={"monitor": spec.monitor.model_copy(
+        update={"batch_metrics": True})})
+    times: dict[str, list[float]] = {"train": [], "train_app_g": [], "monitored": [],
+                                     "pgd10_only": []}
     with tempfile.TemporaryDirectory() as runs:
         session = build_session(spec, Path(runs) / "run")
+        twin = build_session(app_g, Path(runs) / "app_g")
         for epoch in range(1, epochs + 1):
-            times["train"].append(_timed(lambda e=epoch: train_epoch(session, e)))
+            trains = [("train", session), ("train_app_g", twin)]
+            for name, s in trains if epoch % 2 else trains[::-1]:
+                times[name].append(_timed(lambda s=s, e=epoch: train_epoch(s, e)))
             order = [("monitored", spec), ("pgd10_only", plain)]
             for name, s in order if epoch % 2 else order[::-1]:
                 times[name].append(_timed(lambda s=s, e=epoch: validate(
                     session.model, session.splits.val, s, session.device, e)))
-    return times
+        identical = all(torch.equal(a, b) for a, b in zip(
+            session.model.state_dict().values(), twin.model.state_dict().values(), strict=True))
+    return times, identical
 
 
 def _timed(fn) -> float:
@@ -77,13 +91,14 @@ def main(argv: list[str] | None = None) -> dict:
     record = provenance(torch.device("cpu"), {"threads": args.threads, "epochs": epochs,
                                               "spec": str(args.spec)})
     header(console, record)
-    times = measure(args.spec, epochs)
+    times, identical = measure(args.spec, epochs)
     share = shares(times)
+    app_g = [m / t for m, t in zip(times["train_app_g"], times["train"], strict=True)]
     spec = load_spec(args.spec)
     table = Table("per epoch (median)", "seconds", "share of epoch")
     epoch_s = statistics.median(t + v for t, v in zip(times["train"], times["monitored"],
                                                      strict=True))
-    for name in ("train", "monitored", "pgd10_only"):
+    for name in ("train", "train_app_g", "monitored", "pgd10_only"):
         seconds = statistics.median(times[name])
         table.add_row(name, f"{seconds:.2f}", f"{seconds / epoch_s:.3f}")
     console.print(f"\n{args.spec.name}: {spec.data.train_subset} training images, "
@@ -92,8 +107,11 @@ def main(argv: list[str] | None = None) -> dict:
     console.print(f"monitor (PGD-10 + FOSC + SGCS) share: "
                   f"{statistics.median(share['monitor_share']):.3f}; FOSC + SGCS beyond "
                   f"PGD-10: {statistics.median(share['fosc_sgcs_share']):.3f}")
+    console.print(f"App. G per-step metrics: training epoch {statistics.median(app_g):.2f}x "
+                  f"the plain one; weights bit-identical to the plain run: {identical}")
     record["figures"] = {"seconds": {k: summary(v) for k, v in times.items()},
-                         **{k: summary(v) for k, v in share.items()}}
+                         **{k: summary(v) for k, v in share.items()},
+                         "app_g_train_ratio": summary(app_g), "app_g_identical": identical}
     path = write_record("monitor", record, **({"out_dir": args.out_dir} if args.out_dir
                                                else {}))
     console.print(f"record: {path}")

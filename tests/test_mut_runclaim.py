@@ -172,9 +172,9 @@ def test_app_g_monitoring_is_priced_per_training_epoch(tmp_path):
     monitored = [rc.PlannedRun(r.spec.model_copy(update={"monitor": monitor}), r.arms, r.state)
                  for r in (plain, evaluate)]
     hours, _ = rc.estimate_hours(monitored, "cpu", [_cost()])
-    # 10 epochs × 36 s × 1.26 + 360 s; evaluating it costs what any evaluation does
-    assert hours == pytest.approx((10 * 36 * 1.26 + 360 + 360) / 3600)
-    assert rc.APP_G_COST == 1.26
+    # 10 epochs × 36 s × 1.25 + 360 s; evaluating it costs what any evaluation does
+    assert hours == pytest.approx((10 * 36 * 1.25 + 360 + 360) / 3600)
+    assert rc.APP_G_COST == 1.25
 
 
 def test_hours_name_what_the_cost_table_lacks(tmp_path):

@@ -113,10 +113,11 @@ def load_costs(path: Path = COSTS_FILE) -> list[Cost]:
 
 
 # App. G's per-step metrics (monitor.batch_metrics): a CE backward, the after-step forwards
-# and backward, and a host sync per step. Measured 2026-11-28 on the 2-core VM, one thread,
-# three alternating epochs of spec/fashion_mnist.yaml with and without: 6.61 s against 5.24 s
-# per training epoch (median). No GPU figure yet; its syncs may cost relatively more there.
-APP_G_COST = 1.26
+# and backward, and a host sync per step. `python benchmarks/bench_monitor.py` on the 2-core
+# VM, one thread, spec/fashion_mnist.yaml, twin runs taking turns for 3 epochs: 1.25x per
+# training epoch (1.19-1.26; benchmarks/results/monitor-cpu-20261128T095721Z.json). No GPU
+# figure yet; its per-step syncs may cost relatively more there.
+APP_G_COST = 1.25
 
 
 def estimate_hours(runs: list[PlannedRun], device: str,
