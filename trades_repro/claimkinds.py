@@ -247,10 +247,10 @@ class SpikeDuration(_Frozen):
 
 class BatchCoupling(_Frozen):
     """Fig. 4 / §5.2, over App. G's steps of the first epoch validation FOSC passes the
-    threshold (needs `monitor.batch_metrics`). `kl_with_w`: KL_norm spikes with W_grad_norm
-    (Spearman ρ ≥ `min_rho`) while CE_norm stays steadier than KL_norm (smaller coefficient
-    of variation); `cosine_against_w`: the before/after gradient cosine falls where
-    W_grad_norm rises (ρ ≤ −`min_rho`)."""
+    threshold (needs `monitor.batch_metrics`). `kl_with_w`: W_grad_norm's spikes are KL_norm's,
+    not CE_norm's (Spearman ρ(W_grad_norm, KL_norm) ≥ `min_rho` and above ρ(W_grad_norm,
+    CE_norm)); `cosine_against_w`: the before/after gradient cosine falls where W_grad_norm
+    rises (ρ ≤ −`min_rho`)."""
 
     name: Literal["batch_gradient_coupling"]
     relation: Literal["kl_with_w", "cosine_against_w"]

@@ -155,6 +155,7 @@ def event(entry: Entry, ctx: Context) -> Judgement:
                      detail=f"no {claim.subset} run with {what}" if not runs
                      else "no reference run to compare FOSC with")
     outcomes = [(r, _event_outcome(claim.event, r, reference)) for r in runs]
+    traces = dict(t for r in runs if steps for t in [_step_trace(claim.event, r)] if t)
     k, n = sum(o.happened for _, o in outcomes), len(outcomes)
     held = k / n >= claim.test.min_rate
     lines = "; ".join(f"{r.label}: {'yes' if o.happened else 'no'} ({o.detail})"
@@ -164,8 +165,8 @@ def event(entry: Entry, ctx: Context) -> Judgement:
                  statistic=k / n, interval=stats.clopper_pearson(k, n), n_found=n,
                  n_required=sum(len(ctx.catalogue.specs(a, ctx.tier)) for a in claim.arms),
                  partial=ctx.allow_partial, detail=lines,
-                 series={r.label: r.fosc() for r in runs}, line=_line(claim.event, runs[0],
-                                                                       reference))
+                 series={r.label: r.fosc() for r in runs}, steps=traces,
+                 line=_line(claim.event, runs[0], reference))
 
 
 def _line(spec: Any, run: RunEvidence, reference: float | None) -> tuple[str, float]:
@@ -205,6 +206,19 @@ def _event_outcome(spec: Any, run: RunEvidence, reference: float | None) -> even
         return _coupling(spec, run, events.first_spike_epoch(fosc, threshold), threshold)
     assert isinstance(spec, SpikeDuration)
     return events.spike_duration_at_most(fosc, threshold, max_epochs=spec.max_epochs)
+
+
+STEP_SERIES = ("w_grad_norm", "kl_norm", "ce_norm", "grad_cosine_similarity")
+
+
+def _step_trace(spec: BatchCoupling, run: RunEvidence) -> tuple[str, dict] | None:
+    """The run's App. G series at its first FOSC rise, for the report's Fig. 4 plot."""
+    epoch = events.first_spike_epoch(run.fosc(), _threshold(spec, run))
+    steps = run.batches(epoch) if epoch is not None else []
+    if not steps:
+        return None
+    return f"{run.label}, epoch {epoch}", {k: [getattr(b, k) for b in steps]
+                                           for k in STEP_SERIES}
 
 
 def _coupling(spec: BatchCoupling, run: RunEvidence, epoch: int | None,

@@ -73,6 +73,10 @@ def write_markdown(path: Path, judgements: list[Judgement], titles: dict[str, st
             if j.series:
                 image = plot_fosc(path.parent / f"{path.stem}_{j.id}.png", j)
                 lines += ["", f"![FOSC per epoch, {j.id}]({image.name})", ""]
+            if j.steps:
+                image = plot_steps(path.parent / f"{path.stem}_{j.id}_steps.png", j)
+                lines += [f"![App. G per step at the first FOSC rise, {j.id}]({image.name})",
+                          ""]
         lines.append("")
     store.atomic_write_bytes(path, "\n".join(lines).encode())
 
@@ -102,7 +106,37 @@ def plot_fosc(path: Path, judgement: Judgement) -> Path:
     ax.set(xlabel="epoch", ylabel="validation FOSC", title=judgement.id)
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+STEP_PLOT_RUNS = 4  # rows of the Fig. 4 plot: the first runs judged
+
+
+def plot_steps(path: Path, judgement: Judgement) -> Path:
+    """Fig. 4's view: per run, App. G's three norms and the gradient cosine over the steps
+    of the epoch it was judged at."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    traces = list(judgement.steps.items())[:STEP_PLOT_RUNS]
+    fig, axes = plt.subplots(len(traces), 2, figsize=(9, 2.4 * len(traces)), squeeze=False)
+    for (label, series), (norms, cosine) in zip(traces, axes, strict=True):
+        for key, name in (("w_grad_norm", "W_grad_norm"), ("kl_norm", "KL_norm"),
+                          ("ce_norm", "CE_norm")):
+            norms.plot(series[key], label=name, linewidth=1)
+        cosine.plot(series["grad_cosine_similarity"], color="black", linewidth=1)
+        norms.set(title=label, xlabel="step in the epoch", ylabel="gradient norm")
+        cosine.set(title=label, xlabel="step in the epoch", ylabel="grad cosine similarity")
+        norms.legend(fontsize=7)
     fig.tight_layout()
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=110)
     plt.close(fig)

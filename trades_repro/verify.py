@@ -47,6 +47,9 @@ class Judgement(BaseModel):
     partial: bool = False
     series: dict[str, list[float]] = {}  # event claims: FOSC per epoch of each judged run
     line: tuple[str, float] | None = None  # event claims: the FOSC level they compare with
+    # Fig. 4's claims: App. G's series over the steps of the epoch each run was judged at,
+    # keyed "<run label>, epoch <e>"
+    steps: dict[str, dict[str, list[float]]] = {}
 
     def message(self) -> str:
         """One line for pytest and logs: paper, ours, test, statistic and p-value."""
