@@ -1111,13 +1111,13 @@ FIRST_RISE = [0.01, 0.02, 0.2, 0.01]  # FOSC passes digits' 0.05 first at epoch 
 
 
 def _coupling(tmp_path, relation, batches_per_run, *, min_rho=0.5, monitored=True,
-              fosc=FIRST_RISE):
+              fosc=FIRST_RISE, **event):
     """An event claim on arm "a", one run per entry of `batches_per_run` (None: no
     batches.jsonl), each with the FOSC series `fosc`."""
     arm_set = {"monitor.batch_metrics": True} if monitored else {}
     catalogue, _ = _event(tmp_path, {"name": "batch_gradient_coupling", "relation": relation,
-                                     "min_rho": min_rho}, [fosc] * len(batches_per_run),
-                          arm_set=arm_set, min_rate=0.5)
+                                     "min_rho": min_rho, **event},
+                          [fosc] * len(batches_per_run), arm_set=arm_set, min_rate=0.5)
     for spec, series in zip(catalogue.specs("a", "full"), batches_per_run, strict=True):
         write_run(tmp_path / "runs", spec, fosc=fosc, batches=series)
     return catalogue
@@ -1268,3 +1268,11 @@ def test_the_report_draws_fig_4_for_a_judgement_with_steps(tmp_path):
     write_markdown(tmp_path / "plain" / "report.md", [plain], catalogue.titles, tier="full",
                    runs_dir=tmp_path)
     assert not list((tmp_path / "plain").glob("*_steps.png"))
+
+
+def test_a_coupling_with_its_own_threshold_is_read_and_drawn_at_that_rise(tmp_path):
+    # FOSC 0.02 at epoch 2 passes the event's 0.015, not the spec's 0.05
+    catalogue = _coupling(tmp_path, "kl_with_w", [{2: _series()[3]}], fosc_threshold=0.015)
+    got = _judge(tmp_path, catalogue, "table_9.event")
+    assert got["status"] == "held" and "epoch 2: " in got["detail"]
+    assert list(got["steps"]) == [f"{_label(catalogue, 'a', 0)}, epoch 2"]
