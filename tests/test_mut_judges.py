@@ -1221,8 +1221,9 @@ def test_a_cut_step_record_is_named_with_its_line(tmp_path):
     catalogue = _coupling(tmp_path, "kl_with_w", [_series()])
     (run,) = (tmp_path / "runs").iterdir()
     path = run / "batches.jsonl"
-    assert [r.step for r in store.read_batches(run, 3)] == list(range(1, 9))
-    assert store.read_batches(run, 2) == []
+    assert {e: [r.step for r in rs] for e, rs in store.read_batches(run).items()} == {
+        3: list(range(1, 9))}
+    assert store.read_batches(run / "elsewhere") == {}
     path.write_text(path.read_text()[:-20])
     with pytest.raises(store.CorruptFile, match=r"batches\.jsonl, line 8: not a step record"):
         _judge(tmp_path, catalogue, "table_9.event")

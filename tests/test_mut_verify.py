@@ -537,3 +537,16 @@ def test_of_two_records_the_one_over_the_arms_radius_is_the_runs(tmp_path, old_f
     assert policy_record(run.folder, "best_pgd10", run.spec.evaluation, 8 / 255).key == "old"
     again = Evidence(tmp_path / "runs").run(run.spec, "best_pgd10")
     assert again.evaluation.key == new["key"] and again.metric("roughness") == 0.7
+
+
+def test_step_records_are_parsed_once_per_run(tmp_path, monkeypatch):
+    from trades_repro import store
+
+    series = {"w_grad_norm": [1.0, 2.0], "kl_norm": [1.0, 1.0], "ce_norm": [1.0, 1.0],
+              "grad_cosine_similarity": [0.5, 0.5]}
+    run = _one_run(tmp_path, batches={1: series, 2: series})
+    reads = []
+    real = store.read_batches
+    monkeypatch.setattr(store, "read_batches", lambda folder: reads.append(folder) or real(folder))
+    assert len(run.batches(1)) == len(run.batches(2)) == 2 and run.batches(5) == []
+    assert reads == [run.folder]

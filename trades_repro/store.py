@@ -141,10 +141,12 @@ def read_metrics(run_dir: Path) -> list[EpochRecord]:
     return _read_jsonl(run_dir / METRICS_FILE, EpochRecord, "an epoch record")
 
 
-def read_batches(run_dir: Path, epoch: int) -> list[BatchRecord]:
-    """App. G's step records of one epoch (`monitor.batch_metrics`); [] without the file."""
-    records = _read_jsonl(run_dir / BATCHES_FILE, BatchRecord, "a step record")
-    return [r for r in records if r.epoch == epoch]
+def read_batches(run_dir: Path) -> dict[int, list[BatchRecord]]:
+    """App. G's step records (`monitor.batch_metrics`) by epoch; {} without the file."""
+    by_epoch: dict[int, list[BatchRecord]] = {}
+    for record in _read_jsonl(run_dir / BATCHES_FILE, BatchRecord, "a step record"):
+        by_epoch.setdefault(record.epoch, []).append(record)
+    return by_epoch
 
 
 def _read_jsonl(path: Path, model: type[BaseModel], what: str) -> list:

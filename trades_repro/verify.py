@@ -77,6 +77,8 @@ class RunEvidence:
     spec: ExperimentSpec
     records: tuple[store.EpochRecord, ...]
     evaluation: Any | None  # evaluate.CheckpointEval of the policy's checkpoint
+    # batches.jsonl, read once per run (a CIFAR run's holds 39,000 steps)
+    _cache: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def label(self) -> str:
@@ -123,7 +125,9 @@ class RunEvidence:
 
     def batches(self, epoch: int) -> list[store.BatchRecord]:
         """App. G's per-step records of `epoch` (empty unless the run monitored them)."""
-        return store.read_batches(self.folder, epoch)
+        if "steps" not in self._cache:
+            self._cache["steps"] = store.read_batches(self.folder)
+        return self._cache["steps"].get(epoch, [])
 
     def fosc(self) -> list[float] | None:
         values = [r.val_fosc for r in self.records]
