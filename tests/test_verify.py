@@ -4,10 +4,13 @@ directly on the same counts."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
 from claimsutil import add_probe, arm, claim, claims_folder, write_run
+from hypothesis import given
+from hypothesis import strategies as st
 from scipy import stats
 from statsmodels.stats.contingency_tables import Table
 
@@ -273,3 +276,29 @@ def test_report_markdown_plots_event_evidence_and_junit_marks_failures(tmp_path)
     suite = ET.parse(tmp_path / "j.xml").getroot()
     assert (suite.get("tests"), suite.get("failures"), suite.get("skipped")) == ("2", "1", "0")
     assert "p = " in suite.find("testcase/failure").get("message")
+
+
+# tenths from 0.1 to 100: distinct values stay distinct under the rescalings below
+_tenths = st.integers(1, 1000).map(lambda k: k / 10)
+
+
+@given(data=st.data(), min_rho=st.floats(0.05, 0.95))
+def test_fig_4_events_depend_only_on_ranks(data, min_rho):
+    """Spearman's ρ reads ranks: any increasing rescaling of a series (log, affine, square)
+    leaves Fig. 4's verdicts and their ρ values unchanged."""
+    from trades_repro import events
+
+    w = data.draw(st.lists(_tenths, min_size=3, max_size=40))
+    n = len(w)
+    kl, ce = (data.draw(st.lists(_tenths, min_size=n, max_size=n)) for _ in "ab")
+    cos = [v / 100 for v in data.draw(st.lists(_tenths, min_size=n, max_size=n))]
+    squash = [lambda v: math.log(v), lambda v: 3 * v + 1, lambda v: v ** 2]  # increasing on v > 0
+    f, g, h = (data.draw(st.sampled_from(squash)) for _ in "fgh")
+    base = events.kl_with_w(w, kl, ce, min_rho=min_rho)
+    moved = events.kl_with_w([f(v) for v in w], [g(v) for v in kl], [h(v) for v in ce],
+                             min_rho=min_rho)
+    assert (moved.happened, moved.detail) == (base.happened, base.detail)
+    base = events.cosine_against_w(w, cos, min_rho=min_rho)
+    moved = events.cosine_against_w([f(v) for v in w], [2 * c - 1 for c in cos],
+                                    min_rho=min_rho)
+    assert (moved.happened, moved.detail) == (base.happened, base.detail)
