@@ -1195,7 +1195,7 @@ def test_coupling_leaves_out_runs_that_did_not_monitor_app_g(tmp_path):
     catalogue = _coupling(tmp_path, "kl_with_w", [None, None], monitored=False)
     got = _judge(tmp_path, catalogue, "table_9.event")
     assert (got["status"], got["n_found"], got["detail"]) == (
-        "undetermined", 2, "no all run with FOSC and App. G step metrics "
+        "undetermined", 2, "no all run with FOSC and App. G metrics "
         "(monitor.batch_metrics)")
 
 
@@ -1277,3 +1277,80 @@ def test_a_coupling_with_its_own_threshold_is_read_and_drawn_at_that_rise(tmp_pa
     got = _judge(tmp_path, catalogue, "table_9.event")
     assert got["status"] == "held" and "epoch 2: " in got["detail"]
     assert list(got["steps"]) == [f"{_label(catalogue, 'a', 0)}, epoch 2"]
+
+
+
+# ------------------------------------------------- §5.3 / Fig. 5: the self-healing signature
+
+HEAL_FOSC = [0.01, 0.2, 0.005, 0.01, 0.01]  # spike at epoch 2, back near zero at 3
+HEAL_CLEAN = [0.5, 0.6, 0.55, 0.6, 0.6]  # dips at epoch 3
+HEAL_W = [1.0, 1.0, 2.0, 1.5, 1.5]  # lower at epoch 4 than at 3
+
+
+def _signature(tmp_path, runs, *, near_zero=0.25, monitored=True):
+    """A healing_signature claim on arm "a": one run per (fosc, clean, w) triple."""
+    arm_set = {"monitor.batch_metrics": True} if monitored else {}
+    catalogue, paths = _event(tmp_path, {"name": "healing_signature", "within": 2,
+                                         "near_zero": near_zero},
+                              [f for f, _, _ in runs], arm_set=arm_set, min_rate=0.5)
+    for path, (_, clean, w) in zip(paths, runs, strict=True):
+        _set_series(path, train_clean_acc=clean, w_grad_norm=w)
+    return catalogue
+
+
+@pytest.mark.parametrize(("clean", "fosc_at_heal", "w_next", "near_zero", "happened"), [
+    (HEAL_CLEAN, 0.005, 1.5, 0.25, True),
+    ([0.5, 0.6, 0.6, 0.6, 0.6], 0.005, 1.5, 0.25, False),  # no dip in clean accuracy
+    (HEAL_CLEAN, 0.02, 1.5, 0.25, False),  # back below 0.05 but not near zero (≤ 0.0125)
+    (HEAL_CLEAN, 0.02, 1.5, 0.5, True),  # near enough at 0.5 × 0.05
+    (HEAL_CLEAN, 0.005, 2.0, 0.25, False),  # W_grad_norm not lower the next epoch
+])
+def test_the_healing_signature_needs_a_dip_a_near_zero_fosc_and_a_lower_norm_next(
+        tmp_path, clean, fosc_at_heal, w_next, near_zero, happened):
+    fosc = [0.01, 0.2, fosc_at_heal, 0.01, 0.01]
+    w = [1.0, 1.0, 2.0, w_next, 1.5]
+    catalogue = _signature(tmp_path, [(fosc, clean, w)], near_zero=near_zero)
+    got = _judge(tmp_path, catalogue, "table_9.event")
+    line = (f"healed at epoch 3: clean {clean[1]:.4f} → {clean[2]:.4f}, FOSC "
+            f"{fosc_at_heal:.4g} (near zero: ≤ {near_zero * 0.05:.4g}), W_grad_norm 2 → "
+            f"{w_next:.4g}")
+    assert (got["status"], got["ours"]) == (("held", "1/1 runs") if happened
+                                            else ("failed", "0/1 runs"))
+    assert got["detail"] == f"{_label(catalogue, 'a', 0)}: {'yes' if happened else 'no'} ({line})"
+
+
+def test_the_healing_signature_is_judged_among_the_runs_that_healed(tmp_path):
+    stays = [0.01, 0.2, 0.2, 0.2, 0.2]  # never back below: left out, not a "no"
+    catalogue = _signature(tmp_path, [(HEAL_FOSC, HEAL_CLEAN, HEAL_W),
+                                      (stays, HEAL_CLEAN, HEAL_W)])
+    got = _judge(tmp_path, catalogue, "table_9.event")
+    assert (got["status"], got["ours"], got["n_found"]) == ("held", "1/1 runs", 1)
+    catalogue = _signature(tmp_path / "none", [(stays, HEAL_CLEAN, HEAL_W)])
+    got = _judge(tmp_path / "none", catalogue, "table_9.event")
+    assert (got["status"], got["detail"]) == ("undetermined", "no all run with FOSC and App. G "
+                                              "metrics (monitor.batch_metrics) that "
+                                              "self-healed within 2 epoch(s)")
+
+
+def test_a_run_healed_at_its_last_epoch_has_no_next_epoch_to_compare(tmp_path):
+    from trades_repro import events
+
+    late = [0.01, 0.01, 0.01, 0.2, 0.005]
+    result = events.healing_signature(late, HEAL_CLEAN, HEAL_W, 0.05, within=2,
+                                      near_zero=0.25)
+    assert result == events.EventResult(False, "healed at the last epoch (5): no next "
+                                               "epoch to compare")
+    assert events.healing_signature([0.2] * 5, HEAL_CLEAN, HEAL_W, 0.05, within=2,
+                                    near_zero=0.25).detail == (
+        "no FOSC spike above 0.05 healed within 2 epoch(s)")
+
+
+def test_a_later_healed_spike_can_show_the_signature(tmp_path):
+    from trades_repro import events
+
+    fosc = [0.2, 0.04, 0.2, 0.005, 0.01, 0.01]  # first heal not near zero, the second is
+    clean = [0.6, 0.5, 0.6, 0.55, 0.6, 0.6]
+    w = [1.0, 1.0, 1.0, 2.0, 1.5, 1.5]
+    result = events.healing_signature(fosc, clean, w, 0.05, within=2, near_zero=0.25)
+    assert result.happened and result.epoch == 4
+    assert result.detail.startswith("healed at epoch 4: ")

@@ -237,6 +237,18 @@ class SelfHealing(_Frozen):
     fosc_threshold: Annotated[float, Field(gt=0)] | None = None
 
 
+class HealingSignature(_Frozen):
+    """§5.3 / Fig. 5: in a run that self-heals (FOSC back below the threshold within
+    `within` epochs), the epoch FOSC falls back shows a dip in clean training accuracy and
+    FOSC at most `near_zero` × the threshold, and the next epoch's mean W_grad_norm is lower.
+    Judged among the runs that self-healed; needs `monitor.batch_metrics`."""
+
+    name: Literal["healing_signature"]
+    within: Annotated[int, Field(ge=1)]
+    near_zero: Annotated[float, Field(gt=0, le=1)]
+    fosc_threshold: Annotated[float, Field(gt=0)] | None = None
+
+
 class SpikeDuration(_Frozen):
     """Fig. 6/7: every stretch of epochs with FOSC above the threshold lasts ≤ `max_epochs`."""
 
@@ -258,8 +270,8 @@ class BatchCoupling(_Frozen):
     fosc_threshold: Annotated[float, Field(gt=0)] | None = None
 
 
-EventSpec = Annotated[FoscSpike | GapDrop | SelfHealing | SpikeDuration | BatchCoupling,
-                      Field(discriminator="name")]
+EventSpec = Annotated[FoscSpike | GapDrop | SelfHealing | HealingSignature | SpikeDuration
+                      | BatchCoupling, Field(discriminator="name")]
 
 
 class Event(_Claim):

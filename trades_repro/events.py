@@ -63,14 +63,20 @@ def gap_drop_at_spike(fosc: Sequence[float], gap: Sequence[float], threshold: fl
                        f"{before:.4f} before (drop {drop:.4f})", first + 1)
 
 
+def healed_spikes(fosc: Sequence[float], threshold: float,
+                  within: int) -> list[tuple[int, int]]:
+    """The spikes (0-based first, last) that end within `within` epochs and before the last
+    epoch: FOSC is back at or below the threshold at index last + 1."""
+    return [(first, last) for first, last in spikes(fosc, threshold)
+            if last + 1 < len(fosc) and last - first + 1 <= within]
+
+
 def self_healing(fosc: Sequence[float], threshold: float, *, within: int) -> EventResult:
     """Sec. 5.3: FOSC above the threshold, then back to ≤ threshold within `within` epochs
     (a stretch still open at the last epoch has not healed)."""
-    for first, last in spikes(fosc, threshold):
-        healed = last + 1 < len(fosc) and last - first + 1 <= within
-        if healed:
-            return EventResult(True, f"FOSC above {threshold:g} at epochs {first + 1}–"
-                               f"{last + 1}, back below at {last + 2}", first + 1)
+    for first, last in healed_spikes(fosc, threshold, within):
+        return EventResult(True, f"FOSC above {threshold:g} at epochs {first + 1}–"
+                           f"{last + 1}, back below at {last + 2}", first + 1)
     n = len(spikes(fosc, threshold))
     return EventResult(False, f"{n} FOSC spike(s) above {threshold:g}, none healed within "
                        f"{within} epoch(s)")
@@ -83,6 +89,29 @@ def spike_duration_at_most(fosc: Sequence[float], threshold: float,
     longest = max((last - first + 1 for first, last in stretches), default=0)
     return EventResult(longest <= max_epochs, f"{len(stretches)} spike(s) above "
                        f"{threshold:g}, the longest {longest} epoch(s)")
+
+
+def healing_signature(fosc: Sequence[float], clean: Sequence[float],
+                      w_grad_norm: Sequence[float], threshold: float, *, within: int,
+                      near_zero: float) -> EventResult:
+    """§5.3 / Fig. 5, at each healed spike: in the epoch FOSC falls back, clean training
+    accuracy dips and FOSC is at most `near_zero` × threshold; in the next epoch the mean
+    W_grad_norm is lower than in that one. Happened if one healed spike shows all three."""
+    notes = []
+    for _, last in healed_spikes(fosc, threshold, within):
+        h = last + 1  # the epoch FOSC fell back (0-based)
+        if h + 1 >= len(fosc):
+            notes.append(f"healed at the last epoch ({h + 1}): no next epoch to compare")
+            continue
+        dip, low = clean[h] < clean[h - 1], fosc[h] <= near_zero * threshold
+        drop = w_grad_norm[h + 1] < w_grad_norm[h]
+        notes.append(f"healed at epoch {h + 1}: clean {clean[h - 1]:.4f} → {clean[h]:.4f}, "
+                     f"FOSC {fosc[h]:.4g} (near zero: ≤ {near_zero * threshold:.4g}), "
+                     f"W_grad_norm {w_grad_norm[h]:.4g} → {w_grad_norm[h + 1]:.4g}")
+        if dip and low and drop:
+            return EventResult(True, notes[-1], h + 1)
+    return EventResult(False, "; ".join(notes) or f"no FOSC spike above {threshold:g} healed "
+                       f"within {within} epoch(s)")
 
 
 def first_spike_epoch(fosc: Sequence[float], threshold: float) -> int | None:

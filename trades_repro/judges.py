@@ -11,7 +11,14 @@ from collections.abc import Callable
 from typing import Any
 
 from trades_repro import events, stats
-from trades_repro.claimkinds import BatchCoupling, FoscSpike, GapDrop, SelfHealing, SpikeDuration
+from trades_repro.claimkinds import (
+    BatchCoupling,
+    FoscSpike,
+    GapDrop,
+    HealingSignature,
+    SelfHealing,
+    SpikeDuration,
+)
 from trades_repro.claims import Entry
 from trades_repro.verify import (
     Context,
@@ -146,11 +153,16 @@ def event(entry: Entry, ctx: Context) -> Judgement:
     runs = subset([r for a in claim.arms for r in found[a]], claim.subset, claim.rule)
     runs = [r for r in runs if r.fosc() is not None]
     steps = isinstance(claim.event, BatchCoupling)
-    if steps:  # App. G's step records exist only where the run monitored them
+    app_g = steps or isinstance(claim.event, HealingSignature)
+    if app_g:  # App. G's metrics exist only where the run monitored them
         runs = [r for r in runs if r.spec.monitor.batch_metrics]
     reference = _reference_median(claim, found)
+    what = "FOSC and App. G metrics (monitor.batch_metrics)" if app_g else "FOSC"
+    if isinstance(claim.event, HealingSignature) and runs:  # §5.3: among the runs that healed
+        runs = [r for r in runs if events.healed_spikes(
+            r.fosc(), _threshold(claim.event, r), claim.event.within)]
+        what += f" that self-healed within {claim.event.within} epoch(s)"
     if not runs or (isinstance(claim.event, FoscSpike) and reference is None):
-        what = "FOSC and App. G step metrics (monitor.batch_metrics)" if steps else "FOSC"
         return judged(entry, ctx, "undetermined", n_found=sum(map(len, found.values())),
                      detail=f"no {claim.subset} run with {what}" if not runs
                      else "no reference run to compare FOSC with")
@@ -204,6 +216,11 @@ def _event_outcome(spec: Any, run: RunEvidence, reference: float | None) -> even
         return events.self_healing(fosc, threshold, within=spec.within)
     if isinstance(spec, BatchCoupling):
         return _coupling(spec, run, events.first_spike_epoch(fosc, threshold), threshold)
+    if isinstance(spec, HealingSignature):
+        return events.healing_signature(
+            fosc, [r.train_clean_acc for r in run.records],
+            [r.w_grad_norm for r in run.records], threshold, within=spec.within,
+            near_zero=spec.near_zero)
     assert isinstance(spec, SpikeDuration)
     return events.spike_duration_at_most(fosc, threshold, max_epochs=spec.max_epochs)
 
