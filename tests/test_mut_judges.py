@@ -1287,11 +1287,11 @@ HEAL_CLEAN = [0.5, 0.6, 0.55, 0.6, 0.6]  # dips at epoch 3
 HEAL_W = [1.0, 1.0, 2.0, 1.5, 1.5]  # lower at epoch 4 than at 3
 
 
-def _signature(tmp_path, runs, *, near_zero=0.25, monitored=True):
+def _signature(tmp_path, runs, *, near_zero=0.25, monitored=True, **event):
     """A healing_signature claim on arm "a": one run per (fosc, clean, w) triple."""
     arm_set = {"monitor.batch_metrics": True} if monitored else {}
     catalogue, paths = _event(tmp_path, {"name": "healing_signature", "within": 2,
-                                         "near_zero": near_zero},
+                                         "near_zero": near_zero, **event},
                               [f for f, _, _ in runs], arm_set=arm_set, min_rate=0.5)
     for path, (_, clean, w) in zip(paths, runs, strict=True):
         _set_series(path, train_clean_acc=clean, w_grad_norm=w)
@@ -1354,3 +1354,10 @@ def test_a_later_healed_spike_can_show_the_signature(tmp_path):
     result = events.healing_signature(fosc, clean, w, 0.05, within=2, near_zero=0.25)
     assert result.happened and result.epoch == 4
     assert result.detail.startswith("healed at epoch 4: ")
+
+
+def test_which_runs_healed_is_read_at_the_events_own_threshold(tmp_path):
+    # a peak of 0.08 passes the spec's 0.05 but not the event's 0.1: no run healed
+    low_peak = [0.01, 0.08, 0.005, 0.01, 0.01]
+    catalogue = _signature(tmp_path, [(low_peak, HEAL_CLEAN, HEAL_W)], fosc_threshold=0.1)
+    assert _judge(tmp_path, catalogue, "table_9.event")["status"] == "undetermined"
