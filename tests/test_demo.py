@@ -12,7 +12,7 @@ from claimsutil import write_run
 from typer.testing import CliRunner
 
 from trades_repro import demo
-from trades_repro import smallscale as ss
+from trades_repro import smallscale_stats as sst
 from trades_repro.claims import load_catalogue
 from trades_repro.cli import app
 from trades_repro.executors import FAILED_FILE
@@ -34,7 +34,7 @@ def _finish(runs_dir: Path, run: demo.DemoRun, **attacks) -> Path:
     evals = json.loads((folder / "eval.json").read_text())
     (record,) = evals["checkpoints"].values()
     record["settings"]["n_examples"] = run.spec.evaluation.n_examples
-    record["policies"] = list(ss.policies_of(run.spec))
+    record["policies"] = list(sst.policies_of(run.spec))
     (folder / "eval.json").write_text(json.dumps(evals))
     return folder
 

@@ -200,7 +200,7 @@ def test_rekey_renames_a_finished_run_to_its_current_digest(tmp_path):
 
 
 def test_cells_count_flagged_runs_with_exact_intervals(evidence):
-    runs = ss.load_runs(evidence)
+    runs = sst.load_runs(evidence)
     by_key = {(c.key[2], c.key[3], c.key[4]): c for c in sst.cells(runs)}
     risky = by_key[(False, 32, 1.0)]
     assert (risky.k, risky.n) == (3, 3) and risky.interval()[0] == pytest.approx(0.292, 1e-2)
@@ -208,7 +208,7 @@ def test_cells_count_flagged_runs_with_exact_intervals(evidence):
 
 
 def test_directions_use_fisher_for_two_levels(evidence):
-    found = sst.directions(ss.load_runs(evidence))
+    found = sst.directions(sst.load_runs(evidence))
     rows = {d.factor: d for d in found[("digits", 0.1)]}
     assert rows["batch"].order == (128, 32) and rows["batch"].counts == ((0, 6), (3, 6))
     assert rows["batch"].test.name.startswith("Fisher")
@@ -229,7 +229,7 @@ def test_runs_pool_per_dataset_and_eps_and_a_larger_eps_is_tested_for_more_flags
         "method": spec.method.model_copy(update={"attack": spec.method.attack.model_copy(
             update={"eps": 0.3})})})
     write_run(tmp_path, monitored, pgd10=0.45, square=0.30, fosc=[0.3, 0.1])
-    runs = ss.load_runs(tmp_path)
+    runs = sst.load_runs(tmp_path)
     assert [(g.key, g.k, g.n) for g in sst.by_eps(runs)] == [(("digits", 0.1), 0, 4),
                                                              (("digits", 0.3), 4, 4)]
     found = sst.eps_directions(runs)["digits"]
@@ -241,7 +241,7 @@ def test_runs_pool_per_dataset_and_eps_and_a_larger_eps_is_tested_for_more_flags
 
 
 def test_fosc_separates_the_fabricated_runs_and_the_threshold_is_a_regular_quantile(evidence):
-    runs = [r for r in ss.load_runs(evidence) if not r.healed]
+    runs = [r for r in sst.load_runs(evidence) if not r.healed]
     peak = sst.separation(runs, "peak")
     assert peak.auc == 1.0 and peak.p_value < 0.01
     threshold = sst.fosc_threshold(r for r in runs if not r.flagged)
@@ -249,7 +249,7 @@ def test_fosc_separates_the_fabricated_runs_and_the_threshold_is_a_regular_quant
 
 
 def test_healing_compares_the_same_seeds(evidence):
-    (row,) = sst.healing_rows(ss.load_runs(evidence))
+    (row,) = sst.healing_rows(sst.load_runs(evidence))
     assert row.flagged_seeds == (0, 1, 2) and row.fixed_flagged == 0
     assert row.fixed_clean == pytest.approx(0.88) and row.regular_clean is None
 
@@ -281,7 +281,7 @@ def test_healing_rows_add_up_over_cells_and_read_the_best_pgd10_checkpoint_too(t
         still = spec.method.beta == 6  # β 6's healed seed 1 stays flagged
         _healed_run(tmp_path, spec, square=0.30 if still else 0.43,
                     square_at_best=0.30 if spec.seed < 2 else 0.43, fired=not still)
-    rows = sst.healing_rows(ss.load_runs(tmp_path))
+    rows = sst.healing_rows(sst.load_runs(tmp_path))
     assert [(r.key[4], r.flagged_seeds, r.fired, r.fixed_flagged, r.fixed_flagged_at_best)
             for r in rows] == [(1.0, (0, 1, 2), 3, 0, 2), (6.0, (1,), 0, 1, 1)]
     total = sst.pooled_healing(rows)
@@ -298,7 +298,7 @@ def test_healing_rows_add_up_over_cells_and_read_the_best_pgd10_checkpoint_too(t
 def test_a_healed_run_without_a_fosc_ok_checkpoint_is_read_at_best_pgd10(tmp_path):
     spec = _specs(betas=(1,), batches=(32,), seeds=1, healing=True)[0]
     write_run(tmp_path, spec, pgd10=0.45, square=0.30, fosc=[0.3, 0.5, 0.6])
-    (run,) = ss.load_runs(tmp_path)
+    (run,) = sst.load_runs(tmp_path)
     assert run.healed and run.policy == "best_pgd10" and run.flagged
 
 
@@ -322,7 +322,7 @@ def test_a_square_probe_is_read_beside_the_runs_own_square(tmp_path):
     first, second = _specs(betas=(1,), batches=(32,), seeds=2)
     add_probe(write_run(tmp_path, first, pgd10=0.45, square=0.30), 1000, square=0.42)
     write_run(tmp_path, second, pgd10=0.45, square=0.30)
-    probed, plain = ss.load_runs(tmp_path)
+    probed, plain = sst.load_runs(tmp_path)
     assert (probed.square, probed.square_probe) == (pytest.approx(0.30), pytest.approx(0.42))
     assert probed.flagged and probed.probe_flagged is False  # 3 points at 1,000 queries
     assert plain.square_probe is None and plain.probe_flagged is None

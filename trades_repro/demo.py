@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trades_repro import smallscale as ss
+from trades_repro import smallscale_stats as sst
 from trades_repro.claims import Catalogue
 from trades_repro.spec import ExperimentSpec
 
@@ -63,12 +64,12 @@ def execute(runs: list[DemoRun], runs_dir: Path, *, executor, report,
     return [f"{run.digest} failed: {error}" for run, error in failures]
 
 
-def summaries(runs: list[DemoRun], runs_dir: Path) -> dict[str, ss.RunSummary]:
+def summaries(runs: list[DemoRun], runs_dir: Path) -> dict[str, sst.RunSummary]:
     """Each finished demo run, read as the study reads its evidence."""
     from trades_repro.verify import Evidence
 
     evidence = Evidence(runs_dir)
-    found = {r.name: ss.summarize(evidence, r.spec) for r in runs}
+    found = {r.name: sst.summarize(evidence, r.spec) for r in runs}
     return {name: summary for name, summary in found.items() if summary is not None}
 
 
@@ -79,7 +80,7 @@ def configuration(run: DemoRun) -> str:
     return f"{run.name}: β {s.method.beta:g}, batch {s.optim.batch_size}, LR {s.optim.lr:g}{extra}"
 
 
-def table(found: dict[str, ss.RunSummary]) -> list[list[str]]:
+def table(found: dict[str, sst.RunSummary]) -> list[list[str]]:
     """Header and one row per run: accuracies in %, the margin with the paired rule's 95 %
     interval, the paper's rule's verdict, peak FOSC (after epoch 1)."""
     rows = [["run", "clean", "PGD-10", "Square", "margin (95 % CI)", "verdict", "peak FOSC"]]
@@ -100,7 +101,7 @@ def text_table(rows: list[list[str]]) -> list[str]:
             for row in rows]
 
 
-def plot(path: Path, found: dict[str, ss.RunSummary]) -> Path:
+def plot(path: Path, found: dict[str, sst.RunSummary]) -> Path:
     """FOSC and PGD-10 per epoch of the three runs (Figs. 2 and 6 analogue)."""
     from trades_repro.smallscale_report import plot_curves
 

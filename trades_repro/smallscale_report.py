@@ -12,9 +12,9 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from trades_repro import smallscale as ss
 from trades_repro import smallscale_stats as sst
 from trades_repro import stats, store
+from trades_repro.verdict import PRIMARY_RULE
 
 COMMAND = "trades-repro study report --evidence evidence/cpu --out docs/small_scale.md"
 BEGIN, END = "<!-- conclusion: hand-written, kept on regeneration -->", "<!-- /conclusion -->"
@@ -50,7 +50,7 @@ def cell_table(cells: list[sst.Cell]) -> list[str]:
 
 def probe_table(cells: list[sst.Cell]) -> list[str]:
     """Per cell, over its runs probed at PROBE_QUERIES: both Squares, margins and flags."""
-    q = ss.PROBE_QUERIES
+    q = sst.PROBE_QUERIES
     lines = [f"| data | ε | β | batch | LR | Alg. 1 | probed runs | Square-5000 | Square-{q} | "
              f"PGD-10 − Square-5000 | PGD-10 − Square-{q} | flagged at 5,000 | "
              f"flagged at {q:,} |", "|" + "---|" * 13]
@@ -73,7 +73,7 @@ def _mean(values: list[float]) -> float:
     return stats.mean_sd(values)[0]
 
 
-def run_table(runs: list[ss.RunSummary]) -> list[str]:
+def run_table(runs: list[sst.RunSummary]) -> list[str]:
     lines = ["| data | ε | β | batch | LR | Alg. 1 | seed | digest | clean | PGD-10 | Square | "
              "margin | v2 outcome (95 % CI) | peak FOSC | evaluated epoch (policy) | train s | "
              "eval s |", "|" + "---|" * 17]
@@ -131,7 +131,7 @@ def direction_table(found: dict[tuple[str, float], list[sst.Direction]]) -> list
     return lines
 
 
-def separation_lines(runs: list[ss.RunSummary]) -> list[str]:
+def separation_lines(runs: list[sst.RunSummary]) -> list[str]:
     lines = ["| data | ε | FOSC statistic | flagged runs | regular runs | median flagged | "
              "median regular | Mann–Whitney U | one-sided p | ROC AUC | threshold | "
              "flagged above | regular above |", "|" + "---|" * 13]
@@ -208,7 +208,7 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def examples(runs: list[ss.RunSummary]) -> dict[str, ss.RunSummary]:
+def examples(runs: list[sst.RunSummary]) -> dict[str, sst.RunSummary]:
     """A flagged run (the largest margin), a regular run of the same cell or ε, and the
     healed run of the flagged run's cell and seed, when each exists."""
     base = [r for r in runs if not r.healed]
@@ -225,7 +225,7 @@ def examples(runs: list[ss.RunSummary]) -> dict[str, ss.RunSummary]:
     return chosen
 
 
-def plot_curves(path: Path, chosen: dict[str, ss.RunSummary]) -> Path:
+def plot_curves(path: Path, chosen: dict[str, sst.RunSummary]) -> Path:
     """Figs. 2 and 6 analogue: validation FOSC and PGD-10 accuracy per epoch."""
     fig, (fosc_ax, pgd_ax) = _figure(ncols=2)
     for name, run in chosen.items():
@@ -249,7 +249,7 @@ def plot_curves(path: Path, chosen: dict[str, ss.RunSummary]) -> Path:
     return _save(fig, path)
 
 
-def plot_gap(path: Path, runs: list[ss.RunSummary]) -> Path:
+def plot_gap(path: Path, runs: list[sst.RunSummary]) -> Path:
     """Fig. 3 analogue: train clean − TPGD gap against validation FOSC, every epoch."""
     fig, (ax,) = _figure(6, 4)
     base = [r for r in runs if not r.healed]
@@ -264,7 +264,7 @@ def plot_gap(path: Path, runs: list[ss.RunSummary]) -> Path:
     return _save(fig, path)
 
 
-def plot_margins(path: Path, runs: list[ss.RunSummary]) -> Path:
+def plot_margins(path: Path, runs: list[sst.RunSummary]) -> Path:
     """Every run's PGD-10 − Square margin against ε, one panel per dataset, the paper's
     8-point rule drawn: where the overestimation sits and how it grows with ε."""
     base = [r for r in runs if not r.healed]
@@ -280,7 +280,7 @@ def plot_margins(path: Path, runs: list[ss.RunSummary]) -> Path:
             ax.scatter([x for x, _, _ in pts], [y for _, y, _ in pts], marker=marker, s=18,
                        alpha=0.7, c=["tab:red" if f else "tab:blue" for _, _, f in pts],
                        label=f"batch {batch}")
-        ax.axhline(100 * ss.PRIMARY_RULE.threshold, color="grey", linestyle="--", linewidth=1)
+        ax.axhline(100 * PRIMARY_RULE.threshold, color="grey", linestyle="--", linewidth=1)
         ax.set_xticks(range(len(levels)), [f"{v:g}" for v in levels])
         ax.set_xlim(-0.5, len(levels) - 0.5)
         ax.set(title=dataset, xlabel="ε (red: flagged)",
@@ -294,7 +294,7 @@ def plot_margins(path: Path, runs: list[ss.RunSummary]) -> Path:
 
 def write_report(evidence_dir: Path, out: Path) -> Path:
     """The report from the evidence; `Inconclusive` (and `out` untouched) without a run."""
-    runs = ss.load_runs(evidence_dir)
+    runs = sst.load_runs(evidence_dir)
     if not runs:
         from trades_repro.errors import Inconclusive
 
@@ -343,7 +343,7 @@ trades-repro verify --tier cpu --runs-dir evidence/cpu  # re-judge the cpu claim
 """
 
 
-def _sections(runs: list[ss.RunSummary], figures: Path, root: Path) -> list[str]:
+def _sections(runs: list[sst.RunSummary], figures: Path, root: Path) -> list[str]:
     groups = sst.by_eps(runs)
     lines = [REPRODUCE, "## By dataset and ε", "",
              "TRADES runs without Algorithm 1, pooled over β, batch and LR (balanced only "
@@ -363,8 +363,8 @@ def _sections(runs: list[ss.RunSummary], figures: Path, root: Path) -> list[str]
              "Clopper–Pearson (`binomtest(...).proportion_ci`); v2: the paired rule "
              "(`pgd10_minus_square_v2`, interval at or above 8 points). Accuracies in %, means "
              "over the cell's runs.", "", *cell_table(sst.cells(runs)), "",
-             f"## Square at {ss.PROBE_QUERIES:,} queries", "",
-             f"The same checkpoints and test images with Square at {ss.PROBE_QUERIES:,} "
+             f"## Square at {sst.PROBE_QUERIES:,} queries", "",
+             f"The same checkpoints and test images with Square at {sst.PROBE_QUERIES:,} "
              "queries instead of AutoAttack's 5,000 (`trades-repro study probe`; a record of "
              "its own in each run's eval.json, never the run's verdict). Flagged: the same "
              "rule with that Square. Means over the probed runs of each cell.", "",
@@ -375,13 +375,13 @@ def _sections(runs: list[ss.RunSummary], figures: Path, root: Path) -> list[str]
              "levels: one-sided Fisher exact test; three: one-sided linear-by-linear trend "
              "test (`trades_repro.stats`).", "", *direction_table(sst.directions(runs)), "",
              "## FOSC separates flagged from regular runs?", "",
-             f"Peak: a run's largest validation FOSC after epoch {ss.FOSC_SKIP_EPOCHS} (the "
+             f"Peak: a run's largest validation FOSC after epoch {sst.FOSC_SKIP_EPOCHS} (the "
              "first epoch's FOSC is the barely trained model's, high in every run); selected: "
              "FOSC at the evaluated epoch. "
              f"One-sided Mann–Whitney U (`scipy.stats.mannwhitneyu`), ROC AUC "
              f"(`sklearn.metrics.roc_auc_score`). Threshold: the {sst.FOSC_QUANTILE:.0%} "
              f"quantile of the regular runs' per-epoch FOSC after epoch "
-             f"{ss.FOSC_SKIP_EPOCHS} (so by construction about 5 % of regular epochs lie "
+             f"{sst.FOSC_SKIP_EPOCHS} (so by construction about 5 % of regular epochs lie "
              "above it).", "", *separation_lines(runs), ""]
     heal = sst.healing_rows(runs)
     lines += ["## Algorithm 1 on the flagged cells", "",

@@ -1,7 +1,8 @@
-"""The small-scale study's statistics: cells, the paper's directions, FOSC's separation
-and Algorithm 1, computed from `smallscale.RunSummary` records (the evidence alone).
+"""The small-scale study read from its evidence alone: one `RunSummary` per evaluated run
+(`load_runs`), then cells, the paper's directions, FOSC's separation and Algorithm 1.
 
-`smallscale.load_runs` reads the evidence; `smallscale_report.write_report` prints these.
+`smallscale.py` runs the sweeps that make the evidence; `smallscale_report.write_report`
+prints what this module computes. Nothing here trains or attacks.
 """
 
 from __future__ import annotations
@@ -9,13 +10,153 @@ from __future__ import annotations
 import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from trades_repro import stats
-from trades_repro.smallscale import FOSC_SKIP_EPOCHS, RunSummary
+from trades_repro import stats, store
+from trades_repro.spec import ExperimentSpec
+from trades_repro.verdict import DIAGNOSE_RULE, PRIMARY_RULE
 
+FOSC_SKIP_EPOCHS = 1  # epoch 1's FOSC is the untrained model's, in every run: left out
+# The issue's second budget: a 1,000-query Square is said to hide most of what 5,000 find.
+PROBE_QUERIES = 1000
 FOSC_QUANTILE = 0.95  # the threshold: this quantile of the regular runs' per-epoch FOSC
+
+
+# ----------------------------------------------------------------------------- evidence
+
+
+def policies_of(spec: ExperimentSpec) -> tuple[str, ...]:
+    """The checkpoints evaluated: best PGD-10, and Algorithm 1's own when it heals."""
+    return ("best_pgd10", "best_pgd10_fosc_ok") if spec.healing.enabled else ("best_pgd10",)
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """One evaluated run of the study, reduced to the numbers the report uses."""
+
+    digest: str
+    dataset: str
+    eps: float
+    beta: float
+    batch: int
+    lr: float
+    healed: bool
+    seed: int
+    clean: float
+    pgd10: float
+    square: float
+    autoattack: float | None
+    flagged: bool  # rule pgd10_minus_square_v1 (the paper's)
+    outcome: str | None  # rule pgd10_minus_square_v2: flagged / clear / inconclusive
+    ci: tuple[float, float] | None  # its 95 % interval for the paired margin
+    fosc: tuple[float, ...]  # validation FOSC per epoch
+    pgd10_curve: tuple[float, ...]  # validation PGD-10 per epoch
+    gap: tuple[float, ...]  # train clean − TPGD accuracy per epoch (Fig. 3)
+    selected_epoch: int  # the evaluated checkpoint's epoch (1-based)
+    policy: str  # its selection policy (a healed run without a FOSC-ok epoch: best_pgd10)
+    noised_epochs: tuple[int, ...]  # epochs in which Algorithm 1 added noise
+    # provenance.json's wall time (training + validation); a resumed run's is its last part
+    train_seconds: float | None = None
+    resumed: bool = False
+    eval_seconds: float | None = None  # the evaluation record's wall time (every attack)
+    square_probe: float | None = None  # Square at PROBE_QUERIES, where probed
+    probe_flagged: bool | None = None  # the paper's rule with that Square instead
+    fosc_threshold: float | None = None  # Algorithm 1's, where it ran
+    # with Algorithm 1: the paper's rule on the best-PGD-10 checkpoint instead of the FOSC-ok
+    # one (what the noise did, without lines 17-18's gate); None without Algorithm 1
+    flagged_at_best: bool | None = None
+
+    @property
+    def cell(self) -> tuple:  # cell_of(its spec)
+        return (self.dataset, self.eps, self.healed, self.batch, self.beta, self.lr)
+
+    @property
+    def margin(self) -> float:
+        return self.pgd10 - self.square
+
+    @property
+    def peak_fosc(self) -> float:
+        """The largest validation FOSC after the first `FOSC_SKIP_EPOCHS` epochs."""
+        return max(self.fosc[FOSC_SKIP_EPOCHS:] or self.fosc)
+
+    @property
+    def final_fosc(self) -> float:
+        return self.fosc[-1]
+
+
+def load_runs(evidence_dir: Path) -> list[RunSummary]:
+    """Every evaluated run under `evidence_dir` with PGD-10, Square and FOSC, as summaries.
+
+    Runs that monitored App. G's step metrics are left out: they are the Figs. 1/4 claims'
+    arm (claims/small_scale.yaml), not a cell of the grid, and since monitoring leaves
+    training unchanged they would count a grid cell's seeds a second time.
+    """
+    from trades_repro.spec import parse_spec
+    from trades_repro.verify import Evidence
+
+    evidence = Evidence(evidence_dir)
+    specs = [parse_spec(store.read_json(folder / store.SPEC_FILE))
+             for folder in evidence.index().values()]
+    runs = [summarize(evidence, spec) for spec in specs if not spec.monitor.batch_metrics]
+    return sorted((r for r in runs if r is not None), key=lambda r: (r.cell, r.seed))
+
+
+def summarize(evidence, spec: ExperimentSpec) -> RunSummary | None:
+    """The spec's run in `evidence` (a `verify.Evidence`), read at Algorithm 1's checkpoint
+    when it has one; None unless it was evaluated with PGD-10 and Square and logged FOSC."""
+    needs = frozenset({"clean", "pgd10", "square"})
+    for policy in reversed(policies_of(spec)):
+        run = evidence.run(spec, policy)
+        if run is not None and run.has(needs) and run.fosc():
+            at_best = evidence.run(spec, "best_pgd10") if policy != "best_pgd10" else None
+            extra = ({"flagged_at_best": bool(at_best.flagged(PRIMARY_RULE.name))}
+                     if at_best is not None and at_best.has(needs) else {})
+            return _summary(run, policy, {**_probe(run, policy), **extra})
+    return None
+
+
+def _probe(run, policy: str) -> dict:
+    """The run's Square at PROBE_QUERIES (same checkpoint and test images), and the paper's
+    rule applied with it; empty where not probed."""
+    from trades_repro.verdict import apply_rule
+    from trades_repro.verify import policy_record
+
+    probe = run.spec.evaluation.model_copy(update={"square_queries": PROBE_QUERIES})
+    record = policy_record(run.folder, policy, probe)
+    square = record.attacks.get("square") if record is not None else None
+    if square is None:
+        return {}
+    attacks = {"pgd10": run.evaluation.attacks["pgd10"], "square": square}
+    return {"square_probe": square.accuracy,
+            "probe_flagged": apply_rule(PRIMARY_RULE, attacks).flagged}
+
+
+def _summary(run, policy: str, extra: dict | None = None) -> RunSummary:
+    spec, records = run.spec, run.records
+    v2 = next((v for v in run.evaluation.verdicts if v.rule == DIAGNOSE_RULE.name), None)
+    provenance = store.read_json(run.folder / store.PROVENANCE_FILE)
+    flag_field = "best_pgd10" if policy == "best_pgd10" else "best_pgd10_fosc_ok"
+    selected = max((r.epoch for r in records if getattr(r, flag_field)), default=len(records))
+    return RunSummary(
+        digest=run.digest, dataset=spec.data.dataset, eps=spec.method.attack.eps,
+        beta=spec.method.beta, batch=spec.optim.batch_size, lr=spec.optim.lr,
+        healed=spec.healing.enabled, seed=spec.seed, clean=run.metric("clean"),
+        pgd10=run.metric("pgd10"), square=run.metric("square"),
+        autoattack=run.metric("autoattack"), flagged=bool(run.flagged(PRIMARY_RULE.name)),
+        outcome=v2.outcome if v2 else None,
+        ci=(v2.ci_low, v2.ci_high) if v2 and v2.ci_low is not None else None,
+        fosc=tuple(run.fosc()), pgd10_curve=tuple(r.val_pgd10_acc for r in records),
+        gap=tuple(r.train_gap for r in records), selected_epoch=selected, policy=policy,
+        noised_epochs=tuple(r.epoch for r in records if r.noised_batches),
+        train_seconds=provenance.get("wall_time_s"), resumed=bool(provenance.get("resumed")),
+        eval_seconds=run.evaluation.seconds,
+        fosc_threshold=spec.healing.fosc_threshold if spec.healing.enabled else None,
+        **(extra or {}))
+
+
+# ----------------------------------------------------------------------------- statistics
 
 
 @dataclass(frozen=True)
