@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -23,36 +22,10 @@ from rich.console import Console
 
 from trades_repro import store
 from trades_repro.spec import ExperimentSpec, parse_spec
+from trades_repro.store import cpu_features, cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-
-
-def _cpuinfo(field: str) -> str | None:
-    """The first `field` line of /proc/cpuinfo (Linux), or None."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(field):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
-
-
-def cpu_name() -> str:
-    return _cpuinfo("model name") or platform.processor() or platform.machine()
-
-
-CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
-
-
-def cpu_features() -> dict[str, Any]:
-    """What decides torch's CPU kernels: its dispatch level and the vector units present.
-    Two VMs both named 'AMD EPYC' measured bf16 at 0.25x and at 1.03x of fp32: one of them
-    had avx512_bf16."""
-    flags = (_cpuinfo("flags") or "").split()
-    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "cpu_flags": [f for f in CPU_FEATURES if f in flags]}
 
 
 def device_name(device: torch.device) -> str:

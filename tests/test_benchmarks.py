@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from trades_repro import store
 from trades_repro.spec import parse_spec
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -80,7 +81,7 @@ def test_records_carry_device_versions_flags_and_figures(tmp_path):
     # the vector units decide CPU figures (bf16 ran at 0.25x fp32 on one 'AMD EPYC', 1.03x
     # on another): the record names torch's dispatch level and the units present
     assert saved["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
-    assert set(saved["cpu_flags"]) <= set(common.CPU_FEATURES)
+    assert set(saved["cpu_flags"]) <= set(store.CPU_FEATURES)
     assert common.summary([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0}
 
 

@@ -47,6 +47,11 @@ def test_run_folder_holds_the_evidence(tmp_path):
     assert provenance["status"] == "finished" and provenance["seed"] == 7
     for key in ("git_sha", "git_dirty", "torch", "device", "started", "ended", "wall_time_s"):
         assert key in provenance
+    # the same seed gave different runs on two VMs (docs/small_scale.md): a CPU run names
+    # the kernels' dispatch level and the vector units it ran on
+    assert provenance["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert set(provenance["cpu_flags"]) <= set(store.CPU_FEATURES)
+    assert provenance["device_name"] == store.cpu_name()
     records = store.read_metrics(run)
     assert [r.epoch for r in records] == [1, 2]
     for r in records:

@@ -243,6 +243,34 @@ def _git(cwd: Path, *args: str) -> str:
     return out.stdout.strip()
 
 
+def _cpuinfo(field: str) -> str | None:
+    """The first `field` line of /proc/cpuinfo (Linux), or None."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(field):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def cpu_name() -> str:
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
+
+
+CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def cpu_features() -> dict[str, Any]:
+    """What decides torch's CPU kernels: its dispatch level and the vector units present.
+    Two VMs both named 'AMD EPYC' measured bf16 at 0.25x and at 1.03x of fp32: one of them
+    had avx512_bf16; and the same seed trained on the two gave different runs (the study's
+    cross-VM replicates, docs/small_scale.md)."""
+    flags = (_cpuinfo("flags") or "").split()
+    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu_flags": [f for f in CPU_FEATURES if f in flags]}
+
+
 def environment(device: torch.device) -> dict[str, Any]:
     """Versions, device and backend flags that can change a run's numbers."""
     import numpy
@@ -257,7 +285,8 @@ def environment(device: torch.device) -> dict[str, Any]:
         "numpy": numpy.__version__,
         "platform": platform.platform(),
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if cuda else platform.processor(),
+        "device_name": torch.cuda.get_device_name(device) if cuda else cpu_name(),
+        **cpu_features(),  # CPU kernels differ by vector unit, so CPU numbers do too
         "torch_threads": torch.get_num_threads(),
         "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
         "tf32_cudnn": torch.backends.cudnn.allow_tf32,
