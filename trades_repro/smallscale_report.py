@@ -330,7 +330,10 @@ SWEEPS="spec/sweeps/fashion_healing.yaml spec/sweeps/fashion_eps0p2.yaml \\
     spec/sweeps/digits_eps0p3.yaml spec/sweeps/digits_eps0p2.yaml \\
     spec/sweeps/fashion_healing_eps0p2.yaml spec/sweeps/fashion_healing_eps0p15.yaml \\
     spec/sweeps/digits_healing_eps0p2.yaml"
-mkdir -p runs && cp -r evidence/cpu/. runs/   # a new machine: the evidence counts as done
+# On a new machine the evidence counts as done; runs trained there are its own, not bit for
+# bit the evidence's machine's (another CPU rounds differently: see the conclusion above;
+# provenance.json names each run's CPU).
+mkdir -p runs && cp -r evidence/cpu/. runs/
 trades-repro study sweep $SWEEPS --runs-dir runs
 trades-repro study sweep $SWEEPS --runs-dir runs --dry-run   # per file: done, pending, failed; next
 trades-repro run-claim 'small_scale.*' --tier cpu       # the cpu-tier claims' runs (5 seeds)
