@@ -405,3 +405,21 @@ def test_report_refuses_a_missing_runs_dir_and_keeps_the_report_without_evidence
     assert empty.exit_code == 3, empty.output
     assert "no evaluated run to report on" in empty.output
     assert out.read_text() == "the tables of 153 runs"
+
+
+def test_export_replaces_evidence_files_whole_never_in_place(evidence, tmp_path):
+    # a file written in place is torn by a crash mid-copy; a renamed one is old or new
+    import shutil
+
+    runs = tmp_path / "runs"
+    shutil.copytree(evidence, runs)  # the module's evidence stays as it was
+    ss.export(runs, tmp_path / "ev")
+    run = next(runs.iterdir())
+    target = tmp_path / "ev" / run.name / "metrics.jsonl"
+    before = target.stat().st_ino
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join(lines[:-1]) + "\n")  # one epoch fewer
+    ss.export(runs, tmp_path / "ev")
+    assert target.stat().st_ino != before
+    assert target.read_bytes() == (run / "metrics.jsonl").read_bytes()
+    assert not list((tmp_path / "ev").rglob("*.tmp"))

@@ -20,7 +20,6 @@ checkpoint whose FOSC stayed under the threshold (Alg. 1, lines 17-18).
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -201,7 +200,7 @@ def export(runs_dir: Path, evidence_dir: Path) -> int:
         for name in EVIDENCE_FILES + OPTIONAL_EVIDENCE:
             source = folder / name
             if source.exists() and _newer(source, target / name):
-                shutil.copyfile(source, target / name)
+                store.atomic_write_bytes(target / name, source.read_bytes())  # never torn
                 copied += name == store.EVAL_FILE
     return copied
 
