@@ -254,6 +254,36 @@ def test_healing_compares_the_same_seeds(evidence):
     assert row.fixed_clean == pytest.approx(0.88) and row.regular_clean is None
 
 
+def test_healed_runs_trained_on_another_machine_are_counted(evidence, tmp_path):
+    # the same seed on another CPU rounds differently: a replicate, not the same run
+    import shutil
+
+    runs = tmp_path / "runs"
+    shutil.copytree(evidence, runs)
+    (row,) = sst.healing_rows(sst.load_runs(runs))
+    assert row.other_machine == (0, 3)  # no machine recorded anywhere: not told apart
+    for spec, platform in zip(_specs(betas=(1,), batches=(32,), healing=True),
+                              ["Linux-v857", "Linux-v782", None], strict=True):
+        path = runs / spec.digest() / "provenance.json"
+        provenance = json.loads(path.read_text())
+        if platform:
+            provenance.update(platform=platform, cpu_capability="AVX512",
+                              cpu_flags=["avx2", "avx512f"])
+        path.write_text(json.dumps(provenance))
+    for spec in _specs(betas=(1,), batches=(32,)):  # the baselines ran on v782
+        path = runs / spec.digest() / "provenance.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "platform": "Linux-v782",
+                                    "cpu_capability": "AVX512",
+                                    "cpu_flags": ["avx2", "avx512f"]}))
+    summaries = sst.load_runs(runs)
+    (row,) = sst.healing_rows(summaries)
+    assert row.other_machine == (2, 3)  # v857 and the unrecorded one differ; v782 matches
+    assert {r.machine for r in summaries if r.seed == 1 and r.healed} == {
+        "Linux-v782 | AVX512 | avx2,avx512f"}
+    table = "\n".join(sr.healing_table([row]))
+    assert table.endswith("| 2/3 |") and "healed on another machine" in table
+
+
 def _healed_run(runs: Path, spec, *, square: float, square_at_best: float,
                 fired: bool = True) -> None:
     """A healed run with Algorithm 1's checkpoint (Square `square`) and its best-PGD-10

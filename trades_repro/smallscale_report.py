@@ -164,7 +164,7 @@ def healing_table(rows: list[sst.HealingRow]) -> list[str]:
     lines = ["| cell (data, ε, β, batch, LR) | baseline flagged seeds | Alg. 1 fired | "
              "still flagged with Alg. 1 | the same, at the best-PGD-10 checkpoint | flagged "
              "among all healed seeds | clean, healed flagged seeds | clean, baseline regular "
-             "runs |", "|" + "---|" * 8]
+             "runs | healed on another machine than their baseline |", "|" + "---|" * 9]
     groups: dict[tuple, list[sst.HealingRow]] = {}
     for h in rows:
         groups.setdefault(h.key[:2], []).append(h)
@@ -184,7 +184,7 @@ def healing_table(rows: list[sst.HealingRow]) -> list[str]:
         lines.append(f"| {cell} | {seeds} | {h.fired}/{n} | {h.fixed_flagged}/{n} | "
                      f"{h.fixed_flagged_at_best}/{n} | "
                      f"{h.fixed_total[0]}/{h.fixed_total[1]} | {_pct(h.fixed_clean)} | "
-                     f"{_pct(h.regular_clean)} |")
+                     f"{_pct(h.regular_clean)} | {h.other_machine[0]}/{h.other_machine[1]} |")
     return lines
 
 
@@ -394,8 +394,10 @@ def _sections(runs: list[sst.RunSummary], figures: Path, root: Path) -> list[str
               "best-PGD-10 checkpoint: the same healed run read at its best PGD-10 epoch "
               "whatever its FOSC, i.e. what the noise alone did. Fired: healed runs of those "
               "seeds in which FOSC passed the threshold, so that Algorithm 1 noised any batch "
-              "(a run where it never fired is the same run as without it). All cells: the "
-              "rows of one dataset and ε added up, clean accuracies weighted by runs.", ""]
+              "(a run where it never fired is the same run as without it, on the same "
+              "machine: on another, whose CPU rounds differently, it is a replicate; the last "
+              "column counts those, from `provenance.json`). All cells: the rows of one "
+              "dataset and ε added up, clean accuracies weighted by runs.", ""]
     lines += [*healing_table(heal), ""] if heal else ["No healed run in the evidence yet.", ""]
     lines += ["## Plots", ""]
     chosen = examples(runs)

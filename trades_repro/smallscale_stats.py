@@ -67,6 +67,9 @@ class RunSummary:
     # with Algorithm 1: the paper's rule on the best-PGD-10 checkpoint instead of the FOSC-ok
     # one (what the noise did, without lines 17-18's gate); None without Algorithm 1
     flagged_at_best: bool | None = None
+    # where it trained (provenance.json: platform, CPU dispatch level and vector units): the
+    # same seed on another machine rounds differently and is another run
+    machine: str | None = None
 
     @property
     def cell(self) -> tuple:  # cell_of(its spec)
@@ -153,7 +156,15 @@ def _summary(run, policy: str, extra: dict | None = None) -> RunSummary:
         train_seconds=provenance.get("wall_time_s"), resumed=bool(provenance.get("resumed")),
         eval_seconds=run.evaluation.seconds,
         fosc_threshold=spec.healing.fosc_threshold if spec.healing.enabled else None,
-        **(extra or {}))
+        machine=machine_of(provenance), **(extra or {}))
+
+
+def machine_of(provenance: dict) -> str | None:
+    """What decides a CPU run's rounding, as recorded: the platform (with the kernel build)
+    and, since 2026-11-28, torch's CPU dispatch level and the vector units present."""
+    parts = [provenance.get("platform"), provenance.get("cpu_capability"),
+             ",".join(provenance.get("cpu_flags") or []) or None]
+    return " | ".join(p for p in parts if p) or None
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -305,6 +316,9 @@ class HealingRow:
     fixed_clean: float | None  # mean clean accuracy of the healed flagged seeds
     regular_clean: float | None  # mean clean accuracy of the baseline's regular runs
     regular_n: int = 0  # how many regular runs that mean is over
+    # healed runs (of every seed with a baseline run) trained on another machine than their
+    # baseline: where Algorithm 1 never fired these are replicates, not the same run
+    other_machine: tuple[int, int] = (0, 0)
 
 
 def healing_rows(runs: list[RunSummary]) -> list[HealingRow]:
@@ -318,11 +332,14 @@ def healing_rows(runs: list[RunSummary]) -> list[HealingRow]:
         seeds = tuple(r.seed for r in base.runs if r.flagged and r.seed in fixed)
         healed = [fixed[s].clean for s in seeds]
         regular = [r.clean for r in base.runs if not r.flagged]
+        paired = [(r, fixed[r.seed]) for r in base.runs if r.seed in fixed]
+        moved = sum(b.machine != h.machine for b, h in paired)
         rows.append(HealingRow(base.key, seeds, sum(fixed[s].flagged for s in seeds),
                                sum(bool(fixed[s].flagged_at_best) for s in seeds),
                                sum(bool(fixed[s].noised_epochs) for s in seeds),
                                (cell.k, cell.n), statistics.fmean(healed) if healed else None,
-                               statistics.fmean(regular) if regular else None, len(regular)))
+                               statistics.fmean(regular) if regular else None, len(regular),
+                               (moved, len(paired))))
     return rows
 
 
@@ -343,4 +360,5 @@ def pooled_healing(rows: list[HealingRow]) -> HealingRow | None:
         (sum(r.fixed_total[0] for r in rows), sum(r.fixed_total[1] for r in rows)),
         mean([(r.fixed_clean, len(r.flagged_seeds)) for r in rows]),
         mean([(r.regular_clean, r.regular_n) for r in rows]),
-        sum(r.regular_n for r in rows))
+        sum(r.regular_n for r in rows),
+        (sum(r.other_machine[0] for r in rows), sum(r.other_machine[1] for r in rows)))
