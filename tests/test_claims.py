@@ -169,6 +169,29 @@ def test_a_split_trend_names_its_rule_and_a_whole_arm_trend_need_not(tmp_path):
     assert not claim_.claim.needs_rule() and claim_.claim.rule is None
 
 
+COUPLING = claim("table_9.e", "event", arms=["a"], event={
+    "name": "batch_gradient_coupling", "relation": "kl_with_w", "min_rho": 0.3},
+    test={"name": "rate_at_least", "min_rate": 0.5})
+
+
+@pytest.mark.parametrize(("event", "needle"), [
+    ({"relation": "sideways"}, "relation"),
+    ({"min_rho": 1.5}, "min_rho"),
+    ({"min_rho": 0}, "min_rho"),
+    ({"fosc_threshold": -1}, "fosc_threshold"),
+    ({"name": "healing_signature", "within": 0, "near_zero": 0.25, "relation": None,
+      "min_rho": None}, "within"),
+    ({"name": "healing_signature", "within": 5, "near_zero": 1.5, "relation": None,
+      "min_rho": None}, "near_zero"),
+])
+def test_nonsense_fig_4_and_5_event_fields_exit_2_naming_file_and_claim(tmp_path, event,
+                                                                        needle):
+    merged = {k: v for k, v in {**COUPLING["event"], **event}.items() if v is not None}
+    folder = claims_folder(tmp_path, {"a": arm(seeds=2)}, [{**COUPLING, "event": merged}])
+    result = runner.invoke(app, ["claims", "list", "--claims-dir", str(folder)])
+    assert_one_line_error(result, "table_9.yaml", "table_9.e", needle)
+
+
 def test_duplicate_ids_and_unresolvable_arms_exit_2(tmp_path):
     folder = claims_folder(tmp_path, {"a": arm(seeds=2)}, [GOOD, GOOD])
     assert_one_line_error(runner.invoke(app, ["claims", "list", "--claims-dir", str(folder)]),

@@ -164,3 +164,16 @@ def test_the_landscape_radius_resolves_to_the_validation_eps_unless_set(landscap
                        "evaluation": {"landscape": {**landscape, "steps": 5}}})
     assert spec.landscape() == LandscapeSpec(radius=radius, steps=5)
     assert spec.evaluation.landscape.radius == landscape.get("radius")  # the spec keeps None
+
+
+@pytest.mark.parametrize("radius", [-0.1, 2, "wide", ".inf"])
+def test_a_nonsense_landscape_radius_is_one_line_bad_input(tmp_path, radius):
+    from factories import assert_one_line_error
+    from typer.testing import CliRunner
+
+    from trades_repro.cli import app
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(f"evaluation:\n  landscape:\n    radius: {radius}\n")
+    result = CliRunner().invoke(app, ["spec", "show", str(path)])
+    assert_one_line_error(result, "bad.yaml", "evaluation.landscape.radius")
