@@ -51,10 +51,10 @@ def gap_drop_at_spike(fosc: Sequence[float], gap: Sequence[float], threshold: fl
                       *, min_drop: float, window: int) -> EventResult:
     """Fig. 3: when FOSC first passes the threshold, the train clean − TPGD gap falls by at
     least `min_drop` below its mean over the previous `window` epochs."""
-    stretches = spikes(fosc, threshold)
-    if not stretches:
+    epoch = first_spike_epoch(fosc, threshold)
+    if epoch is None:
         return EventResult(False, f"FOSC never above {threshold:g}")
-    first = stretches[0][0]
+    first = epoch - 1  # 0-based
     if first == 0:
         return EventResult(False, "FOSC above the threshold from the first epoch: no baseline")
     before = statistics.fmean(gap[max(0, first - window):first])

@@ -215,7 +215,7 @@ def _event_outcome(spec: Any, run: RunEvidence, reference: float | None) -> even
     if isinstance(spec, SelfHealing):
         return events.self_healing(fosc, threshold, within=spec.within)
     if isinstance(spec, BatchCoupling):
-        return _coupling(spec, run, events.first_spike_epoch(fosc, threshold), threshold)
+        return _coupling(spec, run, threshold)
     if isinstance(spec, HealingSignature):
         return events.healing_signature(
             fosc, [r.train_clean_acc for r in run.records],
@@ -228,22 +228,26 @@ def _event_outcome(spec: Any, run: RunEvidence, reference: float | None) -> even
 STEP_SERIES = ("w_grad_norm", "kl_norm", "ce_norm", "grad_cosine_similarity")
 
 
+def _onset(spec: BatchCoupling, run: RunEvidence) -> tuple[int | None, list]:
+    """Fig. 4's epoch, the first FOSC passes the threshold, and App. G's steps in it."""
+    epoch = events.first_spike_epoch(run.fosc(), _threshold(spec, run))
+    return epoch, (run.batches(epoch) if epoch is not None else [])
+
+
 def _step_trace(spec: BatchCoupling, run: RunEvidence) -> tuple[str, dict] | None:
     """The run's App. G series at its first FOSC rise, for the report's Fig. 4 plot."""
-    epoch = events.first_spike_epoch(run.fosc(), _threshold(spec, run))
-    steps = run.batches(epoch) if epoch is not None else []
+    epoch, steps = _onset(spec, run)
     if not steps:
         return None
     return f"{run.label}, epoch {epoch}", {k: [getattr(b, k) for b in steps]
                                            for k in STEP_SERIES}
 
 
-def _coupling(spec: BatchCoupling, run: RunEvidence, epoch: int | None,
-              threshold: float) -> events.EventResult:
+def _coupling(spec: BatchCoupling, run: RunEvidence, threshold: float) -> events.EventResult:
     """Fig. 4: App. G's step metrics in the first epoch FOSC passed the threshold."""
+    epoch, steps = _onset(spec, run)
     if epoch is None:
         return events.EventResult(False, f"FOSC never above {threshold:g}")
-    steps = run.batches(epoch)
     if not steps:
         return events.EventResult(False, f"no step records for epoch {epoch}")
     w = [b.w_grad_norm for b in steps]
