@@ -69,7 +69,8 @@ class RunSummary:
     flagged_at_best: bool | None = None
     # where it trained (provenance.json: platform, CPU dispatch level and vector units): the
     # same seed on another machine rounds differently and is another run
-    machine: str | None = None
+    # (platform, dispatch level, vector units), None where provenance.json lacks it
+    machine: tuple[str | None, str | None, str | None] = (None, None, None)
 
     @property
     def cell(self) -> tuple:  # cell_of(its spec)
@@ -159,12 +160,18 @@ def _summary(run, policy: str, extra: dict | None = None) -> RunSummary:
         machine=machine_of(provenance), **(extra or {}))
 
 
-def machine_of(provenance: dict) -> str | None:
+def machine_of(provenance: dict) -> tuple[str | None, str | None, str | None]:
     """What decides a CPU run's rounding, as recorded: the platform (with the kernel build)
     and, since 2026-11-28, torch's CPU dispatch level and the vector units present."""
-    parts = [provenance.get("platform"), provenance.get("cpu_capability"),
-             ",".join(provenance.get("cpu_flags") or []) or None]
-    return " | ".join(p for p in parts if p) or None
+    flags = provenance.get("cpu_flags")
+    return (provenance.get("platform"), provenance.get("cpu_capability"),
+            ",".join(flags) if flags is not None else None)
+
+
+def other_machine(a: tuple, b: tuple) -> bool:
+    """Two runs' machines differ in a part both recorded (runs from before a part was
+    recorded are not told apart by it)."""
+    return any(x is not None and y is not None and x != y for x, y in zip(a, b, strict=True))
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -333,7 +340,7 @@ def healing_rows(runs: list[RunSummary]) -> list[HealingRow]:
         healed = [fixed[s].clean for s in seeds]
         regular = [r.clean for r in base.runs if not r.flagged]
         paired = [(r, fixed[r.seed]) for r in base.runs if r.seed in fixed]
-        moved = sum(b.machine != h.machine for b, h in paired)
+        moved = sum(other_machine(b.machine, h.machine) for b, h in paired)
         rows.append(HealingRow(base.key, seeds, sum(fixed[s].flagged for s in seeds),
                                sum(bool(fixed[s].flagged_at_best) for s in seeds),
                                sum(bool(fixed[s].noised_epochs) for s in seeds),
