@@ -83,6 +83,7 @@ def test_validation_is_batch_invariant_and_pinned(odd_flags):
     whole = trainlib.validate(net, val, spec, cpu, epoch=3, batch_size=512)
     pieces = trainlib.validate(net, val, spec, cpu, epoch=3, batch_size=5)
     assert whole["val_pgd10_acc"] == pieces["val_pgd10_acc"]
+    # not exactly: the matrix product rounds a row differently at another batch (6e-8 here)
     assert whole["val_fosc"] == pytest.approx(pieces["val_fosc"], rel=1e-6)
     assert whole["val_sgcs"] == pytest.approx(pieces["val_sgcs"], rel=1e-6)
     assert net.training and numerics.current() == odd_flags
@@ -115,6 +116,27 @@ def test_eval_batch_size_choices():
     # 80 GiB free, TinyImageNet: the measured 9 GiB at 512 allows 2048 in half of it
     assert evalbatch.fitting_batch(80 * 2**30, (3, 64, 64)) == 2048
     assert evalbatch.fitting_batch(12 * 2**30, (3, 64, 64)) == 256  # a 12 GB card
+
+
+def test_validation_batch_on_a_cpu_is_its_own_and_requests_still_win(monkeypatch):
+    assert evalbatch.validation_batch_size((1, 28, 28), "cpu") == evalbatch.CPU_VALIDATION_BATCH
+    assert evalbatch.CPU_VALIDATION_BATCH != evalbatch.CPU_BATCH  # evaluation keys keep 500
+    assert evalbatch.validation_batch_size((1, 28, 28), "cpu", requested=9) == 9
+    with pytest.raises(BadInput, match="--eval-batch 0"):
+        evalbatch.validation_batch_size((1, 28, 28), "cpu", requested=0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (12 * 2**30, 16 * 2**30))
+    assert evalbatch.validation_batch_size((3, 64, 64), "cuda") == 256  # as evaluation
+
+
+def test_validation_runs_at_the_cpu_validation_batch(monkeypatch):
+    sizes = []
+    real = trainlib.datalib.batches
+    monkeypatch.setattr(trainlib.datalib, "batches",
+                        lambda data, size, **kw: sizes.append(size) or real(data, size, **kw))
+    val = ImageSet(torch.zeros(3, 1, 4, 4, dtype=torch.uint8), torch.arange(3) % 4)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 4))
+    trainlib.validate(net, val, _val_spec(), torch.device("cpu"), epoch=1)
+    assert sizes == [evalbatch.CPU_VALIDATION_BATCH]
 
 
 def test_out_of_memory_becomes_one_line_naming_the_option():

@@ -238,8 +238,9 @@ def test_the_wrong_trace_would_be_visible():
 def test_validation_does_not_depend_on_its_batch_size():
     spec, val = _spec(), _val()
     results = [_validate(_net(), val, spec, batch_size=size) for size in (5, 24)]
-    for key in results[0]:
-        assert results[0][key] == pytest.approx(results[1][key], rel=1e-5, abs=1e-7), key
+    # exactly, on a net whose kernels round each example alike at both batches: the sums are
+    # taken once over all examples, so no batch regroups them (summed per batch they differ)
+    assert results[0] == results[1]
 
 
 # ------------------------------------------------------------------ Algorithm 1's trigger

@@ -21,7 +21,7 @@ from trades_repro import evalbatch, numerics, store
 from trades_repro.attacks import eval_mode, pgd
 from trades_repro.awp import awp_active
 from trades_repro.engine import RunState, Session, TrainingError, build_session, lr_at
-from trades_repro.evalbatch import eval_batch_size, out_of_memory_hint
+from trades_repro.evalbatch import out_of_memory_hint, validation_batch_size
 from trades_repro.metrics import attack_sgcs, correct, fosc
 from trades_repro.policies import update_policies
 from trades_repro.progress import progress_bar
@@ -35,8 +35,9 @@ def train(spec: ExperimentSpec, runs_dir: Path, *, progress: bool = True,
           eval_batch: int | None = None) -> store.RunResult:
     """Train `spec` into `runs_dir/<digest>/`: resume it if unfinished, skip it if finished.
 
-    `eval_batch` sets validation's batch (default: from the image size and free memory); it
-    does not change any result, so it is not part of the spec.
+    `eval_batch` sets validation's batch (default: `evalbatch.validation_batch_size`); beyond
+    how a kernel rounds an example at another batch it changes no result, so it is not part
+    of the spec.
     """
     if eval_batch is not None:
         evalbatch.checked(eval_batch)  # a bad value fails now, not after epoch 1
@@ -178,8 +179,9 @@ def validate(model: nn.Module, val: datalib.ImageSet, spec: ExperimentSpec,
 
     Runs under the evaluation numerics (fp32, deterministic cuDNN; `numerics.evaluation`)
     whatever the training precision, in eval mode, and restores each submodule's mode after.
-    The random starts are drawn for the whole set at once from (seed, epoch), so the result
-    does not depend on `batch_size` (default: `evalbatch.eval_batch_size`). `prepare` converts
+    The random starts are drawn for the whole set at once from (seed, epoch) and the
+    per-example values are summed once, so the result does not depend on `batch_size`
+    (default: `evalbatch.validation_batch_size`) beyond kernel rounding. `prepare` converts
     each input as training does (channels_last), the layout the model's weights are in.
     """
     attack, monitor = spec.validation, spec.monitor
@@ -187,16 +189,17 @@ def validate(model: nn.Module, val: datalib.ImageSet, spec: ExperimentSpec,
     n = len(val.labels)
     gen = torch.Generator(device=device).manual_seed(spec.seed * 100_003 + epoch)  # per epoch
     noise = torch.rand((n, *val.images.shape[1:]), generator=gen, device=device)
-    size = eval_batch_size(val.images.shape[1:], device, batch_size)
+    size = validation_batch_size(val.images.shape[1:], device, batch_size)
     prepare = prepare or (lambda x: x)
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # clean, robust, FOSC, SGCS
+    rows = []  # per example: clean, robust, FOSC, SGCS, summed once so no batch regroups them
     batches = datalib.batches(val, size, generator=None, shuffle=False, augment=False,
                               padding=0, device=device)
     with eval_mode(model), numerics.evaluation(), out_of_memory_hint(size):
         for index, (x, y) in enumerate(batches):
             x = prepare(x)
             start = noise[index * size:index * size + len(y)]
-            _validate_batch(model, x, y, attack, monitor, record, start, sums)
+            rows.append(_validate_batch(model, x, y, attack, monitor, record, start))
+    sums = torch.cat(rows).sum(dim=0)
     clean, robust, fosc_sum, sgcs_sum = sums.tolist()  # the one host sync of validation
     return {
         "val_clean_acc": clean / n,
@@ -207,17 +210,20 @@ def validate(model: nn.Module, val: datalib.ImageSet, spec: ExperimentSpec,
 
 
 def _validate_batch(model: nn.Module, x: Tensor, y: Tensor, attack, monitor, record: bool,
-                    noise: Tensor, sums: Tensor) -> None:
+                    noise: Tensor) -> Tensor:
+    """The batch's per-example [clean correct, robust correct, FOSC, SGCS] in float64."""
     out = pgd(model, x, y, eps=attack.eps, step_size=attack.step_size, steps=attack.steps,
               random_start=attack.random_start, record=record, noise=noise.to(x))
     x_adv, trace = out if record else (out, None)
+    row = torch.zeros(len(y), 4, dtype=torch.float64, device=x.device)
     with torch.no_grad():
-        sums[0] += correct(model(x), y).sum()
-        sums[1] += correct(model(x_adv), y).sum()
+        row[:, 0] = correct(model(x), y)
+        row[:, 1] = correct(model(x_adv), y)
     if monitor.fosc:
-        sums[2] += fosc(x_adv, x, trace[-1], attack.eps).sum()
+        row[:, 2] = fosc(x_adv, x, trace[-1], attack.eps)
     if monitor.sgcs:
-        sums[3] += attack_sgcs(trace).sum()  # Eq. 3: the k step gradients
+        row[:, 3] = attack_sgcs(trace)  # Eq. 3: the k step gradients
+    return row
 
 
 __all__ = ["TrainingError", "train", "train_epoch", "validate"]
