@@ -11,6 +11,7 @@ from claimsutil import arm, claim, claims_folder
 from factories import assert_one_line_error
 from typer.testing import CliRunner
 
+from trades_repro import judges
 from trades_repro.claimkinds import TIERS
 from trades_repro.claims import ClaimsError, load_catalogue
 from trades_repro.cli import app
@@ -75,6 +76,26 @@ def test_verbatim_text_carries_the_typed_numbers(catalogue):
         else:
             typed = [c.expected.mean] + ([c.expected.sd] if c.expected.sd is not None else [])
             assert said == pytest.approx(typed), entry.id
+
+
+def _counted_trends(catalogue):
+    return [e for e in catalogue.entries
+            if e.claim.kind == "trend" and e.claim.expected and e.claim.values_from == "paper"]
+
+
+def test_a_trends_verbatim_counts_are_its_expected_counts_in_arm_order(catalogue):
+    for entry in _counted_trends(catalogue):
+        typed = [x for rate in entry.claim.expected for x in (rate.k, rate.n)]
+        assert _numbers(entry.claim.verbatim) == typed, entry.id
+
+
+def test_every_counted_trend_holds_on_the_papers_own_counts(catalogue):
+    """A trend the paper's counts cannot support would fail on an exact reproduction."""
+    for entry in _counted_trends(catalogue):
+        c = entry.claim
+        counts = [(rate.k, rate.n) for rate in c.expected]
+        significant = judges._rate_trend(c.test.name, counts, c.direction).p_value < c.test.alpha
+        assert significant == (c.direction == "increasing"), entry.id
 
 
 def _plain(text: str) -> str:
