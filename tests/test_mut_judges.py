@@ -695,9 +695,9 @@ def test_a_run_without_fosc_is_left_out_of_an_event(tmp_path):
             "failed",
             0.05,
         ),
-        (
+        (  # three epochs above 0.05, one above 0.3
             {"name": "spike_duration_at_most", "max_epochs": 1, "fosc_threshold": 0.3},
-            [0.01, 0.2, 0.2, 0.01],
+            [0.01, 0.2, 0.4, 0.2, 0.01],
             "held",
             0.3,
         ),
@@ -1361,3 +1361,46 @@ def test_which_runs_healed_is_read_at_the_events_own_threshold(tmp_path):
     low_peak = [0.01, 0.08, 0.005, 0.01, 0.01]
     catalogue = _signature(tmp_path, [(low_peak, HEAL_CLEAN, HEAL_W)], fosc_threshold=0.1)
     assert _judge(tmp_path, catalogue, "table_9.event")["status"] == "undetermined"
+
+
+# ------------------------------------------- a spike is a rise, not the start of training
+
+
+def test_a_stretch_from_the_first_epoch_is_not_a_spike():
+    start_high = [0.2, 0.2, 0.01, 0.3, 0.01]
+    assert events.spikes(start_high, 0.05) == [(3, 3)]
+    assert events.first_spike_epoch(start_high, 0.05) == 4
+    assert events.first_spike_epoch([0.2, 0.1, 0.1], 0.05) is None
+    # a decaying start is not Fig. 5's self-healing, nor a long Fig. 6 spike
+    assert not events.self_healing([0.2, 0.2, 0.01, 0.01], 0.05, within=3).happened
+    assert events.spike_duration_at_most([0.2, 0.2, 0.2, 0.01, 0.3, 0.01], 0.05,
+                                         max_epochs=1).happened
+    # Fig. 3's onset is the rise at epoch 4, with the three epochs before as its baseline
+    gap = [0.5, 0.4, 0.4, 0.1, 0.3]
+    result = events.gap_drop_at_spike(start_high, gap, 0.05, min_drop=0.2, window=5)
+    assert (result.happened, result.epoch) == (True, 4)
+
+
+def test_fig_2s_peak_is_taken_from_the_second_epoch_on():
+    result = events.fosc_spike([0.5, 0.01, 0.02, 0.01], [0.2, 0.3, 0.3, 0.3], 0.01,
+                               ratio=3, pgd10_max_change=0.02)
+    assert (result.happened, result.epoch) == (False, 3)  # 2x at epoch 3; epoch 1 ignored
+    result = events.fosc_spike([0.5, 0.01, 0.04, 0.01], [0.2, 0.3, 0.3, 0.3], 0.01,
+                               ratio=3, pgd10_max_change=0.02)
+    assert (result.happened, result.epoch) == (True, 3)
+    assert not events.fosc_spike([0.5], [0.2], 0.01, ratio=3, pgd10_max_change=1).happened
+
+
+def test_fig_6s_duration_counts_only_runs_with_a_spike(tmp_path):
+    no_spike, long_spike = [0.01] * 5, [0.01, 0.2, 0.2, 0.2, 0.01]
+    catalogue, _ = _event(tmp_path, {"name": "spike_duration_at_most", "max_epochs": 1},
+                          [no_spike, long_spike], min_rate=0.5)
+    got = _judge(tmp_path, catalogue, "table_9.event")
+    assert (got["status"], got["ours"]) == ("failed", "0/1 runs")  # was 1/2: held
+
+
+def test_fig_6s_duration_without_any_spike_is_undetermined(tmp_path):
+    catalogue, _ = _event(tmp_path, {"name": "spike_duration_at_most", "max_epochs": 1},
+                          [[0.01] * 5, [0.2, 0.01, 0.01]])
+    got = _judge(tmp_path, catalogue, "table_9.event")
+    assert got["status"] == "undetermined" and "rising above the threshold" in got["detail"]

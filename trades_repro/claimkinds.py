@@ -250,7 +250,8 @@ class HealingSignature(_Frozen):
 
 
 class SpikeDuration(_Frozen):
-    """Fig. 6/7: every stretch of epochs with FOSC above the threshold lasts ≤ `max_epochs`."""
+    """Fig. 6/7: every FOSC spike (a rise above the threshold) lasts ≤ `max_epochs`; judged
+    among the runs with a spike (a run without one shows nothing)."""
 
     name: Literal["spike_duration_at_most"]
     max_epochs: Annotated[int, Field(ge=1)]

@@ -162,6 +162,9 @@ def event(entry: Entry, ctx: Context) -> Judgement:
         runs = [r for r in runs if events.healed_spikes(
             r.fosc(), _threshold(claim.event, r), claim.event.within)]
         what += f" that self-healed within {claim.event.within} epoch(s)"
+    if isinstance(claim.event, SpikeDuration) and runs:  # Fig. 6: among the runs that spiked
+        runs = [r for r in runs if events.spikes(r.fosc(), _threshold(claim.event, r))]
+        what += " rising above the threshold"
     if not runs or (isinstance(claim.event, FoscSpike) and reference is None):
         return judged(entry, ctx, "undetermined", n_found=sum(map(len, found.values())),
                      detail=f"no {claim.subset} run with {what}" if not runs
