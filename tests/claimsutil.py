@@ -52,10 +52,12 @@ def write_run(runs: Path, spec: ExperimentSpec, *, pgd10: float = 0.40, square: 
               gap: list[float] | None = None, folder: str | None = None,
               status: str = "finished", policy: str = "best_pgd10",
               drop: tuple[str, ...] = (), roughness: float | None = None,
-              radius: float | None = None, batches: dict[int, dict] | None = None) -> Path:
+              radius: float | None = None, batches: dict[int, dict] | None = None,
+              attacks: dict[str, float] | None = None) -> Path:
     """One run's evidence; flagged by rule v1 iff pgd10 − square ≥ 0.08. `roughness` adds a
     landscape (over `radius`, default the spec's own); `batches` maps an epoch to App. G
-    series (w_grad_norm, kl_norm, ce_norm, grad_cosine_similarity) for batches.jsonl."""
+    series (w_grad_norm, kl_norm, ce_norm, grad_cosine_similarity) for batches.jsonl;
+    `attacks` adds more attacks' accuracies (AutoAttack's breakdown)."""
     run = runs / (folder or spec.digest())
     run.mkdir(parents=True, exist_ok=True)
     (run / "spec.json").write_text(spec.model_dump_json())
@@ -71,6 +73,7 @@ def write_run(runs: Path, spec: ExperimentSpec, *, pgd10: float = 0.40, square: 
                           "square": _attack("square", square),
                           "autoattack": _attack("autoattack", min(pgd10, square) - 0.01)},
               "complete": True}
+    record["attacks"].update({k: _attack(k, v) for k, v in (attacks or {}).items()})
     record["attacks"] = {k: v for k, v in record["attacks"].items() if k not in drop}
     if roughness is not None:
         record["landscape"] = {"radius": spec.landscape().radius if radius is None else radius,

@@ -302,3 +302,14 @@ def test_a_non_finite_expected_value_is_refused_with_the_file(tmp_path):
                                              "expected: {mean: .nan,", 1))
     with pytest.raises(ClaimsError, match=r"table_3.yaml.*finite"):
         load_catalogue(folder)
+
+
+def test_every_tier_evaluates_the_attacks_its_claims_read(catalogue):
+    """An arm that does not run an attack a claim reads leaves that claim 'not run' forever."""
+    for entry in catalogue.entries:
+        reads = judges.needs_of(entry.claim) - {"clean", "landscape"}
+        for tier in catalogue.tiers_of(entry):
+            for arm_name in entry.claim.arm_names():
+                for spec in catalogue.specs(arm_name, tier):
+                    missing = reads - set(spec.evaluation.attacks)
+                    assert not missing, f"{entry.id} at {tier}: {arm_name} lacks {missing}"

@@ -831,7 +831,8 @@ def test_a_flagged_event_waits_for_the_rules_attacks(tmp_path):
         drop=("square",),
     )
     got = _judge(tmp_path, catalogue, "table_9.event")
-    assert (got["status"], got["detail"]) == ("not run", "0 of 1 runs finished")
+    assert (got["status"], got["detail"]) == (
+        "not run", "0 of 1 runs finished with pgd10, square evaluated (1 finished without)")
 
 
 def test_a_partial_event_says_so(tmp_path):
@@ -972,7 +973,9 @@ def test_healing_waits_for_clean_accuracy(tmp_path):
         record["clean"] = None
     path.write_text(json.dumps(evals))
     got = _judge(tmp_path, catalogue, "table_9.fix")
-    assert (got["status"], got["detail"]) == ("incomplete", "incomplete (3 of 4 seeds)")
+    assert (got["status"], got["detail"]) == (
+        "incomplete", "incomplete (3 of 4 seeds) with clean, pgd10, square evaluated (1 finished "
+        "without)")
 
 
 def test_healing_regular_runs_are_those_the_rule_clears(tmp_path):
@@ -1404,3 +1407,46 @@ def test_fig_6s_duration_without_any_spike_is_undetermined(tmp_path):
                           [[0.01] * 5, [0.2, 0.01, 0.01]])
     got = _judge(tmp_path, catalogue, "table_9.event")
     assert got["status"] == "undetermined" and "rising above the threshold" in got["detail"]
+
+
+# ------------------------------------------------ Table 1: Square is the main contributor
+
+
+def test_square_lowest_compares_square_with_each_white_box_attack():
+    white = {"apgd-ce": 0.19, "apgd-t": 0.18, "fab-t": 0.2}
+    result = events.square_lowest(0.12, white, margin=0.05)
+    assert result == events.EventResult(True, "Square 0.1200, lowest white-box apgd-t 0.1800 "
+                                        "(margin +0.0600)")
+    assert not events.square_lowest(0.14, white, margin=0.05).happened  # 0.04 below only
+    assert events.square_lowest(0.18, white, margin=0).happened  # a tie is not above
+    assert not events.square_lowest(0.181, white, margin=0).happened
+
+
+def test_square_lowest_judges_flagged_runs_by_their_breakdown(tmp_path):
+    c = claim("table_9.square", "event", arms=["a"], subset="flagged",
+              rule="pgd10_minus_square_v1", event={"name": "square_lowest", "margin": 0.02},
+              test={"name": "rate_at_least", "min_rate": 0.5})
+    catalogue = _catalogue(tmp_path, {"a": arm(seeds=3)}, [c])
+    masked, white_lower, regular = catalogue.specs("a", "full")
+    write_run(tmp_path / "runs", masked, pgd10=0.3, square=0.12,
+              attacks={"apgd-ce": 0.19, "apgd-t": 0.18, "fab-t": 0.2})
+    write_run(tmp_path / "runs", white_lower, pgd10=0.3, square=0.12,
+              attacks={"apgd-ce": 0.19, "apgd-t": 0.13, "fab-t": 0.2})
+    write_run(tmp_path / "runs", regular, pgd10=0.3, square=0.29,
+              attacks={"apgd-ce": 0.19, "apgd-t": 0.18, "fab-t": 0.2})
+    got = _judge(tmp_path, catalogue, "table_9.square")
+    assert (got["status"], got["ours"]) == ("held", "1/2 runs")  # the regular run not judged
+    assert got["series"] == {} and got["line"] is None  # no FOSC plot for a breakdown
+
+
+def test_square_lowest_without_the_breakdown_is_not_judged(tmp_path):
+    c = claim("table_9.square", "event", arms=["a"], subset="flagged",
+              rule="pgd10_minus_square_v1", event={"name": "square_lowest"},
+              test={"name": "rate_at_least", "min_rate": 0.5})
+    catalogue = _catalogue(tmp_path, {"a": arm(seeds=1)}, [c])
+    (spec,) = catalogue.specs("a", "full")
+    write_run(tmp_path / "runs", spec, pgd10=0.3, square=0.12)  # PGD-10 and Square only
+    got = _judge(tmp_path, catalogue, "table_9.square")
+    assert (got["status"], got["detail"]) == (
+        "not run", "0 of 1 runs finished with apgd-ce, apgd-t, fab-t, pgd10, square evaluated "
+        "(1 finished without)")

@@ -258,6 +258,19 @@ class SpikeDuration(_Frozen):
     fosc_threshold: Annotated[float, Field(gt=0)] | None = None
 
 
+WHITE_BOX = ("apgd-ce", "apgd-t", "fab-t")  # AutoAttack's white-box attacks (Table 1)
+
+
+class SquareLowest(_Frozen):
+    """Table 1 / §4.1: in the run's AutoAttack breakdown the black-box Square attack leaves
+    the lowest accuracy, at least `margin` below each white-box attack's (APGD-CE, APGD-T,
+    FAB-T): Square is "the main contributor" to AutoAttack's lower number. Reads eval.json,
+    not the epoch series."""
+
+    name: Literal["square_lowest"]
+    margin: Annotated[float, Field(ge=0, lt=1)] = 0.0
+
+
 class BatchCoupling(_Frozen):
     """Fig. 4 / §5.2, over App. G's steps of the first epoch validation FOSC passes the
     threshold (needs `monitor.batch_metrics`). `kl_with_w`: W_grad_norm's spikes are KL_norm's,
@@ -272,7 +285,7 @@ class BatchCoupling(_Frozen):
 
 
 EventSpec = Annotated[FoscSpike | GapDrop | SelfHealing | HealingSignature | SpikeDuration
-                      | BatchCoupling, Field(discriminator="name")]
+                      | BatchCoupling | SquareLowest, Field(discriminator="name")]
 
 
 class Event(_Claim):

@@ -100,6 +100,13 @@ def spike_duration_at_most(fosc: Sequence[float], threshold: float,
                        f"{threshold:g}, the longest {longest} epoch(s)")
 
 
+def square_lowest(square: float, white_box: dict[str, float], *, margin: float) -> EventResult:
+    """Table 1 / §4.1: Square's accuracy is at least `margin` below every white-box attack's."""
+    name, lowest = min(white_box.items(), key=lambda item: item[1])
+    return EventResult(square <= lowest - margin, f"Square {square:.4f}, lowest white-box "
+                       f"{name} {lowest:.4f} (margin {lowest - square:+.4f})")
+
+
 def healing_signature(fosc: Sequence[float], clean: Sequence[float],
                       w_grad_norm: Sequence[float], threshold: float, *, within: int,
                       near_zero: float) -> EventResult:

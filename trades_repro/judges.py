@@ -12,12 +12,14 @@ from typing import Any
 
 from trades_repro import events, stats
 from trades_repro.claimkinds import (
+    WHITE_BOX,
     BatchCoupling,
     FoscSpike,
     GapDrop,
     HealingSignature,
     SelfHealing,
     SpikeDuration,
+    SquareLowest,
 )
 from trades_repro.claims import Entry
 from trades_repro.verify import (
@@ -33,9 +35,22 @@ from trades_repro.verify import (
 )
 
 
+def needs_of(claim: Any) -> frozenset[str]:
+    """The evaluation results (attacks, "clean", "landscape") a claim's judge reads."""
+    if claim.kind == "table_cell":
+        return needed(claim, (claim.metric,))
+    if claim.kind == "trend":
+        return needed(claim, () if claim.measure == "flagged" else (claim.measure,))
+    if claim.kind == "event" and isinstance(claim.event, SquareLowest):
+        return needed(claim, ("square", *WHITE_BOX))
+    if claim.kind == "healing":
+        return needed(claim, ("clean",))
+    return needed(claim) if claim.kind != "property" else frozenset()
+
+
 def table_cell(entry: Entry, ctx: Context) -> Judgement:
     claim = entry.claim
-    found, early = collect(entry, ctx, claim.arm_names(), needs=needed(claim, (claim.metric,)))
+    found, early = collect(entry, ctx, claim.arm_names(), needs=needs_of(claim))
     if early:
         return early
     runs = subset(found[claim.arm], claim.subset, claim.rule)
@@ -72,7 +87,7 @@ def table_cell(entry: Entry, ctx: Context) -> Judgement:
 
 def instability_rate(entry: Entry, ctx: Context) -> Judgement:
     claim = entry.claim
-    found, early = collect(entry, ctx, (claim.arm,), needs=needed(claim))
+    found, early = collect(entry, ctx, (claim.arm,), needs=needs_of(claim))
     if early:
         return early
     flags = [r.flagged(claim.rule) for r in found[claim.arm]]
@@ -96,8 +111,7 @@ def instability_rate(entry: Entry, ctx: Context) -> Judgement:
 
 def trend(entry: Entry, ctx: Context) -> Judgement:
     claim = entry.claim
-    metrics = () if claim.measure == "flagged" else (claim.measure,)
-    found, early = collect(entry, ctx, claim.arms, needs=needed(claim, metrics))
+    found, early = collect(entry, ctx, claim.arms, needs=needs_of(claim))
     if early:
         return early
     runs = [subset(found[a], which, claim.rule) for a, which in claim.groups()]
@@ -147,17 +161,19 @@ def _paper_p(claim: Any) -> str:
 
 def event(entry: Entry, ctx: Context) -> Judgement:
     claim = entry.claim
-    found, early = collect(entry, ctx, claim.arm_names(), needs=needed(claim))
+    breakdown = isinstance(claim.event, SquareLowest)  # reads eval.json, not the series
+    found, early = collect(entry, ctx, claim.arm_names(), needs=needs_of(claim))
     if early:
         return early
     runs = subset([r for a in claim.arms for r in found[a]], claim.subset, claim.rule)
-    runs = [r for r in runs if r.fosc() is not None]
+    runs = [r for r in runs if breakdown or r.fosc() is not None]
     steps = isinstance(claim.event, BatchCoupling)
     app_g = steps or isinstance(claim.event, HealingSignature)
     if app_g:  # App. G's metrics exist only where the run monitored them
         runs = [r for r in runs if r.spec.monitor.batch_metrics]
     reference = _reference_median(claim, found)
-    what = "FOSC and App. G metrics (monitor.batch_metrics)" if app_g else "FOSC"
+    what = ("FOSC and App. G metrics (monitor.batch_metrics)" if app_g
+            else "AutoAttack's breakdown" if breakdown else "FOSC")
     if isinstance(claim.event, HealingSignature) and runs:  # §5.3: among the runs that healed
         runs = [r for r in runs if events.healed_spikes(
             r.fosc(), _threshold(claim.event, r), claim.event.within)]
@@ -180,8 +196,8 @@ def event(entry: Entry, ctx: Context) -> Judgement:
                  statistic=k / n, interval=stats.clopper_pearson(k, n), n_found=n,
                  n_required=sum(len(ctx.catalogue.specs(a, ctx.tier)) for a in claim.arms),
                  partial=ctx.allow_partial, detail=lines,
-                 series={r.label: r.fosc() for r in runs}, steps=traces,
-                 line=_line(claim.event, runs[0], reference))
+                 series={} if breakdown else {r.label: r.fosc() for r in runs}, steps=traces,
+                 line=None if breakdown else _line(claim.event, runs[0], reference))
 
 
 def _line(spec: Any, run: RunEvidence, reference: float | None) -> tuple[str, float]:
@@ -224,6 +240,10 @@ def _event_outcome(spec: Any, run: RunEvidence, reference: float | None) -> even
             fosc, [r.train_clean_acc for r in run.records],
             [r.w_grad_norm for r in run.records], threshold, within=spec.within,
             near_zero=spec.near_zero)
+    if isinstance(spec, SquareLowest):
+        return events.square_lowest(run.metric("square"),
+                                    {name: run.metric(name) for name in WHITE_BOX},
+                                    margin=spec.margin)
     assert isinstance(spec, SpikeDuration)
     return events.spike_duration_at_most(fosc, threshold, max_epochs=spec.max_epochs)
 
@@ -265,7 +285,7 @@ def _coupling(spec: BatchCoupling, run: RunEvidence, threshold: float) -> events
 
 def healing(entry: Entry, ctx: Context) -> Judgement:
     claim = entry.claim
-    found, early = collect(entry, ctx, claim.arm_names(), needs=needed(claim, ("clean",)))
+    found, early = collect(entry, ctx, claim.arm_names(), needs=needs_of(claim))
     if early:
         return early
     base = {r.spec.seed: r for r in found[claim.arms.baseline]}

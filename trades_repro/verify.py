@@ -233,19 +233,22 @@ def collect(entry: Entry, ctx: Context, arms: tuple[str, ...], *,
     when seeds are missing, the 'not run' / 'incomplete' judgement to return instead (unless
     partial judging was asked for)."""
     found: dict[str, list[RunEvidence]] = {}
-    required = have = 0
+    required = have = lacking = 0
     for arm in dict.fromkeys(arms):
         specs = ctx.catalogue.specs(arm, ctx.tier)
         policy = ctx.catalogue.arms[arm].policy
-        runs = [ctx.evidence.run(spec, policy) for spec in specs]
-        found[arm] = [r for r in runs if r is not None and r.has(needs)]
+        runs = [r for r in (ctx.evidence.run(spec, policy) for spec in specs) if r is not None]
+        found[arm] = [r for r in runs if r.has(needs)]
         required, have = required + len(specs), have + len(found[arm])
+        lacking += len(runs) - len(found[arm])
+    why = (f" with {', '.join(sorted(needs))} evaluated ({lacking} finished without)"
+           if lacking else "")
     if have == 0:
         return found, judged(entry, ctx, "not run", n_required=required,
-                            detail=f"0 of {required} runs finished")
+                            detail=f"0 of {required} runs finished{why}")
     if have < required and not ctx.allow_partial:
         return found, judged(entry, ctx, "incomplete", n_required=required, n_found=have,
-                            detail=f"incomplete ({have} of {required} seeds)")
+                            detail=f"incomplete ({have} of {required} seeds){why}")
     return found, None
 
 
