@@ -53,18 +53,22 @@ def write_run(runs: Path, spec: ExperimentSpec, *, pgd10: float = 0.40, square: 
               status: str = "finished", policy: str = "best_pgd10",
               drop: tuple[str, ...] = (), roughness: float | None = None,
               radius: float | None = None, batches: dict[int, dict] | None = None,
-              attacks: dict[str, float] | None = None) -> Path:
+              attacks: dict[str, float] | None = None,
+              sgcs: list[float] | None = None) -> Path:
     """One run's evidence; flagged by rule v1 iff pgd10 − square ≥ 0.08. `roughness` adds a
     landscape (over `radius`, default the spec's own); `batches` maps an epoch to App. G
     series (w_grad_norm, kl_norm, ce_norm, grad_cosine_similarity) for batches.jsonl;
-    `attacks` adds more attacks' accuracies (AutoAttack's breakdown)."""
+    `attacks` adds more attacks' accuracies (AutoAttack's breakdown); `sgcs` is the SGCS per
+    epoch (default 0.5 throughout)."""
     run = runs / (folder or spec.digest())
     run.mkdir(parents=True, exist_ok=True)
     (run / "spec.json").write_text(spec.model_dump_json())
     (run / "provenance.json").write_text(json.dumps({"status": status}))
     fosc = fosc or [0.01] * 5
     gap = gap or [0.3] * len(fosc)
-    lines = [_epoch(i + 1, f, g) for i, (f, g) in enumerate(zip(fosc, gap, strict=True))]
+    sgcs = sgcs or [0.5] * len(fosc)
+    lines = [_epoch(i + 1, f, g, c)
+             for i, (f, g, c) in enumerate(zip(fosc, gap, sgcs, strict=True))]
     (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     record = {"checkpoint": "best.safetensors", "sha256": "0" * 64, "policies": [policy],
               "key": "k" + spec.digest(), "settings": _settings(), "requested": ["pgd10",
@@ -122,8 +126,8 @@ def _settings() -> dict:
             "square_queries": 5000, "device": "cpu", "landscape": {}}
 
 
-def _epoch(epoch: int, fosc: float, gap: float) -> dict:
+def _epoch(epoch: int, fosc: float, gap: float, sgcs: float) -> dict:
     return {"epoch": epoch, "lr": 0.1, "train_loss": 1.0, "train_clean_acc": 0.5 + gap,
             "train_adv_acc": 0.5, "train_gap": gap, "val_source": "test",
-            "val_clean_acc": 0.9, "val_pgd10_acc": 0.4, "val_fosc": fosc, "val_sgcs": 0.5,
+            "val_clean_acc": 0.9, "val_pgd10_acc": 0.4, "val_fosc": fosc, "val_sgcs": sgcs,
             "fosc_ok": fosc <= 0.05, "best_pgd10": epoch == 1, "best_pgd10_fosc_ok": epoch == 1}

@@ -82,6 +82,7 @@ def _expect(claim_id: str, kind: str, status: str, paper: str, **fields) -> dict
         "partial": False,
         "series": {},
         "line": None,
+        "sgcs": {},
         "steps": {},
     }
     return {**base, **fields}
@@ -1450,3 +1451,53 @@ def test_square_lowest_without_the_breakdown_is_not_judged(tmp_path):
     assert (got["status"], got["detail"]) == (
         "not run", "0 of 1 runs finished with apgd-ce, apgd-t, fab-t, pgd10, square evaluated "
         "(1 finished without)")
+
+
+# --------------------------------------- Fig. 2: FOSC and SGCS change in the same epoch
+
+FOSC_JUMP = [0.01, 0.012, 0.011, 0.08, 0.07]  # the sharpest rise is epoch 4's
+SGCS_SAME = [0.6, 0.61, 0.6, 0.3, 0.35]  # the sharpest fall is epoch 4's too
+SGCS_LATE = [0.6, 0.61, 0.6, 0.58, 0.2]  # epoch 5's
+
+
+def test_sgcs_falls_with_fosc_compares_the_sharpest_changes():
+    result = events.sgcs_falls_with_fosc(FOSC_JUMP, SGCS_SAME, within_epochs=0)
+    assert result == events.EventResult(
+        True, "FOSC's sharpest rise at epoch 4 (0.011 → 0.08), SGCS's sharpest fall at epoch 4 "
+        "(0.6 → 0.3)", 4)
+    assert not events.sgcs_falls_with_fosc(FOSC_JUMP, SGCS_LATE, within_epochs=0).happened
+    assert events.sgcs_falls_with_fosc(FOSC_JUMP, SGCS_LATE, within_epochs=1).happened
+    # a rise of SGCS is no fall: its largest "fall" is then the smallest rise
+    assert not events.sgcs_falls_with_fosc(FOSC_JUMP, [0.1, 0.2, 0.3, 0.9, 0.9],
+                                           within_epochs=0).happened
+    assert not events.sgcs_falls_with_fosc([0.1], [0.5], within_epochs=3).happened
+
+
+def test_fig_2s_sgcs_event_is_judged_per_run_and_drawn_beside_fosc(tmp_path):
+    from trades_repro.report import write_markdown
+
+    catalogue, _ = _event(tmp_path, {"name": "sgcs_falls_with_fosc"}, [FOSC_JUMP, FOSC_JUMP],
+                          min_rate=0.5)
+    same, late = catalogue.specs("a", "full")
+    write_run(tmp_path / "runs", same, fosc=FOSC_JUMP, sgcs=SGCS_SAME)
+    write_run(tmp_path / "runs", late, fosc=FOSC_JUMP, sgcs=SGCS_LATE)
+    ctx = Context(catalogue, Evidence(tmp_path / "runs"), "full")
+    judgement = judge(catalogue.by_id["table_9.event"], ctx)
+    assert (judgement.status, judgement.ours, judgement.line) == ("held", "1/2 runs", None)
+    assert sorted(judgement.sgcs.values()) == sorted([SGCS_SAME, SGCS_LATE])
+    report = tmp_path / "out" / "report.md"
+    write_markdown(report, [judgement], catalogue.titles, tier="full", runs_dir=tmp_path)
+    with_sgcs = (report.parent / "report_table_9.event.png").stat().st_size
+    plain = judgement.model_copy(update={"sgcs": {}})
+    write_markdown(tmp_path / "plain" / "report.md", [plain], catalogue.titles, tier="full",
+                   runs_dir=tmp_path)
+    assert with_sgcs > (tmp_path / "plain" / "report_table_9.event.png").stat().st_size
+
+
+def test_fig_2s_sgcs_event_skips_runs_without_sgcs(tmp_path):
+    catalogue, runs = _event(tmp_path, {"name": "sgcs_falls_with_fosc"}, [FOSC_JUMP])
+    lines = [json.loads(x) for x in (runs[0] / "metrics.jsonl").read_text().splitlines()]
+    (runs[0] / "metrics.jsonl").write_text("".join(
+        json.dumps({**x, "val_sgcs": None}) + "\n" for x in lines))
+    got = _judge(tmp_path, catalogue, "table_9.event")
+    assert (got["status"], got["detail"]) == ("undetermined", "no all run with FOSC and SGCS")

@@ -258,6 +258,15 @@ class SpikeDuration(_Frozen):
     fosc_threshold: Annotated[float, Field(gt=0)] | None = None
 
 
+class SgcsWithFosc(_Frozen):
+    """Fig. 2 / §4.2: FOSC and SGCS change sharply "simultaneously": the epoch of SGCS's
+    largest one-epoch fall is within `within_epochs` of the epoch of FOSC's largest one-epoch
+    rise (SGCS falls as masking grows, Sec. 3.2). Scale-free: no size is asked of either."""
+
+    name: Literal["sgcs_falls_with_fosc"]
+    within_epochs: Annotated[int, Field(ge=0)] = 0
+
+
 WHITE_BOX = ("apgd-ce", "apgd-t", "fab-t")  # AutoAttack's white-box attacks (Table 1)
 
 
@@ -285,7 +294,8 @@ class BatchCoupling(_Frozen):
 
 
 EventSpec = Annotated[FoscSpike | GapDrop | SelfHealing | HealingSignature | SpikeDuration
-                      | BatchCoupling | SquareLowest, Field(discriminator="name")]
+                      | BatchCoupling | SquareLowest | SgcsWithFosc,
+                      Field(discriminator="name")]
 
 
 class Event(_Claim):

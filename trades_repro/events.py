@@ -100,6 +100,20 @@ def spike_duration_at_most(fosc: Sequence[float], threshold: float,
                        f"{threshold:g}, the longest {longest} epoch(s)")
 
 
+def sgcs_falls_with_fosc(fosc: Sequence[float], sgcs: Sequence[float], *,
+                         within_epochs: int) -> EventResult:
+    """Fig. 2: SGCS's largest one-epoch fall comes within `within_epochs` of FOSC's largest
+    one-epoch rise (both from the second epoch on; the first change is epoch 2's)."""
+    if len(fosc) < 2:
+        return EventResult(False, f"{len(fosc)} epoch(s): no change to judge")
+    rise = max(range(1, len(fosc)), key=lambda i: fosc[i] - fosc[i - 1])
+    fall = max(range(1, len(sgcs)), key=lambda i: sgcs[i - 1] - sgcs[i])
+    return EventResult(abs(rise - fall) <= within_epochs,
+                       f"FOSC's sharpest rise at epoch {rise + 1} ({fosc[rise - 1]:.4g} → "
+                       f"{fosc[rise]:.4g}), SGCS's sharpest fall at epoch {fall + 1} "
+                       f"({sgcs[fall - 1]:.4g} → {sgcs[fall]:.4g})", rise + 1)
+
+
 def square_lowest(square: float, white_box: dict[str, float], *, margin: float) -> EventResult:
     """Table 1 / §4.1: Square's accuracy is at least `margin` below every white-box attack's."""
     name, lowest = min(white_box.items(), key=lambda item: item[1])

@@ -18,6 +18,7 @@ from trades_repro.claimkinds import (
     GapDrop,
     HealingSignature,
     SelfHealing,
+    SgcsWithFosc,
     SpikeDuration,
     SquareLowest,
 )
@@ -165,22 +166,11 @@ def event(entry: Entry, ctx: Context) -> Judgement:
     found, early = collect(entry, ctx, claim.arm_names(), needs=needs_of(claim))
     if early:
         return early
-    runs = subset([r for a in claim.arms for r in found[a]], claim.subset, claim.rule)
-    runs = [r for r in runs if breakdown or r.fosc() is not None]
+    runs, what = _eligible(claim.event, subset([r for a in claim.arms for r in found[a]],
+                                               claim.subset, claim.rule))
     steps = isinstance(claim.event, BatchCoupling)
-    app_g = steps or isinstance(claim.event, HealingSignature)
-    if app_g:  # App. G's metrics exist only where the run monitored them
-        runs = [r for r in runs if r.spec.monitor.batch_metrics]
+    with_sgcs = isinstance(claim.event, SgcsWithFosc)
     reference = _reference_median(claim, found)
-    what = ("FOSC and App. G metrics (monitor.batch_metrics)" if app_g
-            else "AutoAttack's breakdown" if breakdown else "FOSC")
-    if isinstance(claim.event, HealingSignature) and runs:  # §5.3: among the runs that healed
-        runs = [r for r in runs if events.healed_spikes(
-            r.fosc(), _threshold(claim.event, r), claim.event.within)]
-        what += f" that self-healed within {claim.event.within} epoch(s)"
-    if isinstance(claim.event, SpikeDuration) and runs:  # Fig. 6: among the runs that spiked
-        runs = [r for r in runs if events.spikes(r.fosc(), _threshold(claim.event, r))]
-        what += " rising above the threshold"
     if not runs or (isinstance(claim.event, FoscSpike) and reference is None):
         return judged(entry, ctx, "undetermined", n_found=sum(map(len, found.values())),
                      detail=f"no {claim.subset} run with {what}" if not runs
@@ -197,7 +187,30 @@ def event(entry: Entry, ctx: Context) -> Judgement:
                  n_required=sum(len(ctx.catalogue.specs(a, ctx.tier)) for a in claim.arms),
                  partial=ctx.allow_partial, detail=lines,
                  series={} if breakdown else {r.label: r.fosc() for r in runs}, steps=traces,
-                 line=None if breakdown else _line(claim.event, runs[0], reference))
+                 sgcs={r.label: r.sgcs() for r in runs} if with_sgcs else {},
+                 line=None if breakdown or with_sgcs else _line(claim.event, runs[0], reference))
+
+
+def _eligible(spec: Any, runs: list[RunEvidence]) -> tuple[list[RunEvidence], str]:
+    """The runs an event is judged among, and what they have (for "no … run with …")."""
+    if isinstance(spec, SquareLowest):
+        return runs, "AutoAttack's breakdown"
+    runs = [r for r in runs if r.fosc() is not None]
+    if isinstance(spec, SgcsWithFosc):  # SGCS exists only where the run recorded it
+        return [r for r in runs if r.sgcs() is not None], "FOSC and SGCS"
+    if isinstance(spec, BatchCoupling | HealingSignature):  # App. G's, where it was monitored
+        runs = [r for r in runs if r.spec.monitor.batch_metrics]
+        what = "FOSC and App. G metrics (monitor.batch_metrics)"
+        if isinstance(spec, BatchCoupling):
+            return runs, what
+        # §5.3: among the runs that healed
+        return ([r for r in runs if events.healed_spikes(r.fosc(), _threshold(spec, r),
+                                                         spec.within)],
+                f"{what} that self-healed within {spec.within} epoch(s)")
+    if isinstance(spec, SpikeDuration):  # Fig. 6: among the runs that spiked
+        return ([r for r in runs if events.spikes(r.fosc(), _threshold(spec, r))],
+                "FOSC rising above the threshold")
+    return runs, "FOSC"
 
 
 def _line(spec: Any, run: RunEvidence, reference: float | None) -> tuple[str, float]:
@@ -240,6 +253,8 @@ def _event_outcome(spec: Any, run: RunEvidence, reference: float | None) -> even
             fosc, [r.train_clean_acc for r in run.records],
             [r.w_grad_norm for r in run.records], threshold, within=spec.within,
             near_zero=spec.near_zero)
+    if isinstance(spec, SgcsWithFosc):
+        return events.sgcs_falls_with_fosc(fosc, run.sgcs(), within_epochs=spec.within_epochs)
     if isinstance(spec, SquareLowest):
         return events.square_lowest(run.metric("square"),
                                     {name: run.metric(name) for name in WHITE_BOX},

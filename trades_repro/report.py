@@ -105,7 +105,13 @@ def plot_fosc(path: Path, judgement: Judgement) -> Path:
                    label=judgement.line[0])
     ax.set(xlabel="epoch", ylabel="validation FOSC", title=judgement.id)
     ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left")
+    if judgement.sgcs:  # Fig. 2's view: SGCS on its own axis, dashed, same colours
+        right = ax.twinx()
+        for line, (label, values) in zip(ax.get_lines(), judgement.sgcs.items(), strict=False):
+            right.plot(range(1, len(values) + 1), values, linestyle="--", linewidth=1,
+                       color=line.get_color(), label=f"{label} SGCS")
+        right.set_ylabel("validation SGCS (dashed)")
     return _save(fig, path)
 
 

@@ -47,6 +47,7 @@ class Judgement(BaseModel):
     partial: bool = False
     series: dict[str, list[float]] = {}  # event claims: FOSC per epoch of each judged run
     line: tuple[str, float] | None = None  # event claims: the FOSC level they compare with
+    sgcs: dict[str, list[float]] = {}  # Fig. 2's event: SGCS per epoch, beside `series`
     # Fig. 4's claims: App. G's series over the steps of the epoch each run was judged at,
     # keyed "<run label>, epoch <e>"
     steps: dict[str, dict[str, list[float]]] = {}
@@ -130,7 +131,13 @@ class RunEvidence:
         return self._cache["steps"].get(epoch, [])
 
     def fosc(self) -> list[float] | None:
-        values = [r.val_fosc for r in self.records]
+        return self._series("val_fosc")
+
+    def sgcs(self) -> list[float] | None:
+        return self._series("val_sgcs")
+
+    def _series(self, key: str) -> list[float] | None:
+        values = [getattr(r, key) for r in self.records]
         return None if not values or any(v is None for v in values) else values
 
 
