@@ -213,6 +213,19 @@ def test_nonsense_fig_4_and_5_event_fields_exit_2_naming_file_and_claim(tmp_path
     assert_one_line_error(result, "table_9.yaml", "table_9.e", needle)
 
 
+@pytest.mark.parametrize(("event", "test", "needle"), [
+    ({"name": "square_lowest", "margin": -0.1}, None, "margin"),
+    ({"name": "sgcs_falls_with_fosc", "within_epochs": -1}, None, "within_epochs"),
+    (None, {"name": "rate_at_most", "max_rate": 1}, "max_rate"),
+    (None, {"name": "rate_at_most", "min_rate": 0.5}, "max_rate"),
+])
+def test_nonsense_new_event_fields_exit_2_naming_file_and_claim(tmp_path, event, test, needle):
+    bad = {**COUPLING, "event": event or COUPLING["event"], "test": test or COUPLING["test"]}
+    folder = claims_folder(tmp_path, {"a": arm(seeds=2)}, [bad])
+    result = runner.invoke(app, ["claims", "list", "--claims-dir", str(folder)])
+    assert_one_line_error(result, "table_9.yaml", "table_9.e", needle)
+
+
 def test_duplicate_ids_and_unresolvable_arms_exit_2(tmp_path):
     folder = claims_folder(tmp_path, {"a": arm(seeds=2)}, [GOOD, GOOD])
     assert_one_line_error(runner.invoke(app, ["claims", "list", "--claims-dir", str(folder)]),

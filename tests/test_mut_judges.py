@@ -646,6 +646,21 @@ def test_an_event_holds_iff_its_share_is_at_least_min_rate(tmp_path, min_rate, s
     assert got["detail"].endswith("no (1 FOSC spike(s) above 0.05, none healed within 1 epoch(s))")
 
 
+@pytest.mark.parametrize(("max_rate", "status"), [(0.5, "held"), (0.49, "failed"),
+                                                 (0.0, "failed")])
+def test_an_event_with_rate_at_most_holds_iff_its_share_is_at_most_max_rate(tmp_path,
+                                                                          max_rate, status):
+    arms = {"a": arm(seeds=2)}
+    c = claim("table_9.event", "event", arms=["a"], event={"name": "self_healing", "within": 1},
+              test={"name": "rate_at_most", "max_rate": max_rate})
+    catalogue = _catalogue(tmp_path, arms, [c])
+    _runs(tmp_path, catalogue, "a", {"fosc": HEALS}, {"fosc": STAYS})
+    got = _judge(tmp_path, catalogue, "table_9.event")
+    assert (got["status"], got["ours"], got["test"]) == (
+        status, "1/2 runs", f"share of runs with the event ≤ {max_rate:g}")
+    assert got["paper"] == f"rate ≤ {max_rate:g}"
+
+
 def test_an_event_detail_names_at_most_six_runs(tmp_path):
     catalogue, _ = _event(tmp_path, {"name": "self_healing", "within": 1}, [HEALS] * 7)
     got = _judge(tmp_path, catalogue, "table_9.event")

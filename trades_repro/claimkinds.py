@@ -96,6 +96,23 @@ class RateAtLeast(_Frozen):
     name: Literal["rate_at_least"]
     min_rate: Annotated[float, Field(gt=0, le=1)]  # share of judged runs showing the event
 
+    def holds(self, rate: float) -> bool:
+        return rate >= self.min_rate
+
+    def describe(self) -> str:
+        return f"≥ {self.min_rate:g}"
+
+
+class RateAtMost(_Frozen):
+    name: Literal["rate_at_most"]
+    max_rate: Annotated[float, Field(ge=0, lt=1)]  # share of judged runs showing the event
+
+    def holds(self, rate: float) -> bool:
+        return rate <= self.max_rate
+
+    def describe(self) -> str:
+        return f"≤ {self.max_rate:g}"
+
 
 class HealingTest(_Frozen):
     name: Literal["healing"]
@@ -303,7 +320,7 @@ class Event(_Claim):
     arms: Annotated[tuple[str, ...], Field(min_length=1)]
     subset: Subset = "all"
     event: EventSpec
-    test: RateAtLeast
+    test: Annotated[RateAtLeast | RateAtMost, Field(discriminator="name")]
 
     def arm_names(self) -> tuple[str, ...]:
         ref = getattr(self.event, "reference_arm", None)

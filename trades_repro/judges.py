@@ -178,11 +178,11 @@ def event(entry: Entry, ctx: Context) -> Judgement:
     outcomes = [(r, _event_outcome(claim.event, r, reference)) for r in runs]
     traces = dict(t for r in runs if steps for t in [_step_trace(claim.event, r)] if t)
     k, n = sum(o.happened for _, o in outcomes), len(outcomes)
-    held = k / n >= claim.test.min_rate
+    held = claim.test.holds(k / n)
     lines = "; ".join(f"{r.label}: {'yes' if o.happened else 'no'} ({o.detail})"
                       for r, o in outcomes[:6])
     return judged(entry, ctx, "held" if held else "failed", ours=f"{k}/{n} runs",
-                 test=f"share of runs with the event ≥ {claim.test.min_rate:g}",
+                 test=f"share of runs with the event {claim.test.describe()}",
                  statistic=k / n, interval=stats.clopper_pearson(k, n), n_found=n,
                  n_required=sum(len(ctx.catalogue.specs(a, ctx.tier)) for a in claim.arms),
                  partial=ctx.allow_partial, detail=lines,

@@ -288,7 +288,7 @@ def format_expected(claim: Any) -> str:
         counts = ", ".join(fmt_rate(r.k, r.n) for r in expected or ())
         return (f"{counts} ({claim.direction})" if counts else claim.direction) + mark
     if claim.kind == "event":
-        return f"rate ≥ {claim.test.min_rate:g}" + mark
+        return f"rate {claim.test.describe()}" + mark
     if claim.kind == "healing":
         return "fixed not flagged, clean as regular" + mark
     if claim.kind == "instability_rate":
