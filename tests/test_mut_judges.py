@@ -1516,3 +1516,52 @@ def test_fig_2s_sgcs_event_skips_runs_without_sgcs(tmp_path):
         json.dumps({**x, "val_sgcs": None}) + "\n" for x in lines))
     got = _judge(tmp_path, catalogue, "table_9.event")
     assert (got["status"], got["detail"]) == ("undetermined", "no all run with FOSC and SGCS")
+
+
+# ------------------------------------------ §5.1: the gap at times turns negative
+
+
+def test_gap_negative_counts_only_epochs_from_the_first_rise_on():
+    fosc = [0.01, 0.01, 0.2, 0.1, 0.01]
+    assert events.gap_negative_after_spike(fosc, [0.3, 0.2, 0.1, -0.02, 0.1], 0.05) == \
+        events.EventResult(True, "lowest gap -0.0200 at epoch 4, from the first spike at 3 on", 4)
+    # a negative gap before the rise, or none at all, is no event
+    assert not events.gap_negative_after_spike(fosc, [-0.1, 0.2, 0.1, 0.05, 0.1],
+                                               0.05).happened
+    assert not events.gap_negative_after_spike(fosc, [0.3, 0.2, 0.0, 0.05, 0.1],
+                                               0.05).happened  # zero is not below
+    assert events.gap_negative_after_spike([0.01] * 5, [-0.1] * 5, 0.05) == \
+        events.EventResult(False, "FOSC never rises above 0.05")
+
+
+def test_gap_negative_is_judged_from_each_runs_gap_series(tmp_path):
+    rises = [0.01, 0.01, 0.2, 0.1, 0.01]
+    catalogue, _ = _event(tmp_path, {"name": "gap_negative_after_spike"}, [rises, rises],
+                          min_rate=0.5)
+    negative, positive = catalogue.specs("a", "full")
+    write_run(tmp_path / "runs", negative, fosc=rises, gap=[0.3, 0.2, 0.1, -0.02, 0.1])
+    write_run(tmp_path / "runs", positive, fosc=rises, gap=[0.3, 0.2, 0.1, 0.02, 0.1])
+    got = _judge(tmp_path, catalogue, "table_9.event")
+    assert (got["status"], got["ours"]) == ("held", "1/2 runs")
+
+
+# ------------------------------------ Fig. 6's baseline: without Algorithm 1 FOSC stays up
+
+
+def test_spike_duration_at_least_reads_the_longest_rise():
+    fosc = [0.01, 0.2, 0.01, 0.2, 0.3, 0.2, 0.01]
+    assert events.spike_duration_at_least(fosc, 0.05, min_epochs=3) == events.EventResult(
+        True, "2 spike(s) above 0.05, the longest 3 epoch(s)", 4)
+    assert not events.spike_duration_at_least(fosc, 0.05, min_epochs=4).happened
+    assert events.spike_duration_at_least([0.01, 0.2, 0.2], 0.05, min_epochs=2).happened  # open
+    assert not events.spike_duration_at_least([0.3, 0.3, 0.3, 0.01], 0.05,
+                                              min_epochs=2).happened  # the start is no spike
+    assert events.spike_duration_at_least([0.01] * 4, 0.05, min_epochs=2) == \
+        events.EventResult(False, "0 spike(s) above 0.05, the longest 0 epoch(s)", None)
+
+
+def test_spike_persistence_counts_runs_without_a_spike_as_no(tmp_path):
+    catalogue, _ = _event(tmp_path, {"name": "spike_duration_at_least", "min_epochs": 2},
+                          [[0.01, 0.2, 0.2, 0.01], [0.01] * 4], min_rate=0.5)
+    got = _judge(tmp_path, catalogue, "table_9.event")
+    assert (got["status"], got["ours"]) == ("held", "1/2 runs")

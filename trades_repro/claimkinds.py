@@ -245,6 +245,14 @@ class GapDrop(_Frozen):
     fosc_threshold: Annotated[float, Field(gt=0)] | None = None  # None: the spec's healing one
 
 
+class GapNegative(_Frozen):
+    """§5.1 on Fig. 3: from the first epoch FOSC passes the threshold on, the train clean −
+    TPGD gap turns negative in some epoch (TPGD's examples classified better than clean)."""
+
+    name: Literal["gap_negative_after_spike"]
+    fosc_threshold: Annotated[float, Field(gt=0)] | None = None  # None: the spec's healing one
+
+
 class SelfHealing(_Frozen):
     """Fig. 5 / Sec. 5.3: FOSC above the threshold, then back below it within `within`
     epochs, in a run without Algorithm 1."""
@@ -263,6 +271,16 @@ class HealingSignature(_Frozen):
     name: Literal["healing_signature"]
     within: Annotated[int, Field(ge=1)]
     near_zero: Annotated[float, Field(gt=0, le=1)]
+    fosc_threshold: Annotated[float, Field(gt=0)] | None = None
+
+
+class SpikePersists(_Frozen):
+    """Fig. 6's unstable baseline (§6): without Algorithm 1 FOSC, once it rises, stays above
+    the threshold ("continually high") for at least `min_epochs` consecutive epochs. A run
+    whose FOSC never rises counts as not showing it."""
+
+    name: Literal["spike_duration_at_least"]
+    min_epochs: Annotated[int, Field(ge=2)]
     fosc_threshold: Annotated[float, Field(gt=0)] | None = None
 
 
@@ -310,8 +328,9 @@ class BatchCoupling(_Frozen):
     fosc_threshold: Annotated[float, Field(gt=0)] | None = None
 
 
-EventSpec = Annotated[FoscSpike | GapDrop | SelfHealing | HealingSignature | SpikeDuration
-                      | BatchCoupling | SquareLowest | SgcsWithFosc,
+EventSpec = Annotated[FoscSpike | GapDrop | GapNegative | SelfHealing | HealingSignature
+                      | SpikeDuration | SpikePersists | BatchCoupling | SquareLowest
+                      | SgcsWithFosc,
                       Field(discriminator="name")]
 
 

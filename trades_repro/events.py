@@ -71,6 +71,18 @@ def gap_drop_at_spike(fosc: Sequence[float], gap: Sequence[float], threshold: fl
                        f"{before:.4f} before (drop {drop:.4f})", first + 1)
 
 
+def gap_negative_after_spike(fosc: Sequence[float], gap: Sequence[float],
+                             threshold: float) -> EventResult:
+    """§5.1: from FOSC's first rise above the threshold on, the train gap is below 0 in some
+    epoch."""
+    epoch = first_spike_epoch(fosc, threshold)
+    if epoch is None:
+        return EventResult(False, f"FOSC never rises above {threshold:g}")
+    low = min(range(epoch - 1, len(gap)), key=gap.__getitem__)
+    return EventResult(gap[low] < 0, f"lowest gap {gap[low]:.4f} at epoch {low + 1}, from "
+                       f"the first spike at {epoch} on", low + 1)
+
+
 def healed_spikes(fosc: Sequence[float], threshold: float,
                   within: int) -> list[tuple[int, int]]:
     """The spikes (0-based first, last) that end within `within` epochs and before the last
@@ -88,6 +100,18 @@ def self_healing(fosc: Sequence[float], threshold: float, *, within: int) -> Eve
     n = len(spikes(fosc, threshold))
     return EventResult(False, f"{n} FOSC spike(s) above {threshold:g}, none healed within "
                        f"{within} epoch(s)")
+
+
+def spike_duration_at_least(fosc: Sequence[float], threshold: float,
+                            *, min_epochs: int) -> EventResult:
+    """Fig. 6's unstable baseline: some spike of FOSC above the threshold lasts at least
+    `min_epochs` (a spike still open at the last epoch counts the epochs it has)."""
+    stretches = spikes(fosc, threshold)
+    longest = max((last - first + 1 for first, last in stretches), default=0)
+    first = next((f for f, last in stretches if last - f + 1 == longest), None)
+    return EventResult(longest >= min_epochs, f"{len(stretches)} spike(s) above "
+                       f"{threshold:g}, the longest {longest} epoch(s)",
+                       None if first is None else first + 1)
 
 
 def spike_duration_at_most(fosc: Sequence[float], threshold: float,

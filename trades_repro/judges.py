@@ -16,10 +16,12 @@ from trades_repro.claimkinds import (
     BatchCoupling,
     FoscSpike,
     GapDrop,
+    GapNegative,
     HealingSignature,
     SelfHealing,
     SgcsWithFosc,
     SpikeDuration,
+    SpikePersists,
     SquareLowest,
 )
 from trades_repro.claims import Entry
@@ -244,6 +246,9 @@ def _event_outcome(spec: Any, run: RunEvidence, reference: float | None) -> even
         gap = [r.train_gap for r in run.records]
         return events.gap_drop_at_spike(fosc, gap, threshold, min_drop=spec.min_drop,
                                         window=spec.window)
+    if isinstance(spec, GapNegative):
+        return events.gap_negative_after_spike(fosc, [r.train_gap for r in run.records],
+                                               threshold)
     if isinstance(spec, SelfHealing):
         return events.self_healing(fosc, threshold, within=spec.within)
     if isinstance(spec, BatchCoupling):
@@ -259,6 +264,8 @@ def _event_outcome(spec: Any, run: RunEvidence, reference: float | None) -> even
         return events.square_lowest(run.metric("square"),
                                     {name: run.metric(name) for name in WHITE_BOX},
                                     margin=spec.margin)
+    if isinstance(spec, SpikePersists):
+        return events.spike_duration_at_least(fosc, threshold, min_epochs=spec.min_epochs)
     assert isinstance(spec, SpikeDuration)
     return events.spike_duration_at_most(fosc, threshold, max_epochs=spec.max_epochs)
 
