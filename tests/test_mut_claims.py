@@ -23,6 +23,8 @@ from trades_repro.claimkinds import (
     FoscSpike,
     GapDrop,
     HealingTest,
+    RateAtLeast,
+    RateAtMost,
     TrendTest,
     WelchTest,
 )
@@ -667,3 +669,12 @@ def test_a_property_node_run_claim_could_never_match_is_refused_at_load(tmp_path
         f"{_where(tmp_path)}: field 'property.test.node': String should match pattern "
         r"'^tests/[\w/]+\.py::\w+$'"
     )
+
+
+def test_event_rates_hold_at_their_bounds_inclusive():
+    at_least, at_most = RateAtLeast(name="rate_at_least", min_rate=0.5), \
+        RateAtMost(name="rate_at_most", max_rate=0.5)
+    assert at_least.holds(0.5) and not at_least.holds(0.49)
+    assert at_most.holds(0.5) and not at_most.holds(0.51)
+    assert (at_least.describe(), at_most.describe()) == ("≥ 0.5", "≤ 0.5")
+

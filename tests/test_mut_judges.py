@@ -1422,7 +1422,27 @@ def test_fig_6s_duration_without_any_spike_is_undetermined(tmp_path):
     catalogue, _ = _event(tmp_path, {"name": "spike_duration_at_most", "max_epochs": 1},
                           [[0.01] * 5, [0.2, 0.01, 0.01]])
     got = _judge(tmp_path, catalogue, "table_9.event")
-    assert got["status"] == "undetermined" and "rising above the threshold" in got["detail"]
+    assert (got["status"], got["detail"]) == (
+        "undetermined", "no all run with FOSC rising above the threshold")
+
+
+def test_fig_6s_duration_reads_spikes_at_the_events_own_threshold(tmp_path):
+    # above the spec's 0.05 for two epochs, never above the event's 0.3: no spike to judge
+    catalogue, _ = _event(tmp_path, {"name": "spike_duration_at_most", "max_epochs": 1,
+                                     "fosc_threshold": 0.3}, [[0.01, 0.2, 0.2, 0.01]])
+    assert _judge(tmp_path, catalogue, "table_9.event")["status"] == "undetermined"
+
+
+def test_square_lowest_without_flagged_runs_is_undetermined(tmp_path):
+    c = claim("table_9.square", "event", arms=["a"], subset="flagged",
+              rule="pgd10_minus_square_v1", event={"name": "square_lowest"},
+              test={"name": "rate_at_least", "min_rate": 0.5})
+    catalogue = _catalogue(tmp_path, {"a": arm(seeds=1)}, [c])
+    write_run(tmp_path / "runs", catalogue.specs("a", "full")[0], pgd10=0.3, square=0.29,
+              attacks={"apgd-ce": 0.19, "apgd-t": 0.18, "fab-t": 0.2})
+    got = _judge(tmp_path, catalogue, "table_9.square")
+    assert (got["status"], got["detail"]) == (
+        "undetermined", "no flagged run with AutoAttack's breakdown")
 
 
 # ------------------------------------------------ Table 1: Square is the main contributor

@@ -297,6 +297,32 @@ def test_missing_seeds_are_not_run_then_incomplete_then_judged(tmp_path):
     assert judge(entry, _ctx(tmp_path, catalogue)).status == "failed"  # 0/3 vs 1/3
 
 
+def test_runs_without_the_needed_attacks_are_counted_across_arms(tmp_path):
+    c = claim("table_9.trend", "trend", arms=["a", "b"], rule=V1, test={"name": "fisher"})
+    arms = {"a": arm(seeds=2), "b": arm(seeds=2, **{"method.beta": 6})}
+    catalogue = _catalogue(tmp_path, arms, [c])
+    for name in ("a", "b"):
+        for spec in catalogue.specs(name, "full"):
+            write_run(tmp_path / "runs", spec, drop=("square",))  # the rule's attack missing
+    got = judge(catalogue.by_id["table_9.trend"], _ctx(tmp_path, catalogue))
+    assert (got.status, got.detail) == (
+        "not run", "0 of 4 runs finished with pgd10, square evaluated (4 finished without)")
+    write_run(tmp_path / "runs", catalogue.specs("b", "full")[0])  # one complete run
+    got = judge(catalogue.by_id["table_9.trend"], _ctx(tmp_path, catalogue))
+    assert (got.status, got.detail) == (
+        "incomplete", "incomplete (1 of 4 seeds) with pgd10, square evaluated (3 finished "
+        "without)")
+
+
+def test_sgcs_is_the_validation_series_or_none(tmp_path):
+    run = _one_run(tmp_path, fosc=[0.01] * 3, sgcs=[0.6, 0.5, 0.4])
+    assert run.sgcs() == [0.6, 0.5, 0.4] and run.fosc() == [0.01] * 3
+    lines = (run.folder / "metrics.jsonl").read_text().splitlines()
+    (run.folder / "metrics.jsonl").write_text("".join(
+        json.dumps(json.loads(x) | {"val_sgcs": None}) + "\n" for x in lines))
+    assert Evidence(tmp_path / "runs").run(run.spec, "best_pgd10").sgcs() is None
+
+
 def test_a_claim_without_the_tier_is_not_run_there(tmp_path):
     catalogue = _rate_catalogue(tmp_path)
     got = judge(catalogue.by_id["table_9.rate"], _ctx(tmp_path, catalogue, tier="cpu"))

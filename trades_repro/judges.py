@@ -48,7 +48,7 @@ def needs_of(claim: Any) -> frozenset[str]:
         return needed(claim, ("square", *WHITE_BOX))
     if claim.kind == "healing":
         return needed(claim, ("clean",))
-    return needed(claim) if claim.kind != "property" else frozenset()
+    return needed(claim)  # a property reads none: it names no rule
 
 
 def table_cell(entry: Entry, ctx: Context) -> Judgement:
