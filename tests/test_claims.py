@@ -258,6 +258,10 @@ def test_unknown_tier_and_unmatched_pattern_are_bad_input(tmp_path):
     assert_one_line_error(runner.invoke(app, ["verify", "table_99.*"]),
                           "no claim matches 'table_99.*' in claims")
     assert_one_line_error(runner.invoke(app, ["verify", ""]), "no claim matches '' in claims")
+    for command in (["verify"], ["run-claim", "--dry-run"], ["claims", "list"], ["status"]):
+        # a typo beside a pattern that matches is named, not silently dropped
+        result = runner.invoke(app, [*command, "table_1.*", "tabel_2.*", "all"])
+        assert_one_line_error(result, "no claim matches 'tabel_2.*' in claims")
     assert_one_line_error(runner.invoke(app, ["run-claim", "table_2.*", "--tier", "instant"]),
                           "has the 'instant' tier (theirs: reduced, full;")
     assert_one_line_error(runner.invoke(app, ["run-claim", "table_2.*", "--tier", "full",

@@ -365,3 +365,33 @@ def test_every_command_is_registered_whichever_module_is_imported_first(first):
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["claims", "demo", "diagnose", "evaluate", "run-claim",
                                    "spec", "status", "study", "train", "verify"]
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_an_output_where_no_folder_can_be_made_is_refused_before_the_work(tmp_path):
+    # root passes every permission check, yet nothing can be made under /proc
+    result = runner.invoke(app, ["train", str(SPEC_DIR / "digits.yaml"),
+                                 "--runs-dir", "/proc/nope/runs"])
+    assert_one_line_error(result, "--runs-dir /proc/nope/runs: nothing can be made in /proc")
+    long_name = tmp_path / ("a" * 300) / "report.md"
+    result = runner.invoke(app, ["verify", "--claims-dir", CLAIMS, "--report", str(long_name)])
+    assert_one_line_error(result, "--report", "File name too long")
+    deep = tmp_path / ("a" * 200) / ("b" * 300)  # the missing first name hides the long one
+    result = runner.invoke(app, ["train", str(SPEC_DIR / "digits.yaml"), "--runs-dir",
+                                 str(deep)])
+    assert_one_line_error(result, "a name in it is longer than the file system's 255 bytes")
+    assert not list(tmp_path.iterdir())  # the probe leaves nothing behind
+
+
+def test_a_dry_run_refuses_the_options_the_real_run_would(tmp_path):
+    for options in (["--executor", "bogus"], ["--executor", "slurm", "--time", "abc"],
+                    ["--executor-config", str(tmp_path / "absent.yaml")]):
+        result = runner.invoke(app, ["run-claim", "--claims-dir", CLAIMS, "--tier", "instant",
+                                     "--runs-dir", str(tmp_path / "runs"), "--dry-run",
+                                     *options])
+        assert result.exit_code == 2, (options, result.output)
+    sweep = next((SPEC_DIR / "sweeps").glob("*.yaml"))
+    for shard in ("2/1", "0/0", "a/b"):
+        result = runner.invoke(app, ["study", "sweep", str(sweep), "--dry-run", "--shard", shard,
+                                     "--runs-dir", str(tmp_path / "runs")])
+        assert_one_line_error(result, f"--shard {shard!r}: expected K/N with 0 <= K < N")

@@ -23,6 +23,7 @@ from trades_repro import store
 from trades_repro import verdict as vd
 from trades_repro.checkpoints import CheckpointError, build_arch
 from trades_repro.data import to_float
+from trades_repro.errors import NeedsGPU
 from trades_repro.landscape import LandscapeResult
 from trades_repro.records import AdversarialCheck, AttackResult, ChecklistRow, Flag, Preflight
 from trades_repro.spec import ExperimentSpec, LandscapeSpec, ModelSpec, SpecError
@@ -196,10 +197,15 @@ def test_devices_resolve(monkeypatch, name, cuda, device):
     assert dg.resolve_device(name) == device
 
 
+def test_cuda_without_a_gpu_needs_one_rather_than_being_bad_input(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(NeedsGPU, match=r"^--device cuda: no CUDA device is available$"):
+        dg.resolve_device("cuda")
+
+
 @pytest.mark.parametrize(
     ("name", "cuda", "message"),
     [
-        ("cuda", False, "--device cuda: no CUDA device is available"),
         ("gpu", False, "--device 'gpu': expected auto, cpu or cuda"),
         ("gpu", True, "--device 'gpu': expected auto, cpu or cuda"),
     ],

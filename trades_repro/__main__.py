@@ -1,5 +1,5 @@
 """`python -m trades_repro` is the `trades-repro` command."""
 
-from trades_repro.cli import app
+from trades_repro.entry import run
 
-app()
+run()

@@ -20,6 +20,7 @@ import inspect
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
@@ -69,25 +70,42 @@ def _folder_option(option: str, path: Path | None, *, writes: bool = True) -> No
         raise BadInput(f"{option} {path}: {why}")
 
 
-def _file_option(option: str, path: Path | None) -> None:
-    """Exit 2 (one line), before any work, when a file the command writes cannot be."""
+def _file_option(option: str, path: Path | None, *, writes: bool = True) -> None:
+    """Exit 2 (one line), before any work, when a file the command writes cannot be (with
+    `writes` false, a dry run: only what can be told without making its folder)."""
     if path is None:
         return
-    why = "a folder, not a file" if path.is_dir() else _blocked(path, writes=True, file=True)
+    try:
+        folder = path.is_dir()
+    except OSError as err:  # a name too long for the file system
+        raise BadInput(f"{option} {path}: not a usable path: {err.strerror or err}") from None
+    why = "a folder, not a file" if folder else _blocked(path, writes=writes, file=True)
     if why:
         raise BadInput(f"{option} {path}: {why}")
 
 
 def _blocked(path: Path, *, writes: bool, file: bool = False) -> str | None:
-    """Why the folder `path` (or the folder of the file `path`) cannot be made and used."""
+    """Why the folder `path` (or the folder of the file `path`) cannot be made and used.
+    Where it will be written, a folder is made and removed in the nearest existing one:
+    permission bits say nothing to root, and under /proc nothing may be made at all."""
     folders = path.parents if file else (path, *path.parents)
-    existing = next((p for p in folders if p.exists()), None)
-    if existing is None:
-        return None
-    if not existing.is_dir():
+    try:
+        existing = next((p for p in folders if p.exists()), None)
+    except OSError as err:  # a name too long for the file system
+        return f"not a usable path: {err.strerror or err}"
+    if existing is not None and not existing.is_dir():
         return "not a folder" if existing == path else f"{existing} is a file"
-    if writes and not os.access(existing, os.W_OK | os.X_OK):
+    if not writes or existing is None:
+        return None
+    if not os.access(existing, os.W_OK | os.X_OK):
         return f"{existing} is not writable"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".trades-repro-probe-", dir=existing))
+        longest = os.pathconf(existing, "PC_NAME_MAX")
+    except OSError as err:
+        return f"nothing can be made in {existing}: {err.strerror or err}"
+    if any(len(os.fsencode(part)) > longest for part in path.parts):
+        return f"a name in it is longer than the file system's {longest} bytes"
     return None
 
 

@@ -50,12 +50,14 @@ def _selected(claims_dir: Path, patterns: list[str] | None, tier: str | None):
     catalogue = load_catalogue(claims_dir)
     entries = catalogue.select(patterns, tier)
     matching = catalogue.select(patterns) if patterns else []
-    if patterns and not matching:
-        shown = " ".join(repr(p) for p in patterns)  # '' is a pattern too
+    unmatched = [p for p in patterns or () if p != "all" and not catalogue.select([p])]
+    if unmatched:  # a typo beside a good pattern must not pass unnoticed
+        shown = " ".join(repr(p) for p in unmatched)  # '' is a pattern too
         raise ClaimsError(f"no claim matches {shown} in {claims_dir}")
     if patterns and not entries:
         have = sorted({t for e in matching for t in catalogue.tiers_of(e)}, key=TIERS.index)
-        raise ClaimsError(f"no claim matching {' '.join(patterns)} has the '{tier}' tier "
+        shown = " ".join(repr(p) for p in patterns)
+        raise ClaimsError(f"no claim matching {shown} has the '{tier}' tier "
                           f"(theirs: {', '.join(have) or 'none'}; `trades-repro claims list` "
                           "shows every claim's tiers)")
     return catalogue, entries
@@ -203,26 +205,28 @@ def run_claim(
 
     tier = _tier(tier)
     _folder_option("--runs-dir", runs_dir, writes=not dry_run)
-    _file_option("--report", report)
-    _file_option("--junit", junit)
+    _file_option("--report", report, writes=not dry_run)
+    _file_option("--junit", junit, writes=not dry_run)
     catalogue, entries = _selected(claims_dir, patterns, tier)
     runs = runclaim.plan(catalogue, entries, tier, runs_dir)
     device_kind = device_kind or ("h100" if tier in runclaim.GPU_TIERS else "cpu")
     if device_kind not in DEVICE_KINDS:
         raise ClaimsError(f"--device-kind: unknown {device_kind!r}; known: "
                           f"{', '.join(DEVICE_KINDS)}")
+    overrides = {"jobs": jobs, "jobs_per_gpu": jobs_per_gpu, "partition": partition,
+                 "time": int(time) if time and time.isdigit() else time, "gpus": gpus,
+                 "cpus": cpus, "mem_gb": mem_gb, "account": account, "qos": qos}
+    # checked before the plan is shown: a dry run refuses what the real run would
+    chosen = executors.build(executor, runs_dir, progress=not quiet, overrides=overrides,
+                             config=executors.load_config(executor_config),
+                             check_commands=not dry_run)
     _print_plan(runs, entries, tier, device_kind)
     if dry_run:
         _print_arms(runs, device_kind)
         return
-    overrides = {"jobs": jobs, "jobs_per_gpu": jobs_per_gpu, "partition": partition,
-                 "time": int(time) if time and time.isdigit() else time, "gpus": gpus,
-                 "cpus": cpus, "mem_gb": mem_gb, "account": account, "qos": qos}
-    chosen = executors.build(executor, runs_dir, progress=not quiet, overrides=overrides,
-                             config=executors.load_config(executor_config))
     submit_only = isinstance(chosen, executors.Slurm) and not chosen.config.wait
     if not submit_only:  # a SLURM login node has no GPU; its jobs do
-        runclaim.require_device(tier)
+        runclaim.require_device(tier, runs)
     _set_threads(None, None)  # one CPU thread unless CUDA: see _set_threads
     say = _progress(quiet)
     with runclaim.properties_alongside(entries, runs_dir, say):

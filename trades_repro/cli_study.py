@@ -48,6 +48,7 @@ def study_sweep(
     from trades_repro import smallscale as ss
 
     _folder_option("--runs-dir", runs_dir, writes=not dry_run)
+    k_of_n = _shard(shard)  # refused in a dry run too, as the real run would
     if dry_run:
         for path, counts in ss.progress(sweeps, runs_dir):
             states = ", ".join(f"{counts[k]} {k}" for k in STATES if counts.get(k))
@@ -62,16 +63,17 @@ def study_sweep(
                        f"{ss.cell_label(first)}, seed {first.seed}")
         return
     _set_threads(None, None)
-    _exit_if_failed(ss.run_sweeps(sweeps, runs_dir, shard=_shard(shard),
+    _exit_if_failed(ss.run_sweeps(sweeps, runs_dir, shard=k_of_n,
                                   report=_progress(False)))
 
 
 def _shard(shard: str) -> tuple[int, int]:
     try:
         k, n = (int(part) for part in shard.split("/"))
-        assert 0 <= k < n
-    except (ValueError, AssertionError):
-        raise BadInput(f"--shard {shard!r}: expected K/N with 0 <= K < N") from None
+    except ValueError:
+        k, n = -1, 0
+    if not 0 <= k < n:
+        raise BadInput(f"--shard {shard!r}: expected K/N with 0 <= K < N")
     return k, n
 
 

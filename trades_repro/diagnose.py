@@ -27,6 +27,7 @@ from trades_repro.checkpoints import (
     load_weights,
 )
 from trades_repro.data import Splits, load_splits, to_float
+from trades_repro.errors import NeedsGPU
 from trades_repro.evalbatch import eval_batch_size
 from trades_repro.evalfile import (  # noqa: F401 - read_eval/write_eval: callers import here
     locked,
@@ -107,7 +108,7 @@ def resolve_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise EvaluationError("--device cuda: no CUDA device is available")
+        raise NeedsGPU("--device cuda: no CUDA device is available")
     if name not in ("cpu", "cuda"):
         raise EvaluationError(f"--device {name!r}: expected auto, cpu or cuda")
     return name

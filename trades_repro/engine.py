@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from trades_repro import data as datalib
 from trades_repro import numerics, store
 from trades_repro.awp import TradesAWP
-from trades_repro.errors import BadInput
+from trades_repro.errors import BadInput, NeedsGPU
 from trades_repro.models import build_model, dataset_stats
 from trades_repro.policies import POLICIES, PolicyState, select_checkpoints
 from trades_repro.spec import ExperimentSpec, OptimSpec
@@ -74,7 +74,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("device: 'cuda' requested but no CUDA device is available")
+        raise NeedsGPU("device: 'cuda' requested but no CUDA device is available")
     return torch.device(name)
 
 

@@ -18,3 +18,8 @@ class BadInput(ValueError):
 
 class Inconclusive(Exception):  # noqa: N818 - the outcome's name, as users read it
     """No verdict can be decided (exit 3); the message says why, in one line."""
+
+
+class NeedsGPU(Inconclusive):  # noqa: N818 - as above
+    """The input asks for a CUDA device this machine does not have (exit 3): nothing is
+    wrong with the input, and nothing is marked failed; run it where there is a GPU."""

@@ -37,7 +37,7 @@ import submitit
 from pydantic import BaseModel, ValidationError
 
 from trades_repro import runlock, store
-from trades_repro.errors import BadInput
+from trades_repro.errors import BadInput, NeedsGPU
 from trades_repro.executor_config import (  # noqa: F401 (re-exported: run-claim's API)
     ExecutorConfig,
     LocalConfig,
@@ -54,7 +54,7 @@ SUBMITIT_DIR = "_submitit"
 LOCAL_TIMEOUT_MIN = 7 * 24 * 60  # submitit's local default is 2 min: a run takes hours
 INTERRUPTS = ("KeyboardInterrupt", "SystemExit")  # a killed run resumes; it did not fail
 Report = Callable[[str], None]
-Status = Literal["done", "failed", "crashed", "lost", "busy", "submitted"]
+Status = Literal["done", "failed", "crashed", "lost", "busy", "submitted", "needs_gpu"]
 
 
 @dataclass(frozen=True)
@@ -112,6 +112,8 @@ class RunJob(submitit.helpers.Checkpointable):
                 self._train_and_evaluate(report, progress)
         except runlock.RunBusy as busy:
             return Outcome(self.digest, "busy", str(busy), job)
+        except NeedsGPU as err:  # the node, not the run: nothing marked failed
+            return Outcome(self.digest, "needs_gpu", str(err), job)
         except (TrainingError, BadInput, DataError, SpecError) as err:
             message = f"{type(err).__name__}: {first_line(err)}"
             record_failure(run_dir, message)
@@ -292,9 +294,10 @@ class Slurm:
 # ---------------------------------------------------------------------------- construction
 
 def build(name: str, runs_dir: Path, *, config: ExecutorConfig, progress: bool = True,
-          overrides: dict | None = None) -> Executor:
+          overrides: dict | None = None, check_commands: bool = True) -> Executor:
     """The executor called `name`; `overrides` (command-line values, None = unset) win over
-    the config file's block."""
+    the config file's block. Without `check_commands` (a dry run, which may be previewed
+    away from the cluster) SLURM's commands need not be on PATH."""
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
     folder = runs_dir / SUBMITIT_DIR / name
     try:
@@ -306,7 +309,7 @@ def build(name: str, runs_dir: Path, *, config: ExecutorConfig, progress: bool =
         if name == "slurm":
             block = {**config.slurm.model_dump(), **_known(given, SlurmConfig)}
             slurm = Slurm(SlurmConfig.model_validate(block), folder)
-            if slurm.config.cluster == "slurm":
+            if slurm.config.cluster == "slurm" and check_commands:
                 _require_slurm_commands()
             return slurm
     except ValidationError as err:

@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,13 +149,21 @@ def by_arm(runs: list[PlannedRun], device: str) -> list[tuple[str, int, int, flo
              estimate_hours(rs, device, costs)[0]) for arm, rs in rows.items()]
 
 
-def require_device(tier: str) -> None:
-    """Reduced and full tiers train ResNet-18 for hours per run: refuse without CUDA."""
+def require_device(tier: str, runs: Sequence[PlannedRun] = ()) -> None:
+    """Reduced and full tiers train ResNet-18 for hours per run, and a spec may ask for
+    `device: cuda`: refuse without CUDA, before anything is trained or marked failed."""
     import torch
 
-    if tier in GPU_TIERS and not torch.cuda.is_available():
+    if torch.cuda.is_available():
+        return
+    if tier in GPU_TIERS:
         raise Inconclusive(f"tier '{tier}' needs a CUDA GPU and none is visible; use "
                            "--dry-run to see the plan, or --tier instant on a CPU")
+    cuda = [r for r in runs if r.state != "done" and r.spec.device == "cuda"]
+    if cuda:
+        raise Inconclusive(f"{len(cuda)} run(s) to train ask for device: cuda (first: "
+                           f"{cuda[0].digest}, {', '.join(cuda[0].arms)}) and no CUDA GPU is "
+                           "visible")
 
 
 def execute(runs: list[PlannedRun], runs_dir: Path, *, report: Report, progress: bool,
@@ -185,6 +193,11 @@ def execute(runs: list[PlannedRun], runs_dir: Path, *, report: Report, progress:
     if crashed:
         raise RuntimeError(f"{len(crashed)} run(s) crashed; first: {crashed[0].digest}: "
                            f"{crashed[0].message}")
+    no_gpu = [o for o in outcomes if o.status == "needs_gpu"]
+    if no_gpu:
+        raise Inconclusive(f"{len(no_gpu)} run(s) found no CUDA GPU where they ran (first: "
+                           f"{no_gpu[0].digest}: {no_gpu[0].message}); nothing was marked "
+                           "failed")
     return failures
 
 
