@@ -15,7 +15,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "trades_repro"
 
 PARTS = {
-    "face": {"__main__", "cli", "cli_claims", "cli_study", "demo"},
+    "face": {"__main__", "entry", "cli", "cli_claims", "cli_study", "demo"},
     "executors": {"runclaim", "executors", "executor_config", "runlock", "status",
                   "smallscale"},
     "claims": {"claims", "claimkinds", "verify", "judges", "events", "stats", "report",
