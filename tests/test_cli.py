@@ -395,3 +395,12 @@ def test_a_dry_run_refuses_the_options_the_real_run_would(tmp_path):
         result = runner.invoke(app, ["study", "sweep", str(sweep), "--dry-run", "--shard", shard,
                                      "--runs-dir", str(tmp_path / "runs")])
         assert_one_line_error(result, f"--shard {shard!r}: expected K/N with 0 <= K < N")
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**32)])
+def test_a_seed_option_out_of_range_is_the_options_fault(tmp_path, seed):
+    # it used to reach the run's spec and blame spec.json's evaluation.seed
+    for command in ("evaluate", "diagnose"):
+        result = runner.invoke(app, [command, str(tmp_path), "--seed", seed])
+        assert result.exit_code == 2 and "--seed" in result.output, result.output
+        assert "spec.json" not in result.output

@@ -326,6 +326,7 @@ def _print_record(console: Console, title: str, record) -> None:
 
 
 SeedOption = Annotated[int | None, typer.Option(
+    min=0, max=2**32 - 1,  # torch seeds wrap around at 2^32: a larger one repeats a smaller
     help="Seed of PGD's and AutoAttack's random starts (default: the spec's, or 0).")]
 SaveAdvOption = Annotated[bool, typer.Option(
     "--save-adversarial", help="Keep each attack's adversarial examples (.safetensors).")]
