@@ -9,12 +9,15 @@ back through verify's own helpers.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 from claimsutil import arm, claim, claims_folder, write_run
 
+from trades_repro import store
 from trades_repro.claims import load_catalogue
+from trades_repro.evalfile import EvalFileError
 from trades_repro.verify import (
     Context,
     Evidence,
@@ -203,13 +206,16 @@ def test_fosc_is_the_validation_series_or_none(tmp_path):
 # ----------------------------------------------------------------------------- Evidence
 
 
-def test_the_first_finished_folder_of_a_spec_wins_and_broken_ones_are_skipped(tmp_path):
+def test_the_first_finished_folder_of_a_spec_wins_and_unfinished_ones_are_skipped(tmp_path):
     run = _one_run(tmp_path)
     spec, runs = run.spec, tmp_path / "runs"
     write_run(runs, spec, folder="00_copy", square=0.20)  # sorts before the digest folder
     write_run(runs, spec, folder="b_unfinished", status="running")
     torn = write_run(runs, spec.model_copy(update={"seed": 5}), folder="0_torn")
     (torn / "spec.json").write_text('{"name": ')
+    with pytest.raises(store.CorruptFile, match="0_torn/spec.json: not valid JSON"):
+        Evidence(runs).index()  # a torn spec is named, never skipped
+    shutil.rmtree(torn)
     evidence = Evidence(runs)
     assert evidence.index() == {spec.digest(): runs / "00_copy"}
     assert evidence.index() is evidence.index()  # read once
@@ -240,7 +246,8 @@ def test_policy_record_is_the_policys_own_with_the_most_attacks(tmp_path):
     (run.folder / "eval.json").write_text(json.dumps(evals))
     assert policy_record(run.folder, "best_pgd10", evaluation).key == own.key
     (run.folder / "eval.json").write_text("{not json")
-    assert policy_record(run.folder, "best_pgd10", evaluation) is None
+    with pytest.raises(EvalFileError, match="eval.json: not a valid eval file"):
+        policy_record(run.folder, "best_pgd10", evaluation)  # named, never skipped
     (run.folder / "eval.json").unlink()
     assert policy_record(run.folder, "best_pgd10", evaluation) is None
 

@@ -73,7 +73,9 @@ def test_runs_are_found_by_digest_never_by_folder_name(tmp_path):
     catalogue, _ = _judge(tmp_path, {"a": arm(seeds=1)}, [c])
     (spec,) = catalogue.specs("a", "full")
     other = spec.model_copy(update={"seed": 99})
-    write_run(tmp_path / "runs", other, folder=spec.digest(), square=0.2)  # wrong content
+    # another spec in a folder named like this one's (but not a digest name: a digest-named
+    # folder whose spec.json is another's is an edited file, exit 2 - test_corrupt_evidence)
+    write_run(tmp_path / "runs", other, folder=f"{spec.digest()}.copy", square=0.2)
     assert _rejudge(tmp_path, catalogue, "table_9.rate").status == "not run"
     write_run(tmp_path / "runs", spec, folder="renamed-by-hand", square=0.2)
     assert _rejudge(tmp_path, catalogue, "table_9.rate").status == "held"

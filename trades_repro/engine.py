@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import pickle
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -260,13 +259,7 @@ def _restore(session: Session) -> None:
     that saved them, and are otherwise re-seeded from (seed, epoch), recorded in provenance.
     """
     path = session.run_dir / store.LAST_FILE
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as err:
-        raise store.CorruptFile(
-            f"{path}: cannot be read ({type(err).__name__}: {str(err).splitlines()[0]}); it "
-            "was cut or edited outside trades-repro: move it aside to train this run again "
-            "from its start") from None
+    saved = store.read_last(path)
     if saved["digest"] != session.spec.digest():
         raise BadInput(f"{path} belongs to another spec (digest {saved['digest']}); "
                        "move the run folder away to start this run afresh")

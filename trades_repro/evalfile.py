@@ -29,11 +29,15 @@ class EvalFileError(BadInput):
 
 
 def read_eval(path: Path) -> EvalFile | None:
-    """The file's records keyed by their evaluation key (version 1 files re-keyed)."""
+    """The file's records keyed by their evaluation key (version 1 files re-keyed). Records
+    are filed under the run folder's digest: its spec.json must still be that digest's."""
+    spec_file = path.parent / store.SPEC_FILE
+    if spec_file.is_file():
+        store.run_digest(spec_file)
     if not path.exists():
         return None
     try:
-        evals = EvalFile.model_validate_json(path.read_text())
+        evals = EvalFile.model_validate_json(store.read_text(path, "JSON"))
     except ValidationError as err:
         raise EvalFileError(f"{path}: not a valid eval file ({err.errors()[0]['msg']}); "
                             "move it away to start over") from None

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import platform
+import re
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -26,7 +28,7 @@ from safetensors.torch import save_file
 
 from trades_repro import __version__
 from trades_repro.errors import BadInput
-from trades_repro.spec import DataSpec, ExperimentSpec
+from trades_repro.spec import SPEC_VERSION, DataSpec, ExperimentSpec, parse_spec
 
 SPEC_FILE = "spec.json"
 PROVENANCE_FILE = "provenance.json"
@@ -36,6 +38,8 @@ BEST_FOSC_OK_FILE = "best_pgd10_fosc_ok.safetensors"  # policy best_pgd10_fosc_o
 CHECKPOINTS_FILE = "checkpoints.json"  # policy -> epoch and file, written at the end
 LAST_FILE = "last.pt"  # full resume state after every epoch
 BATCHES_FILE = "batches.jsonl"
+DIGEST_NAME = re.compile(r"[0-9a-f]{16}")  # a run folder's name: its spec's digest()
+RESUME_KEYS = ("digest", "model", "optimizer", "state", "rng")  # what a resume reads of last.pt
 
 
 class HealingEvent(BaseModel):
@@ -136,6 +140,9 @@ class CorruptFile(BadInput):
     was cut or edited outside them, and the message names the file and the line."""
 
 
+OUTSIDE = "it was cut or edited outside trades-repro: move it, or its run folder, aside"
+
+
 def read_metrics(run_dir: Path) -> list[EpochRecord]:
     """The run's epoch records; `CorruptFile` for a line that is not one."""
     return _read_jsonl(run_dir / METRICS_FILE, EpochRecord, "an epoch record")
@@ -153,7 +160,7 @@ def _read_jsonl(path: Path, model: type[BaseModel], what: str) -> list:
     if not path.exists():
         return []
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(read_text(path, "JSON lines").splitlines(), 1):
         try:
             records.append(model.model_validate_json(line))
         except ValidationError as err:
@@ -175,8 +182,13 @@ def truncate_jsonl(path: Path, keep: Callable[[dict[str, Any]], bool]) -> None:
     if not path.exists():
         return
     lines = []
-    for line in path.read_text().splitlines():
-        if keep(json.loads(line)):
+    for number, line in enumerate(read_text(path, "JSON lines").splitlines(), 1):
+        try:
+            kept = keep(json.loads(line))
+        except (json.JSONDecodeError, KeyError, TypeError):  # not JSON, or lacks keep's field
+            raise CorruptFile(f"{path}, line {number}: not a record of this file; move the "
+                              "run folder aside to go on without it") from None
+        if kept:
             lines.append(line + "\n")
     atomic_write_bytes(path, "".join(lines).encode())
 
@@ -186,13 +198,59 @@ def atomic_torch_save(path: Path, obj: Any) -> None:
         torch.save(obj, tmp)
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON file of ours; `CorruptFile` (a ValueError) when it is not JSON."""
+def read_last(path: Path) -> dict[str, Any]:
+    """`last.pt`'s resume state, read with ``weights_only``; `CorruptFile` when it cannot be
+    read or is not a mapping holding every one of `RESUME_KEYS`."""
+    aside = "move it aside to train this run again from its start"
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CorruptFile(f"{path}: not valid JSON ({err}); it was cut or edited outside "
-                          "trades-repro: move it, or its run folder, aside") from None
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as err:
+        raise CorruptFile(
+            f"{path}: cannot be read ({type(err).__name__}: {str(err).splitlines()[0]}); it "
+            f"was cut or edited outside trades-repro: {aside}") from None
+    missing = [k for k in RESUME_KEYS if not isinstance(saved, dict) or k not in saved]
+    if missing:
+        raise CorruptFile(f"{path}: not a resume state (lacks {', '.join(missing)}); it was "
+                          f"written or edited outside trades-repro: {aside}")
+    return saved
+
+
+def read_text(path: Path, what: str = "text") -> str:
+    """A run file's text; `CorruptFile` when it is not UTF-8 or a folder stands in its place
+    (`what` names the format the file should hold, for the message)."""
+    try:
+        return path.read_text()
+    except IsADirectoryError:
+        raise CorruptFile(f"{path}: a folder, not a file; {OUTSIDE}") from None
+    except UnicodeDecodeError as err:
+        raise CorruptFile(f"{path}: not valid {what} ({err}); {OUTSIDE}") from None
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object of ours; `CorruptFile` (a ValueError) when the file holds anything else."""
+    try:
+        data = json.loads(read_text(path, "JSON"))
+    except json.JSONDecodeError as err:
+        raise CorruptFile(f"{path}: not valid JSON ({err}); {OUTSIDE}") from None
+    if not isinstance(data, dict):
+        raise CorruptFile(f"{path}: not a JSON object (holds {type(data).__name__}); {OUTSIDE}")
+    return data
+
+
+def run_digest(spec_file: Path) -> str | None:
+    """The digest of a run folder's `spec.json`; None for another SPEC_VERSION's spec (not
+    this version's evidence). A run folder is named by its spec's digest (`run_dir_for`):
+    when `spec_file`'s folder is so named and the spec is another's, the file was edited
+    after the run wrote it (`CorruptFile`); folders named otherwise (copies) are not checked."""
+    raw = read_json(spec_file)
+    if raw.get("spec_version", SPEC_VERSION) != SPEC_VERSION:
+        return None
+    digest = parse_spec(raw, source=str(spec_file)).digest()
+    folder = spec_file.parent.name
+    if DIGEST_NAME.fullmatch(folder) and digest != folder:
+        raise CorruptFile(f"{spec_file}: its digest {digest} does not match the folder's name "
+                          f"{folder}; {OUTSIDE}")
+    return digest
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,9 @@
 A claim's arms resolve to specs (per tier); each spec's run is found by its *digest* (read
 from the run's own `spec.json`, never from the folder name), and counts once it finished
 training and, where the claim needs attacks, evaluation of the arm's checkpoint policy.
-Nothing here trains or attacks: verification reads evidence only.
+A run file that cannot be read, or a spec.json edited away from its folder's digest, is
+bad input (exit 2, naming the file), never skipped. Nothing here trains or attacks:
+verification reads evidence only.
 
 Statuses: ``held`` / ``failed`` (the test said so), ``undetermined`` (evidence complete but
 the claim cannot be applied, e.g. no flagged run to average), ``incomplete`` (k of n seeds
@@ -12,16 +14,15 @@ finished; judged anyway only with ``allow_partial``, and then marked partial), `
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 from trades_repro import store
 from trades_repro.claims import Catalogue, Entry
-from trades_repro.spec import ExperimentSpec, parse_spec
+from trades_repro.spec import ExperimentSpec
 
 Status = Literal["held", "failed", "undetermined", "incomplete", "not run"]
 PROPERTIES_DIR = "_properties"  # runs/_properties/<claim id>.json: a property test's outcome
@@ -152,7 +153,7 @@ class Evidence:
         if self._index is None:
             self._index = {}
             for spec_file in sorted(self.runs_dir.glob(f"*/{store.SPEC_FILE}")):
-                digest = _digest_of(spec_file)
+                digest = store.run_digest(spec_file)  # exit 2 when torn or edited
                 if digest and store.is_finished(spec_file.parent):
                     self._index.setdefault(digest, spec_file.parent)
         return self._index
@@ -170,13 +171,6 @@ class Evidence:
         return store.read_json(path) if path.is_file() else None
 
 
-def _digest_of(spec_file: Path) -> str | None:
-    try:
-        return parse_spec(json.loads(spec_file.read_text())).digest()
-    except (ValueError, OSError):  # an older spec version or a torn file: not evidence
-        return None
-
-
 def policy_record(folder: Path, policy: str, evaluation: Any,
                   radius: float | None = None) -> Any | None:
     """The policy checkpoint's record made with the arm's evaluation settings
@@ -185,10 +179,7 @@ def policy_record(folder: Path, policy: str, evaluation: Any,
     to follow ε holds an old record over ±8/255 and a new one)."""
     from trades_repro.evalfile import made_with, read_eval
 
-    try:
-        evals = read_eval(folder / store.EVAL_FILE)
-    except (ValueError, ValidationError):
-        return None
+    evals = read_eval(folder / store.EVAL_FILE)  # EvalFileError (exit 2) when not one
     if evals is None:
         return None
     chosen = [r for r in evals.checkpoints.values()
