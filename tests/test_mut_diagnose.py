@@ -392,6 +392,21 @@ def test_factory_failures_name_the_factory(tmp_path, evaluations, monkeypatch):
         _diagnose(path, factory="diag_bad:wide")
 
 
+def test_a_factory_or_its_module_calling_sys_exit_is_its_failure(tmp_path, evaluations,
+                                                                  monkeypatch):
+    # diagnose exited 0 ("not overestimated") when the user's factory called sys.exit(0)
+    (tmp_path / "diag_quits.py").write_text("import sys\n\ndef quits():\n    sys.exit(0)\n")
+    (tmp_path / "diag_quits_on_import.py").write_text("raise SystemExit(0)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = _checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match=r"^--factory 'diag_quits:quits' raised "
+                       r"SystemExit: 0 \(it must build"):
+        _diagnose(path, factory="diag_quits:quits")
+    with pytest.raises(CheckpointError, match=r"importing 'diag_quits_on_import' raised "
+                       "SystemExit"):
+        _diagnose(path, factory="diag_quits_on_import:f")
+
+
 def test_out_holds_eval_json_and_resumes(tmp_path, evaluations):
     path, out = _checkpoint(tmp_path), tmp_path / "out"
     first = _diagnose(path, out=out, n_examples=5)

@@ -139,7 +139,7 @@ def load_factory(target: str) -> Callable[[], nn.Module]:
     except ImportError as err:
         raise CheckpointError(f"--factory {target!r}: cannot import {module_name!r} "
                               f"({_first(err)}); is it on PYTHONPATH?") from None
-    except Exception as err:  # noqa: BLE001 - the user's module failed while importing
+    except (Exception, SystemExit) as err:  # noqa: BLE001 - the user's module failed
         raise CheckpointError(f"--factory {target!r}: importing {module_name!r} raised "
                               f"{type(err).__name__}: {_first(err)}") from None
     factory = getattr(module, attr, None)
@@ -152,7 +152,8 @@ def call_factory(factory: Callable[[], nn.Module], target: str) -> nn.Module:
     """Call the user's factory; an exception there is the input failing (exit 2), named."""
     try:
         net = factory()
-    except Exception as err:  # noqa: BLE001 - user code: any error is theirs to fix
+    except (Exception, SystemExit) as err:  # noqa: BLE001 - user code: theirs to fix
+        # SystemExit too: a factory calling sys.exit(0) must not pass for "not overestimated"
         raise CheckpointError(f"--factory {target!r} raised {type(err).__name__}: "
                               f"{_first(err)} (it must build the network with no "
                               "arguments)") from None
