@@ -330,3 +330,10 @@ def test_every_tier_evaluates_the_attacks_its_claims_read(catalogue):
                 for spec in catalogue.specs(arm_name, tier):
                     missing = reads - set(spec.evaluation.attacks)
                     assert not missing, f"{entry.id} at {tier}: {arm_name} lacks {missing}"
+
+
+def test_a_claims_file_that_is_not_utf8_exits_2_naming_it(tmp_path):
+    folder = claims_folder(tmp_path, {"a": arm(seeds=2)}, [GOOD])
+    (folder / "table_8.yaml").write_bytes(b"\xff\xfe claims")
+    result = runner.invoke(app, ["claims", "list", "--claims-dir", str(folder)])
+    assert_one_line_error(result, "table_8.yaml: not UTF-8 text")

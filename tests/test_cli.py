@@ -404,3 +404,11 @@ def test_a_seed_option_out_of_range_is_the_options_fault(tmp_path, seed):
         result = runner.invoke(app, [command, str(tmp_path), "--seed", seed])
         assert result.exit_code == 2 and "--seed" in result.output, result.output
         assert "spec.json" not in result.output
+
+
+def test_an_executor_config_that_is_not_utf8_exits_2_naming_it(tmp_path):
+    config = tmp_path / "slurm.yaml"
+    config.write_bytes(b"\xff\xfe slurm")
+    result = runner.invoke(app, ["run-claim", "--claims-dir", CLAIMS, "--tier", "instant",
+                                 "--dry-run", "--executor-config", str(config)])
+    assert_one_line_error(result, f"--executor-config: {config}: not UTF-8 text")

@@ -508,7 +508,7 @@ def test_unreadable_and_malformed_yaml_is_one_line(tmp_path):
     (folder / "table_9.yaml").mkdir()
     with pytest.raises(ClaimsError) as err:
         load_catalogue(folder)
-    assert str(err.value) == f"{folder / 'table_9.yaml'}: cannot read: Is a directory"
+    assert str(err.value) == f"{folder / 'table_9.yaml'}: a directory, not a YAML file"
 
 
 def test_claims_load_without_libyaml(tmp_path, monkeypatch):

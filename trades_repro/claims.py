@@ -114,9 +114,9 @@ def load_catalogue(folder: str | Path = "claims") -> Catalogue:
 
 def _read_yaml(path: Path) -> Any:
     try:
-        return yamlio.load(path.read_text(), fast=True)
-    except OSError as err:
-        raise ClaimsError(f"{path}: cannot read: {err.strerror}") from None
+        return yamlio.load(yamlio.read_text(path), fast=True)
+    except yamlio.YAMLFileError as err:  # unreadable or not UTF-8
+        raise ClaimsError(str(err)) from None
     except yaml.YAMLError as err:
         raise ClaimsError(f"{path}: malformed YAML: {str(err).splitlines()[0]}") from None
 

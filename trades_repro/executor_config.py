@@ -79,9 +79,9 @@ def load_config(path: Path | None) -> ExecutorConfig:
     if path is None:
         return ExecutorConfig()
     try:
-        return ExecutorConfig.model_validate(yamlio.load(path.read_text()) or {})
-    except OSError as err:
-        raise BadInput(f"--executor-config: cannot read {path}: {err.strerror}") from None
+        return ExecutorConfig.model_validate(yamlio.load(yamlio.read_text(path)) or {})
+    except yamlio.YAMLFileError as err:  # missing, unreadable or not UTF-8
+        raise BadInput(f"--executor-config: {err}") from None
     except (ValidationError, yaml.YAMLError) as err:
         raise BadInput(f"{path}: {first_line(err)}") from None
 

@@ -109,7 +109,7 @@ def is_evaluated(run_dir: Path, spec: ExperimentSpec, policies: tuple[str, ...])
 
 
 def load_costs(path: Path = COSTS_FILE) -> list[Cost]:
-    return [Cost.model_validate(c) for c in yamlio.load(path.read_text())["costs"]]
+    return [Cost.model_validate(c) for c in yamlio.read(path)["costs"]]
 
 
 # App. G's per-step metrics (monitor.batch_metrics): a CE backward, the after-step forwards

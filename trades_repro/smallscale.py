@@ -25,7 +25,7 @@ from pathlib import Path
 
 from trades_repro import store
 from trades_repro.smallscale_stats import PROBE_QUERIES, load_runs, policies_of
-from trades_repro.spec import ExperimentSpec, load_sweep
+from trades_repro.spec import ExperimentSpec, SpecError, load_sweep
 
 Report = Callable[[str], None]
 EVIDENCE_FILES = (store.SPEC_FILE, store.PROVENANCE_FILE, store.METRICS_FILE, store.EVAL_FILE)
@@ -44,7 +44,16 @@ def ordered(specs: Iterable[ExperimentSpec]) -> list[ExperimentSpec]:
 
 def sweep_specs(files: Iterable[Path]) -> list[ExperimentSpec]:
     """Every run of the sweep files, file by file in the order given, each file ordered."""
-    return [spec for path in files for spec in ordered(load_sweep(path)[1])]
+    return [spec for path in files for spec in ordered(load_sweep(_existing(path))[1])]
+
+
+def _existing(path: Path) -> Path:
+    """The path, if a file is there: `load_sweep` calls a missing one "not a sweep file"."""
+    if Path(path).is_dir():
+        raise SpecError(f"{path}: a directory, not a sweep file")
+    if not Path(path).exists():
+        raise SpecError(f"{path}: sweep file not found")
+    return path
 
 
 def rekey(runs_dir: Path, report: Report = lambda line: None) -> int:

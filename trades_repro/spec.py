@@ -13,31 +13,64 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from trades_repro import yamlio
+from trades_repro.errors import BadInput
 
 SPEC_VERSION = 1  # bump when a field's meaning changes; it is part of the digest
 
 
-class SpecError(ValueError):
+class SpecError(BadInput):
     """A spec file that cannot be used; the message is one line naming file and field."""
 
 
 def _parse_fraction(value: Any) -> Any:
-    """Accept "8/255" (parsed exactly with `Fraction`, then rounded once to float)."""
+    """Accept "8/255" (parsed exactly with `Fraction`, then rounded once to float); refuse a
+    boolean (``lr: true`` was read as 1.0)."""
+    if isinstance(value, bool):
+        raise ValueError(f"a boolean is not a number: {value!r}")
     if isinstance(value, str):
         try:
             return float(Fraction(value.strip()))
         except (ValueError, ZeroDivisionError) as err:
             raise ValueError(f"not a number or fraction: {value!r}") from err
+        except OverflowError:  # YAML 1.1 reads `1e400` as a string: Fraction parses it
+            raise ValueError(f"too large for a float: {value!r}") from None
     return value
 
 
+# Every float field: fractions accepted, booleans and (by `allow_inf_nan=False`) inf/nan not.
 Number = Annotated[float, BeforeValidator(_parse_fraction)]
 Radius = Annotated[float, BeforeValidator(_parse_fraction), Field(ge=0, le=1)]
-PositiveInt = Annotated[int, Field(gt=0)]
+# Every int field is strict: a YAML `true` is not 1 (`epochs: true` trained one epoch)
+PositiveInt = Annotated[int, Strict(), Field(gt=0)]
+NonNegativeInt = Annotated[int, Strict(), Field(ge=0)]
+# torch's CPU generator (a Mersenne Twister) keeps 32 bits of its seed: seed 2**32 trained
+# seed 0's weights bit for bit under another digest. Our specs and arms use seeds 0..9.
+Seed = Annotated[int, Strict(), Field(ge=0, lt=2**32)]
+# Upper bounds where a larger value can only be a typo (they add no field: digests stay).
+# A training or evaluation batch: the largest training set we read is TinyImageNet's 100,000
+# images; the paper's largest batch is 512 (Table 2).
+BatchSize = Annotated[int, Strict(), Field(gt=0, le=2**16)]
+# Attack steps: the paper runs 10 (TPGD-10, PGD-10); 10,000 is 1,000 times that.
+Steps = Annotated[int, Strict(), Field(gt=0, le=10_000)]
+# A learning rate: the paper's is 0.1 (§3.1) and our sweeps go no higher. 1e12 is how the
+# tests force a non-finite loss (a failed run, exit 1); 1e308 crashed instead (exit 4).
+LearningRate = Annotated[float, BeforeValidator(_parse_fraction), Field(gt=0, le=1e12)]
+# Image counts (dataset sizes, subsets, evaluation examples): TinyImageNet's training set,
+# the largest we read, has 100,000 images; 10**7 is a hundred times that.
+ImageCount = Annotated[int, Strict(), Field(gt=0, le=10**7)]
 
 
 class _Frozen(BaseModel):
@@ -50,11 +83,12 @@ DatasetName = Literal["cifar10", "cifar100", "tinyimagenet", "digits", "fashion_
 class SyntheticSpec(_Frozen):
     """Shape of the synthetic dataset (class-dependent Gaussian blobs in image shape)."""
 
-    n_train: PositiveInt = 512
-    n_test: PositiveInt = 256
-    num_classes: Annotated[int, Field(ge=2)] = 4
-    channels: PositiveInt = 1
-    image_size: PositiveInt = 8
+    # held in memory as float32: the bounds keep it under 5 GB (our specs: 512 images of 8x8)
+    n_train: Annotated[int, Strict(), Field(gt=0, le=100_000)] = 512  # TinyImageNet's size
+    n_test: Annotated[int, Strict(), Field(gt=0, le=100_000)] = 256
+    num_classes: Annotated[int, Strict(), Field(ge=2, le=1000)] = 4  # ImageNet's 1,000 at most
+    channels: Annotated[int, Strict(), Field(gt=0, le=3)] = 1  # grey or RGB, as real images
+    image_size: Annotated[int, Strict(), Field(gt=0, le=64)] = 8  # TinyImageNet's 64x64 at most
 
 
 class DataSpec(_Frozen):
@@ -64,17 +98,21 @@ class DataSpec(_Frozen):
     # Fig. 4's "50,000/256 = 195 steps" per epoch: the paper trained on every training image
     # and so validated on the test set; "holdout" carves `val_size` images out of train instead
     validation: Literal["holdout", "test"] = "test"
-    val_size: PositiveInt = 1000  # held-out images carved from train by the run's seed
-    train_subset: PositiveInt | None = None  # CPU tiers train on a seeded subset
+    val_size: ImageCount = 1000  # held-out images carved from train by the run's seed
+    train_subset: ImageCount | None = None  # CPU tiers train on a seeded subset
     augment: bool = True  # App. B: random crop with padding + horizontal flip
-    crop_padding: Annotated[int, Field(ge=0)] = 4  # App. B: 4-pixel padding
+    # App. B: 4-pixel padding; 64 pixels pads TinyImageNet's 64x64 images to three times their
+    # size, and more can only be a typo
+    crop_padding: Annotated[int, Strict(), Field(ge=0, le=64)] = 4
     synthetic: SyntheticSpec = SyntheticSpec()
 
 
 class ModelSpec(_Frozen):
     # App. B: all experiments ResNet-18; wrn-34-10 is official TRADES' CIFAR-10 model
     arch: Literal["resnet18", "small_cnn", "wrn-34-10"] = "resnet18"
-    width: PositiveInt = 32  # small_cnn channel width; ignored by resnet18
+    # small_cnn channel width; ignored by resnet18. Our specs use 32; 1024 (about 38M weights)
+    # is wider than WRN-34-10's widest stage (640): `width: 100000000` asked for 7e17 bytes
+    width: Annotated[int, Strict(), Field(gt=0, le=1024)] = 32
     normalize: bool = False  # official TRADES feeds raw [0, 1] pixels; True normalises inside
 
 
@@ -83,8 +121,8 @@ class InnerAttackSpec(_Frozen):
 
     eps: Radius = 8 / 255  # App. B: ε = 8/255 (official TRADES code uses 0.031)
     step_size: Radius = 2 / 255  # App. B: α = 2/255 (official TRADES code uses 0.007)
-    steps: PositiveInt = 10  # App. B: 10-step TPGD
-    init_std: Annotated[float, Field(ge=0)] = 0.001  # official TRADES: x + 0.001·N(0, I)
+    steps: Steps = 10  # App. B: 10-step TPGD
+    init_std: Annotated[Number, Field(ge=0)] = 0.001  # official TRADES: x + 0.001·N(0, I)
     # Official TRADES takes the first gradient at the unprojected x + σ·N(0, I); True projects
     # the start onto the box ∩ [0, 1] first (a different attack at saturated pixels).
     init_projected: bool = False
@@ -93,32 +131,34 @@ class InnerAttackSpec(_Frozen):
 class AWPSpec(_Frozen):
     """Adversarial weight perturbation on the TRADES loss (App. H; Wu et al. 2020's recipe)."""
 
-    gamma: Annotated[float, Field(ge=0)] = 0.005  # App. B: AWP radius 0.005
+    gamma: Annotated[Number, Field(ge=0)] = 0.005  # App. B: AWP radius 0.005
     # TRADES-AWP recipe: the proxy's plain SGD uses the training lr (0.1); the per-layer
     # normalisation cancels it up to float rounding (AT-AWP uses 0.01).
-    proxy_lr: Annotated[float, Field(gt=0)] = 0.1
-    warmup: Annotated[int, Field(ge=0)] = 10  # TRADES-AWP recipe: AWP from epoch 10 (1-based) on
+    proxy_lr: LearningRate = 0.1
+    warmup: NonNegativeInt = 10  # TRADES-AWP recipe: AWP from epoch 10 (1-based) on
 
 
 class MethodSpec(_Frozen):
     # trades: TPGD inner max (Eq. 1); trades_pgd_inner: PGD-10 on CE as inner max with the
     # TRADES outer loss (App. F, "Modified"); trades_awp: TRADES + AWP (App. H)
     name: Literal["trades", "trades_pgd_inner", "trades_awp"] = "trades"
-    beta: Annotated[float, BeforeValidator(_parse_fraction), Field(gt=0)] = 3.0  # §3.1: β = 3
+    # §3.1: β = 3; Table 2's largest is 6, and 1000 already makes the KL term all of the loss
+    beta: Annotated[Number, Field(gt=0, le=1000)] = 3.0
     attack: InnerAttackSpec = InnerAttackSpec()
     awp: AWPSpec = AWPSpec()
 
 
 class OptimSpec(_Frozen):
-    lr: Annotated[float, Field(gt=0)] = 0.1  # §3.1: constant 0.1, no schedule (isolates it)
-    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9  # App. B: Nesterov momentum 0.9
+    lr: LearningRate = 0.1  # §3.1: constant 0.1, no schedule (isolates it)
+    momentum: Annotated[Number, Field(ge=0, lt=1)] = 0.9  # App. B: Nesterov momentum 0.9
     nesterov: bool = True  # App. B
-    weight_decay: Annotated[float, Field(ge=0)] = 5e-4  # App. B: 0.0005
-    batch_size: PositiveInt = 256  # §3.1: 256
-    epochs: PositiveInt = 200  # App. B: 200 for CIFAR-10/100 (100 for TinyImageNet)
+    weight_decay: Annotated[Number, Field(ge=0)] = 5e-4  # App. B: 0.0005
+    batch_size: BatchSize = 256  # §3.1: 256
+    # App. B: 200 for CIFAR-10/100 (100 for TinyImageNet); 10,000 is 50 times the paper's
+    epochs: Annotated[int, Strict(), Field(gt=0, le=10_000)] = 200
     schedule: Literal["constant", "multistep"] = "constant"  # §3.1: constant isolates instability
     milestones: tuple[PositiveInt, ...] = (100, 150)  # App. D: LR × 0.1 at epochs 100 and 150
-    lr_decay: Annotated[float, Field(gt=0, le=1)] = 0.1  # App. D: γ = 0.1
+    lr_decay: Annotated[Number, Field(gt=0, le=1)] = 0.1  # App. D: γ = 0.1
 
 
 class ValidationAttackSpec(_Frozen):
@@ -126,7 +166,7 @@ class ValidationAttackSpec(_Frozen):
 
     eps: Radius = 8 / 255  # App. B: same ε as training
     step_size: Radius = 2 / 255  # App. B: α = 2/255
-    steps: PositiveInt = 10  # PGD-10
+    steps: Steps = 10  # PGD-10
     random_start: bool = True  # Madry et al.: uniform start in the ε-box
 
 
@@ -145,11 +185,11 @@ class HealingSpec(_Frozen):
     # input dimension and ε, so the threshold is per dataset: calibrate it on a regular run
     # (e.g. a few times its median FOSC). 0.05 is a CIFAR-scale starting point, and also the
     # threshold of the `best_pgd10_fosc_ok` checkpoint policy.
-    fosc_threshold: Annotated[float, Field(ge=0)] = 0.05
-    noise_batches: Annotated[int, Field(ge=0)] = 10  # Alg. 1 line 21: the next 10 batches
+    fosc_threshold: Annotated[Number, Field(ge=0)] = 0.05
+    noise_batches: NonNegativeInt = 10  # Alg. 1 line 21: the next 10 batches
     # Alg. 1 line 8 writes N(0, 0.1); read as a standard deviation (the torch.randn scale).
     # If the authors meant variance, set 0.316 (= √0.1).
-    noise_std: Annotated[float, Field(ge=0)] = 0.1
+    noise_std: Annotated[Number, Field(ge=0)] = 0.1
 
 
 class PerformanceSpec(_Frozen):
@@ -187,21 +227,22 @@ class LandscapeSpec(_Frozen):
     # a, b ∈ [-radius, radius]; None: the validation ε (the threat model PGD-10 and AutoAttack
     # use), resolved when a checkpoint is evaluated, so the surface spans the attacks' ball
     radius: Radius | None = None
-    steps: Annotated[int, Field(ge=3, le=201)] = 21  # grid points per axis
-    n_images: PositiveInt = 1  # surfaces are averaged over this many test images
+    steps: Annotated[int, Strict(), Field(ge=3, le=201)] = 21  # grid points per axis
+    n_images: ImageCount = 1  # surfaces are averaged over this many test images
 
 
 class EvalSpec(_Frozen):
     """Final evaluation of a checkpoint on the test set (not part of the run's digest)."""
 
-    n_examples: PositiveInt | None = None  # None: the whole test set
+    n_examples: ImageCount | None = None  # None: the whole test set
     # None: from the image size and free memory (trades_repro.evalbatch); 500 on a CPU
-    batch_size: PositiveInt | None = None
+    batch_size: BatchSize | None = None
     attacks: tuple[AttackName, ...] = (
         "pgd10", "apgd-ce", "apgd-t", "fab-t", "square", "autoattack"
     )  # Table 1's columns
-    square_queries: PositiveInt = 5000  # AutoAttack's standard Square budget
-    seed: Annotated[int, Field(ge=0)] = 0  # AutoAttack's and PGD's random starts
+    # AutoAttack's standard Square budget; 10**6 is 200 times it (a typo beyond)
+    square_queries: Annotated[int, Strict(), Field(gt=0, le=10**6)] = 5000
+    seed: Seed = 0  # AutoAttack's and PGD's random starts
     landscape: LandscapeSpec = LandscapeSpec()
 
 
@@ -224,7 +265,7 @@ class ExperimentSpec(_Frozen):
     monitor: MonitorSpec = MonitorSpec()
     healing: HealingSpec = HealingSpec()
     performance: PerformanceSpec = PerformanceSpec()
-    seed: Annotated[int, Field(ge=0)] = 0
+    seed: Seed = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when available
     evaluation: EvalSpec = EvalSpec()
 
@@ -252,18 +293,30 @@ class ExperimentSpec(_Frozen):
 
 def load_spec(path: str | Path) -> ExperimentSpec:
     """Read and validate a YAML spec; any problem raises `SpecError` naming file and field."""
-    path = Path(path)
+    return parse_spec(_read_spec_mapping(Path(path)), source=str(path))
+
+
+def _read_spec_mapping(path: Path) -> dict[str, Any]:
+    """A spec file's mapping, unvalidated; a file that is not one raises `SpecError`."""
+    if path.is_dir():
+        raise SpecError(f"{path}: a directory, not a spec file")
     if not path.is_file():
         raise SpecError(f"{path}: spec file not found")
-    try:
-        raw = yamlio.load(path.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise SpecError(f"{path}: malformed YAML{where}: {_first_line(err)}") from None
+    raw = _read_yaml(path)
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: a spec must be a YAML mapping, got {type(raw).__name__}")
-    return parse_spec(raw, source=str(path))
+    if "base" in raw:  # no spec field is called `base`: pydantic said "Extra inputs ..."
+        raise SpecError(f"{path}: a sweep file (it has 'base'), not a spec: run its specs with "
+                        "`trades-repro study sweep`, or list them with `trades-repro spec show`")
+    return raw
+
+
+def _read_yaml(path: Path) -> Any:
+    """`yamlio.read`, its one-line errors (unreadable, not UTF-8, malformed) as `SpecError`."""
+    try:
+        return yamlio.read(path)
+    except yamlio.YAMLFileError as err:
+        raise SpecError(str(err)) from None
 
 
 def parse_spec(raw: dict[str, Any], source: str = "<spec>") -> ExperimentSpec:
@@ -282,11 +335,13 @@ def validation_message(err: ValidationError, source: str) -> str:
     return f"{source}: field '{field}': {first['msg']}{more}"
 
 
-def _first_line(err: Exception) -> str:
-    return str(getattr(err, "problem", None) or err).splitlines()[0]
-
-
 # ----------------------------------------------------------------------------- sweeps
+
+
+# A sweep's or arm's seeds and runs: our sweeps and arms have at most 10 seeds and 36 runs.
+# `seeds: 100000000` ran past two minutes expanding specs before anything was said.
+MAX_SEEDS = 1000
+MAX_RUNS = 10_000
 
 
 def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
@@ -308,13 +363,46 @@ class Sweep(_Frozen):
     overrides (``method.beta: 1``) to every spec; ``grid`` expands the Cartesian product of
     its dotted fields' values (β × batch size × LR × dataset …); ``seeds`` is a count
     (seeds 0..n−1) or an explicit list. Every expanded spec is validated like a spec file.
+    Only ``seeds`` sets the seed, a grid axis lists distinct values, and ``set`` and ``grid``
+    name distinct fields: each run is listed once, under the values it trains with.
     """
 
     base: str
     set: dict[str, Any] = {}
     grid: dict[str, Annotated[tuple[Any, ...], Field(min_length=1)]] = {}
-    seeds: PositiveInt | Annotated[tuple[Annotated[int, Field(ge=0)], ...], Field(min_length=1)] = 1
+    seeds: (Annotated[int, Strict(), Field(gt=0, le=MAX_SEEDS)]
+            | Annotated[tuple[Seed, ...], Field(min_length=1, max_length=MAX_SEEDS)]) = 1
     note: str | None = None  # what this sweep shortens or changes, and why
+
+    @field_validator("set")
+    @classmethod
+    def _no_seed_in_set(cls, fields: dict[str, Any]) -> dict[str, Any]:
+        if "seed" in fields:  # `seeds` overrode it without a word
+            raise ValueError("'seed' is set by 'seeds' (a count or a list of seeds)")
+        return fields
+
+    @field_validator("grid")
+    @classmethod
+    def _distinct_axes(cls, grid: dict[str, tuple[Any, ...]],
+                       info: ValidationInfo) -> dict[str, tuple[Any, ...]]:
+        if "seed" in grid:  # `seeds` overrode every cell's seed without a word
+            raise ValueError("'seed' is set by 'seeds' (a count or a list of seeds), not "
+                             "by a grid axis")
+        for field in grid.keys() & info.data.get("set", {}).keys():
+            raise ValueError(f"'{field}' is in both 'set' and 'grid'")
+        _bounded_runs(grid, 1)
+        for field, values in grid.items():
+            if (twice := _repeated(values)) is not None:  # 1 and 1.0 too: one run
+                raise ValueError(f"axis '{field}' lists {twice!r} twice")
+        return grid
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, seeds: int | tuple[int, ...], info: ValidationInfo) -> Any:
+        if not isinstance(seeds, int) and len(set(seeds)) < len(seeds):
+            raise ValueError("a seed is listed twice")
+        _bounded_runs(info.data.get("grid", {}), seeds if isinstance(seeds, int) else len(seeds))
+        return seeds
 
     def seed_list(self) -> tuple[int, ...]:
         return tuple(range(self.seeds)) if isinstance(self.seeds, int) else self.seeds
@@ -332,7 +420,7 @@ class Sweep(_Frozen):
         `relative_to`."""
         base_path = (relative_to / self.base).resolve()
         raw_base = _read_raw(base_path)
-        specs = []
+        specs, seen = [], {}
         for cell in self.cells():
             for seed in self.seed_list():
                 raw = json.loads(json.dumps(raw_base))  # each spec its own copy
@@ -340,7 +428,35 @@ class Sweep(_Frozen):
                     set_dotted(raw, dotted, value)
                 where = ", ".join(f"{k}={v}" for k, v in {**cell, "seed": seed}.items())
                 specs.append(parse_spec(raw, source=f"{base_path} ({where})"))
+                first = seen.setdefault(specs[-1].model_dump_json(), where)
+                if first != where:  # e.g. beta 1 and "1/1": one run listed twice
+                    raise SpecError(f"{base_path} ({where}): the same spec as ({first})")
         return specs
+
+
+def _bounded_runs(grid: dict[str, tuple[Any, ...]], seeds: int) -> dict[str, tuple[Any, ...]]:
+    runs = seeds
+    for values in grid.values():
+        runs *= len(values)
+    if runs > MAX_RUNS:
+        raise ValueError(f"{runs} runs (grid cells x seeds); at most {MAX_RUNS} per sweep")
+    return grid
+
+
+def _repeated(values: tuple[Any, ...]) -> Any:
+    """The first value equal to an earlier one (lists and mappings compared by ==), or None."""
+    hashed: set[Any] = set()
+    unhashable: list[Any] = []
+    for value in values:
+        try:
+            if value in hashed:
+                return value
+            hashed.add(value)
+        except TypeError:
+            if value in unhashable:
+                return value
+            unhashable.append(value)
+    return None
 
 
 def _read_raw(path: Path) -> dict[str, Any]:
@@ -349,8 +465,9 @@ def _read_raw(path: Path) -> dict[str, Any]:
     stat = path.stat() if path.is_file() else None
     key = (str(path), stat and (stat.st_mtime_ns, stat.st_size))
     if key not in _RAW_BASES:
-        load_spec(path)  # validates the base itself, with its own error messages
-        _RAW_BASES[key] = yamlio.load(path.read_text())
+        raw = _read_spec_mapping(path)
+        parse_spec(raw, source=str(path))  # validates the base itself, with its own messages
+        _RAW_BASES[key] = raw
     return json.loads(json.dumps(_RAW_BASES[key]))  # a fresh copy for every expansion
 
 
@@ -360,7 +477,7 @@ _RAW_BASES: dict[tuple[str, Any], dict[str, Any]] = {}
 def load_sweep(path: str | Path) -> tuple[Sweep, list[ExperimentSpec]]:
     """Read a sweep YAML (a mapping with ``base``) and expand it; errors name the file."""
     path = Path(path)
-    raw = yamlio.load(path.read_text()) if path.is_file() else None
+    raw = _read_yaml(path) if path.is_file() else None
     if not isinstance(raw, dict) or "base" not in raw:
         raise SpecError(f"{path}: not a sweep file (a YAML mapping with 'base')")
     try:
@@ -371,9 +488,9 @@ def load_sweep(path: str | Path) -> tuple[Sweep, list[ExperimentSpec]]:
 
 
 def is_sweep_file(path: str | Path) -> bool:
-    path = Path(path)
+    """Whether the file reads as a sweep; an unreadable one is left to `load_spec` to report."""
     try:
-        raw = yamlio.load(path.read_text())
-    except (OSError, yaml.YAMLError):
+        raw = yamlio.read(path)
+    except BadInput:
         return False
     return isinstance(raw, dict) and "base" in raw

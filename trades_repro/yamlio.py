@@ -4,15 +4,21 @@ PyYAML keeps the last of two equal keys in one mapping without a word, so a spec
 ``optim:`` blocks trained with the second alone, and a claim with two ``expected:`` was
 judged on one of them. :func:`load` refuses that with the line of both keys. Merge keys
 (``<<``) keep their meaning: an explicit key may override a merged one.
+
+:func:`read` reads a file and parses it: a missing, unreadable, non-UTF-8 or malformed file
+raises `YAMLFileError`, one line naming the file (bad input, exit 2), never a traceback.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import yaml
 from yaml.constructor import ConstructorError
 from yaml.nodes import MappingNode
+
+from trades_repro.errors import BadInput
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 
@@ -53,3 +59,47 @@ def load(text: str, *, fast: bool = False) -> Any:
     """
     loader = FastStrictLoader if fast else StrictLoader
     return yaml.load(text, Loader=loader)  # noqa: S506 - both are safe loaders
+
+
+class YAMLFileError(BadInput):
+    """A YAML file that cannot be read or parsed; the message is one line naming the file."""
+
+
+def read_text(path: str | Path) -> str:
+    """The file's text, decoded as UTF-8 (YAML's encoding, whatever the locale says).
+
+    A missing file, a folder, an unreadable file or bytes that are not UTF-8 raise
+    `YAMLFileError` naming the file: `Path.read_text` raised UnicodeDecodeError, a crash.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise YAMLFileError(f"{path}: a directory, not a YAML file")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise YAMLFileError(f"{path}: file not found") from None
+    except OSError as err:
+        raise YAMLFileError(f"{path}: cannot read: {err.strerror}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise YAMLFileError(f"{path}: not UTF-8 text (byte 0x{data[err.start]:02x} at offset "
+                            f"{err.start}); YAML files must be UTF-8") from None
+
+
+def read(path: str | Path, *, fast: bool = False) -> Any:
+    """`read_text` and `load` in one: any problem raises `YAMLFileError` naming the file, e.g.
+    ``f.yaml: malformed YAML (line 3, column 1): expected ',' or '}', but got …``."""
+    text = read_text(path)
+    try:
+        return load(text, fast=fast)
+    except yaml.YAMLError as err:
+        raise YAMLFileError(f"{path}: {describe(err)}") from None
+
+
+def describe(err: yaml.YAMLError) -> str:
+    """One line for a parse error: "malformed YAML (line L, column C): problem"."""
+    mark = getattr(err, "problem_mark", None)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+    problem = str(getattr(err, "problem", None) or err).splitlines()[0]
+    return f"malformed YAML{where}: {problem}"
