@@ -51,7 +51,8 @@ app.add_typer(spec_app, name="spec")
 F = TypeVar("F", bound=Callable[..., object])
 EvalBatchOption = Annotated[int | None, typer.Option(
     "--eval-batch", help="Images per attack batch (default: from the image size and free GPU "
-    "memory; 500 on a CPU). Lower it if the GPU runs out of memory.")]
+    "memory; on a CPU 500, and 128 for train's validation). Lower it if the GPU runs out of "
+    "memory.")]
 
 
 def _checked_eval_batch(eval_batch: int | None) -> None:
