@@ -117,18 +117,20 @@ FULL = (
         "tests/test_corrupt_files.py")),
     Group("spec", _src("spec"), (
         "tests/test_spec.py", "tests/test_sweep.py", "tests/test_cli.py",
-        "tests/test_defaults_pinned.py")),
-    Group("yamlio", _src("yamlio"), ("tests/test_yamlio.py",)),
+        "tests/test_defaults_pinned.py", "tests/test_input_validation.py")),
+    Group("yamlio", _src("yamlio"), ("tests/test_yamlio.py", "tests/test_input_validation.py")),
     Group("cli", _src("cli", "cli_claims"), (
         "tests/test_mut_diagnose.py", "tests/test_defaults_pinned.py", "tests/test_cli.py",
         "tests/test_exit_codes.py"), CLI_HELPERS),
     # The claims and verification code: what decides whether a paper claim held.
     Group("judges", _src("judges"), ("tests/test_mut_judges.py", "tests/test_verify.py")),
-    Group("verify", _src("verify"), ("tests/test_mut_verify.py", "tests/test_verify.py")),
+    Group("verify", _src("verify"), (
+        "tests/test_mut_verify.py", "tests/test_verify.py", "tests/test_corrupt_evidence.py")),
     Group("claims", _src("claims", "claimkinds"), (
         "tests/test_mut_claims.py", "tests/test_claims.py", "tests/test_verify.py")),
     Group("runclaim", _src("runclaim"), (
         "tests/test_mut_runclaim.py", "tests/test_verify.py", "tests/test_claims.py",
+        "tests/test_needs_gpu.py",
         *_nodes("test_run_claim.py", "test_an_unexpected_error_in_a_run_exits_4_not_1"))),
 )
 

@@ -372,10 +372,15 @@ def test_an_output_where_no_folder_can_be_made_is_refused_before_the_work(tmp_pa
     # root passes every permission check, yet nothing can be made under /proc
     result = runner.invoke(app, ["train", str(SPEC_DIR / "digits.yaml"),
                                  "--runs-dir", "/proc/nope/runs"])
-    assert_one_line_error(result, "--runs-dir /proc/nope/runs: nothing can be made in /proc")
+    assert_one_line_error(result, "--runs-dir /proc/nope/runs: nothing can be made in /proc: "
+                          "No such file or directory")
     long_name = tmp_path / ("a" * 300) / "report.md"
     result = runner.invoke(app, ["verify", "--claims-dir", CLAIMS, "--report", str(long_name)])
-    assert_one_line_error(result, "--report", "File name too long")
+    assert_one_line_error(result, "--report")
+    assert result.stderr.strip().endswith("not a usable path: File name too long")
+    result = runner.invoke(app, ["train", str(SPEC_DIR / "digits.yaml"), "--runs-dir",
+                                 str(long_name.parent)])
+    assert result.stderr.strip().endswith("not a usable path: File name too long")
     deep = tmp_path / ("a" * 200) / ("b" * 300)  # the missing first name hides the long one
     result = runner.invoke(app, ["train", str(SPEC_DIR / "digits.yaml"), "--runs-dir",
                                  str(deep)])
@@ -412,3 +417,12 @@ def test_an_executor_config_that_is_not_utf8_exits_2_naming_it(tmp_path):
     result = runner.invoke(app, ["run-claim", "--claims-dir", CLAIMS, "--tier", "instant",
                                  "--dry-run", "--executor-config", str(config)])
     assert_one_line_error(result, f"--executor-config: {config}: not UTF-8 text")
+
+
+def test_a_name_of_the_file_systems_longest_length_is_fine(tmp_path):
+    from trades_repro.cli import _blocked
+
+    assert _blocked(tmp_path / "a" / ("b" * 255), writes=True) is None
+    assert _blocked(tmp_path / "a" / ("b" * 256), writes=True) == (
+        "a name in it is longer than the file system's 255 bytes")
+

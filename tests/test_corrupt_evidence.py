@@ -107,6 +107,8 @@ def test_evaluate_refuses_a_spec_edited_away_from_its_folders_digest(run):
     assert not (folder / store.EVAL_FILE).exists()
 
 
+@pytest.mark.skipif(not (ROOT / "evidence" / "cpu").is_dir(),
+                    reason="a copy without the committed evidence (a mutation run's)")
 def test_every_committed_run_folder_is_named_by_its_specs_digest():
     spec_files = sorted((ROOT / "evidence" / "cpu").glob(f"*/{store.SPEC_FILE}"))
     assert spec_files

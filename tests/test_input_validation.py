@@ -219,3 +219,64 @@ def test_training_a_sweep_file_says_it_is_a_sweep(tmp_path):
     path = _file(tmp_path, "s.yaml", "base: base.yaml\ngrid: {method.beta: [1, 3]}\n")
     result = runner.invoke(app, ["train", str(path), "--runs-dir", str(tmp_path / "runs")])
     assert_one_line_error(result, f"{path}: a sweep file", "study sweep")
+
+
+def test_an_axis_of_distinct_lists_is_fine(tmp_path):
+    _base(tmp_path)
+    path = _file(tmp_path, "s.yaml", "base: base.yaml\n"
+                 "grid: {evaluation.attacks: [[square], [pgd10]]}\n")
+    sweep, specs = load_sweep(path)
+    assert [s.evaluation.attacks for s in specs] == [("square",), ("pgd10",)]
+
+
+def test_number_messages_say_what_is_wrong():
+    with pytest.raises(SpecError, match=r"a boolean is not a number: True$"):
+        parse_spec({"method": {"beta": True}})
+    with pytest.raises(SpecError, match=r"too large for a float: '1e400'$"):
+        parse_spec({"optim": {"lr": "1e400"}})
+
+
+def test_the_sweep_file_message_names_the_commands(tmp_path):
+    _base(tmp_path)
+    path = _file(tmp_path, "s.yaml", "base: base.yaml\ngrid: {method.beta: [1, 3]}\n")
+    with pytest.raises(SpecError) as refused:
+        load_spec(path)
+    assert str(refused.value) == (f"{path}: a sweep file (it has 'base'), not a spec: run its "
+                                  "specs with `trades-repro study sweep`, or list them with "
+                                  "`trades-repro spec show`")
+
+
+def test_a_bad_base_spec_is_named_by_its_own_path(tmp_path):
+    base = _file(tmp_path, "base.yaml", "optim: {epochs: 0}\n")
+    path = _file(tmp_path, "s.yaml", "base: base.yaml\n")
+    with pytest.raises(SpecError) as refused:
+        load_sweep(path)
+    assert str(refused.value).startswith(f"{base.resolve()}: field 'optim.epochs'")
+
+
+def test_a_yaml_error_without_a_position_is_still_one_line():
+    import yaml
+
+    assert yamlio.describe(yaml.YAMLError("boom\nmore")) == "malformed YAML: boom"
+
+
+def test_an_unreadable_yaml_file_says_why(tmp_path, monkeypatch):
+    path = _file(tmp_path, "x.yaml", "a: 1\n")
+
+    def refuse(self):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "read_bytes", refuse)
+    with pytest.raises(yamlio.YAMLFileError) as refused:
+        yamlio.read(path)
+    assert str(refused.value) == f"{path}: cannot read: Permission denied"
+
+
+def test_a_parse_error_says_the_problem_not_the_context(tmp_path):
+    # PyYAML's message starts with the context ("while parsing a flow sequence"); the line
+    # says what is wrong, where
+    path = _file(tmp_path, "m.yaml", "a: [1, 2\n")
+    with pytest.raises(yamlio.YAMLFileError) as refused:
+        yamlio.read(path)
+    assert str(refused.value) == (f"{path}: malformed YAML (line 2, column 1): expected ',' or "
+                                  "']', but got '<stream end>'")

@@ -81,3 +81,31 @@ def _spec():
     from trades_repro.spec import parse_spec
 
     return parse_spec(digits())
+
+
+def test_the_refusal_counts_and_names_only_pending_cuda_runs(no_cuda):
+    from trades_repro.spec import parse_spec
+
+    cuda = [parse_spec(digits(device="cuda", seed=s)) for s in (0, 1, 2)]
+    done = runclaim.PlannedRun(spec=cuda[0], arms=("a",), state="done")
+    first = runclaim.PlannedRun(spec=cuda[1], arms=("b", "c"), state="resume")
+    second = runclaim.PlannedRun(spec=cuda[2], arms=("d",), state="train")
+    on_cpu = runclaim.PlannedRun(spec=_spec(), arms=("e",), state="train")
+    with pytest.raises(Inconclusive) as refused:
+        runclaim.require_device("instant", [done, on_cpu, first, second])
+    assert str(refused.value) == (f"2 run(s) to train ask for device: cuda (first: "
+                                  f"{first.digest}, b, c) and no CUDA GPU is visible")
+    runclaim.require_device("instant", [done, on_cpu])  # nothing to train on CUDA
+
+
+def test_the_no_gpu_outcome_message_names_the_first_run(tmp_path):
+    class NoGpuNode:
+        def run(self, jobs, report):
+            return [executors.Outcome(job.digest, "needs_gpu", "no CUDA") for job in jobs]
+
+    planned = runclaim.PlannedRun(spec=_spec(), arms=("a",), state="train")
+    with pytest.raises(Inconclusive) as refused:
+        runclaim.execute([planned], tmp_path, report=lambda _: None, progress=False,
+                         executor=NoGpuNode())
+    assert str(refused.value) == (f"1 run(s) found no CUDA GPU where they ran (first: "
+                                  f"{planned.digest}: no CUDA); nothing was marked failed")
