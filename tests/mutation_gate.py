@@ -115,7 +115,7 @@ FULL = (
     Group("diagnose", _src("diagnose"), (
         "tests/test_mut_diagnose.py", "tests/test_defaults_pinned.py", "tests/test_exit_codes.py",
         "tests/test_corrupt_files.py")),
-    Group("spec", _src("spec"), (
+    Group("spec", _src("spec", "sweep"), (
         "tests/test_spec.py", "tests/test_sweep.py", "tests/test_cli.py",
         "tests/test_defaults_pinned.py", "tests/test_input_validation.py")),
     Group("yamlio", _src("yamlio"), ("tests/test_yamlio.py", "tests/test_input_validation.py")),

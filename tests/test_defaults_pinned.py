@@ -30,13 +30,11 @@ from trades_repro.spec import (
     ExperimentSpec,
     LandscapeSpec,
     SpecError,
-    Sweep,
     ValidationAttackSpec,
     load_spec,
-    load_sweep,
     parse_spec,
-    set_dotted,
 )
+from trades_repro.sweep import Sweep, load_sweep, set_dotted
 
 runner = CliRunner()
 ALL_SIX = ("pgd10", "apgd-ce", "apgd-t", "fab-t", "square", "autoattack")  # Table 1's columns

@@ -17,7 +17,8 @@ from tests.factories import assert_one_line_error
 from trades_repro import yamlio
 from trades_repro.cli import app
 from trades_repro.errors import BadInput
-from trades_repro.spec import ExperimentSpec, SpecError, Sweep, load_spec, load_sweep, parse_spec
+from trades_repro.spec import ExperimentSpec, SpecError, load_spec, parse_spec
+from trades_repro.sweep import Sweep, load_sweep
 
 runner = CliRunner()
 NOT_UTF8 = b"\xff\xfe\x00garbage"

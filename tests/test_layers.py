@@ -24,7 +24,7 @@ PARTS = {
     "evaluation": {"evaluate", "landscape", "checkpoints", "diagnose", "preflight",
                    "checklist", "records", "evalfile", "verdict", "official"},
     "evidence": {"store"},
-    "inputs": {"spec", "data", "models", "tinyimagenet", "yamlio"},
+    "inputs": {"spec", "sweep", "data", "models", "tinyimagenet", "yamlio"},
     "math": {"attacks", "losses", "metrics"},
     "shared": {"__init__", "errors", "numerics", "evalbatch"},  # no part of ours imported
 }

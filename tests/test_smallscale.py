@@ -15,7 +15,7 @@ from trades_repro import smallscale as ss
 from trades_repro import smallscale_report as sr
 from trades_repro import smallscale_stats as sst
 from trades_repro.cli import app
-from trades_repro.spec import Sweep, load_sweep
+from trades_repro.sweep import Sweep, load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()

@@ -145,7 +145,7 @@ def _float_fields(model: type, prefix: str = "") -> list[str]:
 def test_a_non_finite_number_anywhere_in_a_spec_is_refused_by_field(value):
     """`method.beta: .inf` passed `ge=0`, trained, and stopped with a non-finite loss (exit
     1, a failed run) instead of being refused as bad input (exit 2)."""
-    from trades_repro.spec import set_dotted
+    from trades_repro.sweep import set_dotted
 
     fields = _float_fields(ExperimentSpec)
     assert {"method.beta", "optim.lr", "healing.fosc_threshold", "method.attack.eps"} <= set(

@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from trades_repro.claims import load_catalogue
 from trades_repro.cli import app
-from trades_repro.spec import Sweep, load_spec, load_sweep
+from trades_repro.spec import load_spec
+from trades_repro.sweep import Sweep, load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()

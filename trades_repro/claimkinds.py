@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from trades_repro.spec import Sweep
+from trades_repro.sweep import Sweep
 
 # instant: CPU, minutes (CI); cpu: CPU, under an hour on 2 cores (Fashion-MNIST analogues of
 # the paper's directions, issue 19); reduced / full: one GPU / the paper's protocol

@@ -21,7 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from trades_repro import yamlio
 from trades_repro.claimkinds import TIERS, Arm, Claim, Healing
 from trades_repro.errors import BadInput
-from trades_repro.spec import ExperimentSpec, SpecError, Sweep, validation_message
+from trades_repro.spec import ExperimentSpec, SpecError, validation_message
+from trades_repro.sweep import Sweep
 
 ARMS_FILE = "arms.yaml"
 

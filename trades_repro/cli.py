@@ -251,7 +251,7 @@ def spec_show(spec_file: Annotated[Path, typer.Argument(
     """Print the resolved spec (every default filled in) and its digest.
 
     For a sweep, every expanded run's grid point, seed and digest."""
-    from trades_repro.spec import is_sweep_file, load_sweep
+    from trades_repro.sweep import is_sweep_file, load_sweep
 
     if is_sweep_file(spec_file):
         sweep, specs = load_sweep(spec_file)

@@ -25,7 +25,8 @@ from pathlib import Path
 
 from trades_repro import store
 from trades_repro.smallscale_stats import PROBE_QUERIES, load_runs, policies_of
-from trades_repro.spec import ExperimentSpec, SpecError, load_sweep
+from trades_repro.spec import ExperimentSpec, SpecError
+from trades_repro.sweep import load_sweep
 
 Report = Callable[[str], None]
 EVIDENCE_FILES = (store.SPEC_FILE, store.PROVENANCE_FILE, store.METRICS_FILE, store.EVAL_FILE)
