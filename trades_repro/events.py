@@ -106,22 +106,25 @@ def spike_duration_at_least(fosc: Sequence[float], threshold: float,
                             *, min_epochs: int) -> EventResult:
     """Fig. 6's unstable baseline: some spike of FOSC above the threshold lasts at least
     `min_epochs` (a spike still open at the last epoch counts the epochs it has)."""
-    stretches = spikes(fosc, threshold)
-    longest = max((last - first + 1 for first, last in stretches), default=0)
-    first = next((f for f, last in stretches if last - f + 1 == longest), None)
-    return EventResult(longest >= min_epochs, f"{len(stretches)} spike(s) above "
-                       f"{threshold:g}, the longest {longest} epoch(s)",
-                       None if first is None else first + 1)
+    first, longest, detail = _longest_spike(fosc, threshold)
+    return EventResult(longest >= min_epochs, detail, None if first is None else first + 1)
 
 
 def spike_duration_at_most(fosc: Sequence[float], threshold: float,
                            *, max_epochs: int) -> EventResult:
     """Fig. 6: every spike of FOSC above the threshold lasts at most `max_epochs`. A run
     without a spike shows nothing here: the judge counts only runs with one."""
+    _, longest, detail = _longest_spike(fosc, threshold)
+    return EventResult(longest <= max_epochs, detail)
+
+
+def _longest_spike(fosc: Sequence[float], threshold: float) -> tuple[int | None, int, str]:
+    """The longest spike's first index (None without one), its length, and the detail."""
     stretches = spikes(fosc, threshold)
-    longest = max((last - first + 1 for first, last in stretches), default=0)
-    return EventResult(longest <= max_epochs, f"{len(stretches)} spike(s) above "
-                       f"{threshold:g}, the longest {longest} epoch(s)")
+    first, last = max(stretches, key=lambda s: s[1] - s[0], default=(None, -1))
+    longest = 0 if first is None else last - first + 1
+    return first, longest, (f"{len(stretches)} spike(s) above {threshold:g}, the longest "
+                            f"{longest} epoch(s)")
 
 
 def sgcs_falls_with_fosc(fosc: Sequence[float], sgcs: Sequence[float], *,
