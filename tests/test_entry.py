@@ -64,3 +64,18 @@ def test_a_broken_install_is_one_line_naming_a_log_and_exit_4(tmp_path):
     log = Path(line.rsplit("(traceback in ", 1)[1].rstrip(")"))
     assert "Traceback" in log.read_text()
     log.unlink()
+
+
+def test_an_unexpected_error_outside_the_commands_exits_4_not_1(monkeypatch, capsys):
+    from trades_repro import entry
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("typer changed under us")
+
+    monkeypatch.setattr("typer.main.get_command", lambda app: type(
+        "Command", (), {"make_context": broken})())
+    assert entry.main(["--help"]) == 4
+    line, = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: trades-repro failed unexpectedly: RuntimeError: typer "
+                           "changed under us (traceback in ")
+    Path(line.rsplit("(traceback in ", 1)[1].rstrip(")")).unlink()

@@ -57,14 +57,16 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as stop:  # rich's answer to a closed pipe while printing help: exit 1
         code = stop.code if isinstance(stop.code, int) else 1
         if code == 1 and _reader_gone():
-            _silence_stdout()
+            _to_devnull(sys.stdout)
             return EXIT_READER_GONE
         return code
     except OSError as err:
         if err.errno != errno.EPIPE:
             return _crashed("failed unexpectedly", err)
-        _silence_stdout()
+        _to_devnull(sys.stdout)
         return EXIT_READER_GONE
+    except Exception as err:  # noqa: BLE001 - outside every command: never exit 0 or 1
+        return _crashed("failed unexpectedly", err)
     return 0
 
 
@@ -87,9 +89,7 @@ def _error(line: str, code: int) -> int:
     try:
         print(line, file=sys.stderr, flush=True)
     except BrokenPipeError:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stderr.fileno())
-        os.close(devnull)
+        _to_devnull(sys.stderr)
         return EXIT_READER_GONE
     return code
 
@@ -109,15 +109,18 @@ def _reader_gone() -> bool:
     /dev/null, as its console does on a broken pipe just before it raises SystemExit(1)."""
     from trades_repro.cli import _readers_gone
 
-    out = sys.stdout.fileno()
-    null, now = os.stat(os.devnull), os.fstat(out)
+    try:
+        out = sys.stdout.fileno()
+        null, now = os.stat(os.devnull), os.fstat(out)
+    except (AttributeError, OSError, ValueError):  # not a real file (a test's capture)
+        return False
     return out in _readers_gone() or (now.st_rdev, now.st_ino) == (null.st_rdev, null.st_ino)
 
 
-def _silence_stdout() -> None:
-    """The reader left: point stdout at /dev/null so that the exit-time flush is quiet."""
+def _to_devnull(stream) -> None:
+    """The reader left: point `stream` at /dev/null so that the exit-time flush is quiet."""
     devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
+    os.dup2(devnull, stream.fileno())
     os.close(devnull)
 
 
