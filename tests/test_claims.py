@@ -216,6 +216,10 @@ def test_nonsense_fig_4_and_5_event_fields_exit_2_naming_file_and_claim(tmp_path
 @pytest.mark.parametrize(("event", "test", "needle"), [
     ({"name": "square_lowest", "margin": -0.1}, None, "margin"),
     ({"name": "sgcs_falls_with_fosc", "within_epochs": -1}, None, "within_epochs"),
+    ({"name": "gap_negative_after_spike", "fosc_threshold": -1}, None, "fosc_threshold"),
+    ({"name": "spike_duration_at_least", "min_epochs": 1}, None, "min_epochs"),
+    ({"name": "spike_duration_at_least", "min_epochs": 3, "max_epochs": 1}, None,
+     "max_epochs"),
     (None, {"name": "rate_at_most", "max_rate": 1}, "max_rate"),
     (None, {"name": "rate_at_most", "min_rate": 0.5}, "max_rate"),
 ])
