@@ -1,4 +1,5 @@
-"""`eval.json` on disk: read (old layouts re-keyed, nothing dropped), write atomically, lock.
+"""`eval.json` on disk: read (old layouts re-keyed, nothing dropped, verdicts recomputed),
+write atomically, lock.
 
 Records are keyed by (checkpoint file hash, evaluation key): another `--n-examples`, seed,
 device, architecture or library version makes a new record beside the old one instead of
@@ -20,6 +21,7 @@ from pydantic import ValidationError
 from trades_repro import store
 from trades_repro.errors import BadInput
 from trades_repro.records import CheckpointEval, EvalFile
+from trades_repro.verdict import verdicts_of
 
 LOCK_SUFFIX = ".lock"
 
@@ -41,7 +43,8 @@ def read_eval(path: Path) -> EvalFile | None:
     except ValidationError as err:
         raise EvalFileError(f"{path}: not a valid eval file ({err.errors()[0]['msg']}); "
                             "move it away to start over") from None
-    records = {record.key: record for record in evals.checkpoints.values()}
+    records = {record.key: record.model_copy(update={"verdicts": verdicts_of(record)})
+               for record in evals.checkpoints.values()}
     return evals.model_copy(update={"schema_version": 2, "checkpoints": records})
 
 

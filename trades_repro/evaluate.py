@@ -63,6 +63,7 @@ from trades_repro.verdict import (  # noqa: F401 - re-exported
     VerdictRule,
     apply_rule,
     verdict_line,
+    verdicts_of,
 )
 
 # "square-only": the two numbers Table 2's rule needs; the cheap check (no white-box AutoAttack)
@@ -184,9 +185,9 @@ def compose_cascade(record: CheckpointEval, examples: dict[str, Tensor],
     attacks survivors, and each attack alone saw every example), so the robust flags are
     the AND of the four; its adversarial example is the first breaking attack's, in cascade
     order. Each attack having seen every example makes this at least as strong as the
-    cascade, never weaker; `params.composed_from` says it was composed.
+    cascade, never weaker; `params.composed_from` says it was composed, and its seconds are
+    the four attacks' (composing takes none), what running the cascade would have cost at most.
     """
-    started = time.perf_counter()
     runs = [record.attacks[a] for a in CASCADE]
     robust = torch.tensor([all(r.robust[i] == "1" for r in runs)
                            for i in range(runs[0].n_examples)], dtype=torch.bool)
@@ -198,7 +199,8 @@ def compose_cascade(record: CheckpointEval, examples: dict[str, Tensor],
               for k, v in r.params.items()}
     params.update(version="standard", composed_from=",".join(CASCADE))
     flags = unique([f for r in runs for f in r.flags])
-    return _result("autoattack", robust, started, flags=flags, params=params), x_adv
+    result = _result("autoattack", robust, time.perf_counter(), flags=flags, params=params)
+    return result.model_copy(update={"seconds": round(sum(r.seconds for r in runs), 3)}), x_adv
 
 
 def _preflight_line(record: CheckpointEval) -> str:
@@ -223,8 +225,7 @@ def _refresh(record: CheckpointEval) -> None:
     checks = record.preflight.checks if record.preflight else []
     record.flags = unique([*checks, *(f for r in record.attacks.values() for f in r.flags),
                            *_recheck_flags(record)])
-    record.verdicts = [apply_rule(rule, record.attacks, record.clean, record.flags)
-                       for rule in VERDICT_RULES]
+    record.verdicts = verdicts_of(record)
     runs = list(record.attacks.values())
     if runs:
         both = [all(r.robust[i] == "1" for r in runs) for i in range(runs[0].n_examples)]

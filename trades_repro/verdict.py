@@ -6,41 +6,47 @@ points, on the two accuracies alone. The paper's claims rely on them, unchanged.
 Version 2 rules are paired: per example, b = robust to PGD-10 only, c = robust to the other
 attack only, both counting an image as robust only if it is also classified right clean.
 The margin is (b − c) / n; the exact McNemar p-value is scipy's two-sided binomial test of b
-out of b + c at 1/2; the 95 % interval for the margin is scipy's BCa bootstrap of the
-per-example differences (9,999 paired resamples, fixed seed). Outcome: ``flagged`` when the
-interval's lower bound ≥ the threshold, ``clear`` when its upper bound < the threshold,
-``inconclusive`` otherwise, and also when a masking check fired (pyautoattack's checks,
-the adversarial re-check) while the interval does not rule out any gap above zero.
+out of b + c at 1/2; the 95 % interval for the margin is Tango's score interval for a
+difference of paired proportions (Tango 1998), whose ends scipy's `brentq` finds. Outcome:
+``flagged`` when the interval's lower bound ≥ the threshold, ``clear`` when its upper
+bound < the threshold, ``inconclusive`` otherwise, and also when a masking check fired
+(pyautoattack's checks, the adversarial re-check) while the interval does not rule out any
+gap above zero.
 """
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Iterable
+import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-import numpy as np
-from scipy.stats import binomtest, bootstrap
+from scipy.optimize import brentq
+from scipy.stats import binomtest, norm
 
 from trades_repro.records import (
     PAPER_COLUMNS,
     STANDARD_SQUARE_QUERIES,
     AttackResult,
+    CheckpointEval,
     Flag,
     Outcome,
     Verdict,
 )
 
 CONFIDENCE = 0.95
-RESAMPLES = 9999
-INTERVAL = f"scipy.stats.bootstrap BCa, {RESAMPLES} paired resamples, seed 0"
-INTERVAL_DEGENERATE = "margin ± exact (Clopper-Pearson) upper bound on the discordant fraction"
+_Z = float(norm.ppf(0.5 + CONFIDENCE / 2))
+INTERVAL = "Tango's score interval (paired proportions), roots by scipy.optimize.brentq"
+# It replaced a BCa bootstrap of the per-example differences, which collapses when b or c is
+# 0: b = 0, c = 1 gave [−80, 0] points at n = 5, "clear", where b = c = 0 was inconclusive;
+# at a true margin of 8 points the bootstrap said "clear" 7 % of the time at n = 10 (Tango:
+# under 1 %, summed exactly over the trinomial; tests/test_verdict.py).
+_EDGE = 1e-9  # the score's variance vanishes at a margin of ±1: stop just inside
 # Checks whose firing says the gradient attacks may be unreliable (see preflight.CHECK_CODES).
 # Not "n_classes" or "other" (nothing about masking), nor "square_beats_gradient_attacks":
 # that is the unpaired form of this very comparison, firing on a single image (alpha 0.2 %),
 # so on a regular model at n = 100 it fired whenever Square broke one image more (measured).
 MASKING_CHECKS = frozenset({"randomized", "probability_output", "zero_gradients", "dynamic",
-                            "adversarial_check"})
+                            "adversarial_check", "nonfinite_gradients"})
 _EXACT = 1e-12  # 8/100 must count as 0.08
 
 
@@ -90,6 +96,12 @@ def apply_rule(rule: VerdictRule, attacks: dict[str, AttackResult],
     return verdict.model_copy(update=_paired(rule, pgd10, other, clean, flags))
 
 
+def verdicts_of(record: CheckpointEval) -> list[Verdict]:
+    """Every rule's verdict on the record's attack results. Verdicts are derived: readers of
+    `eval.json` recompute them, so a record made before a rule changed is judged by it."""
+    return [apply_rule(rule, record.attacks, record.clean, record.flags) for rule in VERDICT_RULES]
+
+
 def discordant(pgd10: str, other: str, clean: str | None = None) -> tuple[int, int]:
     """(b, c): examples robust to PGD-10 only / to the other attack only, clean-correct."""
     ok = clean or "1" * len(pgd10)
@@ -99,18 +111,34 @@ def discordant(pgd10: str, other: str, clean: str | None = None) -> tuple[int, i
 
 
 def paired_interval(b: int, c: int, n: int) -> tuple[float, float, str]:
-    """95 % interval for the paired margin (b − c) / n over n examples, and its method."""
-    d = np.zeros(n)
-    d[:b], d[b:b + c] = 1.0, -1.0
-    if b + c == 0 or n in (b, c):  # every difference equal: no spread to resample
-        half = binomtest(0, n).proportion_ci(CONFIDENCE).high
-        margin = (b - c) / n
-        return max(-1.0, margin - half), min(1.0, margin + half), INTERVAL_DEGENERATE
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # scipy warns on discrete data; the interval stands
-        ci = bootstrap((d,), np.mean, confidence_level=CONFIDENCE, n_resamples=RESAMPLES,
-                       method="BCa", random_state=np.random.default_rng(0)).confidence_interval
-    return float(ci.low), float(ci.high), INTERVAL
+    """95 % interval for the paired margin Δ = (b − c) / n over n examples, and its method.
+
+    Tango's (1998) score interval: every Δ whose score statistic
+    Z(Δ) = (b − c − nΔ) / √(n(2q̃ + Δ(1 − Δ))) lies within ±z₀.₉₇₅, where q̃ is the
+    maximum-likelihood probability of a c-type example given Δ. It contains (b − c) / n,
+    stays inside [−1, 1], and keeps its width when b or c is 0, e.g.
+    ``paired_interval(0, 1, 5)`` ≈ (−0.62, 0.32).
+    """
+    margin = (b - c) / n
+
+    def beyond(limit: float) -> Callable[[float], float]:
+        return lambda delta: _score(b, c, n, delta) - limit
+
+    low = -1.0 if beyond(_Z)(_EDGE - 1) <= 0 else brentq(beyond(_Z), _EDGE - 1, margin)
+    high = 1.0 if beyond(-_Z)(1 - _EDGE) >= 0 else brentq(beyond(-_Z), margin, 1 - _EDGE)
+    return float(low), float(high), INTERVAL
+
+
+def _score(b: int, c: int, n: int, delta: float) -> float:
+    """Tango's Z(Δ): the margin's distance from Δ in standard errors under Δ."""
+    quad_b = -b - c + (2 * n - b + c) * delta  # q̃ is the quadratic's larger root
+    quad_c = -c * delta * (1 - delta)
+    q = (-quad_b + math.sqrt(max(0.0, quad_b * quad_b - 8 * n * quad_c))) / (4 * n)
+    spread = n * (2 * q + delta * (1 - delta))
+    gap = b - c - n * delta
+    if spread <= 0:  # b = c = 0 at Δ = 0, or Δ at ±1: no spread, so no distance unless gap
+        return math.copysign(math.inf, gap) if gap else 0.0
+    return gap / math.sqrt(spread)
 
 
 def mcnemar_exact(b: int, c: int) -> float:
@@ -150,15 +178,24 @@ def decide(low: float, high: float, threshold: float,
 def attack_label(result: AttackResult | None, name: str) -> str:
     """The paper's column name, with Square's budget when it is not AutoAttack's standard."""
     label = PAPER_COLUMNS[name]
-    queries = result.params.get("queries") if result else None
+    queries = square_queries(result)
+    standard = "" if queries == STANDARD_SQUARE_QUERIES else (
+        f", reduced from AutoAttack's {STANDARD_SQUARE_QUERIES}")
     if name == "square" and queries is not None:
-        standard = "" if queries == STANDARD_SQUARE_QUERIES else (
-            f", reduced from AutoAttack's {STANDARD_SQUARE_QUERIES}")
         label += f" ({queries} queries{standard})"
+    elif name == "autoattack" and queries is not None and standard:  # its Square's budget
+        label += f" (Square at {queries} queries{standard})"
     version = result.params.get("version") if result else None
     if version and version != "standard":
         label += f" (AutoAttack version {version})"
     return label
+
+
+def square_queries(result: AttackResult | None) -> int | None:
+    """Square's query budget in `result`: its own, or the one inside AutoAttack's cascade."""
+    if result is None:
+        return None
+    return result.params.get("queries", result.params.get("square.queries"))
 
 
 def verdict_line(verdict: Verdict, other: AttackResult | None = None) -> str:
