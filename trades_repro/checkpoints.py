@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import inspect
 import pickle
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -88,7 +90,12 @@ def _read_torch(path: Path) -> Any:
     not_checkpoint = CheckpointError(
         f"{path}: not a checkpoint (neither safetensors nor a torch.save file)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # a raw pickle.dump (protocol > 2) makes torch warn before it fails or loads:
+            # two stray lines before ours; only that warning, and only around this load
+            warnings.filterwarnings("ignore", message="Detected pickle protocol",
+                                    category=UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if "Unsupported global" not in str(err):  # torch's words for a refused class
             raise not_checkpoint from None
@@ -101,19 +108,24 @@ def _read_torch(path: Path) -> Any:
 
 
 def _unwrap(raw: Any, path: Path) -> dict[str, Tensor]:
-    for _ in range(3):  # at most a few levels of {"model": {"state_dict": ...}}
-        if _is_tensor_dict(raw):
-            return dict(raw)
-        if not isinstance(raw, Mapping):
-            break
-        nested = next((raw[k] for k in _NESTED_KEYS if k in raw), None)
-        if nested is None:
-            break
-        raw = nested
-    raise CheckpointError(
-        f"{path}: no state dict inside (expected a mapping of names to tensors, possibly under "
-        f"one of {', '.join(_NESTED_KEYS)})"
-    )
+    tensors = _find_tensors(raw, depth=2)
+    if tensors is None:
+        raise CheckpointError(
+            f"{path}: no state dict inside (expected a mapping of names to tensors, possibly "
+            f"under one of {', '.join(_NESTED_KEYS)})"
+        )
+    return tensors
+
+
+def _find_tensors(raw: Any, depth: int) -> dict[str, Tensor] | None:
+    """The first tensor dict under `_NESTED_KEYS`, at most `depth` levels down. Every key is
+    tried: {"net": "small_cnn", "model_state_dict": {...}} names the architecture in "net"."""
+    if _is_tensor_dict(raw):
+        return dict(raw)
+    if depth == 0 or not isinstance(raw, Mapping):
+        return None
+    found = (_find_tensors(raw.get(key), depth - 1) for key in _NESTED_KEYS)
+    return next((tensors for tensors in found if tensors is not None), None)
 
 
 def _is_tensor_dict(raw: Any) -> bool:
@@ -161,6 +173,16 @@ def call_factory(factory: Callable[[], nn.Module], target: str) -> nn.Module:
         raise CheckpointError(f"--factory {target!r} returned {type(net).__name__}, "
                               "not a torch.nn.Module")
     return net
+
+
+def factory_source(factory: Callable[[], nn.Module]) -> bytes:
+    """The bytes of the file defining `factory` (b"" when it has none, e.g. a builtin): part
+    of the resume key, since an edited factory under the same name is another model."""
+    try:
+        file = inspect.getsourcefile(factory)
+        return Path(file).read_bytes() if file else b""
+    except (TypeError, OSError):  # a builtin or partial; or the file is gone since the import
+        return b""
 
 
 def load_weights(net: nn.Module, tensors: dict[str, Tensor], path: Path, arch: str) -> nn.Module:

@@ -21,6 +21,7 @@ from trades_repro import store
 from trades_repro.checkpoints import (
     build_arch,
     call_factory,
+    factory_source,
     file_sha256,
     load_factory,
     load_state_dict,
@@ -47,6 +48,7 @@ from trades_repro.evaluate import (
     evaluate_model,
     settings_key,
 )
+from trades_repro.preflight import fingerprint
 from trades_repro.records import STANDARD_SQUARE_QUERIES
 from trades_repro.spec import ExperimentSpec, parse_spec
 from trades_repro.verdict import attack_label
@@ -199,12 +201,12 @@ def diagnose(checkpoint: Path, *, dataset: str, arch: str | None = None,
     splits = load_splits(spec.data, spec.seed, train=False)  # only the split it scores
     described = f"factory {factory}" if factory else spec.model.model_dump_json()
     settings = _settings(spec, splits, resolve_device(device), described)
+    x, y = _examples(splits, settings.n_examples)
     if factory is not None:
-        net = call_factory(load_factory(factory), factory)
+        net, settings = _factory_net(factory, tensors, checkpoint, settings, x, y)
     else:
         net = build_arch(spec.model, dataset, splits.shape, splits.num_classes)
-    net = _load_tensors(net, tensors, checkpoint, factory or arch, settings.device)
-    x, y = _examples(splits, settings.n_examples)
+        net = _load_tensors(net, tensors, checkpoint, arch, settings.device)
     identity = (checkpoint.name, file_sha256(checkpoint), [])
     if out is None:
         return _evaluate(net, x, y, settings, spec.evaluation.attacks, identity,
@@ -214,6 +216,20 @@ def diagnose(checkpoint: Path, *, dataset: str, arch: str | None = None,
         evals = read_eval(path) or EvalFile(source=str(checkpoint))
         return _evaluate(net, x, y, settings, spec.evaluation.attacks, identity, evals, path,
                          out, save_adversarial, report, checklist)
+
+
+def _factory_net(factory: str, tensors: dict[str, Tensor], checkpoint: Path,
+                 settings: EvalSettings, x: Tensor, y: Tensor
+                 ) -> tuple[nn.Module, EvalSettings]:
+    """The factory's network with the weights, and `settings` keyed by its fingerprint: the
+    name "module:function" stays when its code changes, and an edited model must not resume
+    the old one's record. (Our architectures change only with trades_repro's version.)"""
+    build = load_factory(factory)
+    net = _load_tensors(call_factory(build, factory), tensors, checkpoint, factory,
+                        settings.device)
+    digest = fingerprint(net, x, y, settings.n_classes, device=settings.device,
+                         source=factory_source(build))
+    return net, settings.model_copy(update={"model_fingerprint": digest})
 
 
 def _evaluate(net: nn.Module, x: Tensor, y: Tensor, settings: EvalSettings,

@@ -9,12 +9,18 @@ AutoAttack's ``rand`` version (EOT) for its gradient attacks.
 AutoAttack's own checks (pyautoattack ``checks.py``: randomized, probability output,
 dynamic, zero gradients, class count) run here once per model, whatever the attack preset;
 pyautoattack otherwise runs them only inside its white-box evaluation, so ``square-only``
-never saw the zero-gradient check.
+never saw the zero-gradient check. Our own ``nonfinite_gradients`` flag joins them: its
+zero-gradient check compares ``== 0``, which a NaN gradient never is.
+
+A model that calls ``sys.exit`` is a `CheckpointError` (exit 2), as a factory doing so is:
+``SystemExit`` is no ``Exception``, and would otherwise end the command with its code.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import re
 import time
 import warnings
 from collections.abc import Iterator
@@ -25,6 +31,8 @@ import torch.nn.functional as F
 from scipy.stats import binomtest
 from torch import Tensor, nn
 
+from trades_repro import numerics
+from trades_repro.checkpoints import CheckpointError
 from trades_repro.errors import BadInput
 from trades_repro.records import Flag, Preflight
 
@@ -37,6 +45,8 @@ CHECK_CODES = (("randomized defense", "randomized"), ("probability distribution"
                ("Square Attack has decreased", "square_beats_gradient_attacks"),
                ("dynamic defense", "dynamic"), ("classes", "n_classes"))
 _AA_NAMES = {"apgd-t": "apgd-t", "fab-t": "fab-t", "autoattack": "apgd-t"}
+NONFINITE_GRADIENTS = "nonfinite_gradients"  # our own check: pyautoattack has none to map
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")  # object addresses in a repr: new every process
 
 
 class PreflightError(BadInput):
@@ -68,12 +78,14 @@ def preflight(model: nn.Module, x: Tensor, y: Tensor, n_classes: int | None, *, 
 
 def _forward(model: nn.Module, xb: Tensor) -> Tensor:
     shape = list(xb.shape[1:])
-    try:
-        with torch.no_grad():
-            out = model(xb)
-    except Exception as err:  # noqa: BLE001 - any failure here is the model not fitting
-        raise PreflightError(f"the model fails on this dataset's images (shape {shape}, "
-                             f"pixels in [0, 1]): {type(err).__name__}: {_first(err)}") from None
+    with no_exit("its forward"):  # outside the try: SystemExit is no Exception
+        try:
+            with torch.no_grad():
+                out = model(xb)
+        except Exception as err:  # noqa: BLE001 - any failure here is the model not fitting
+            raise PreflightError(f"the model fails on this dataset's images (shape {shape}, "
+                                 f"pixels in [0, 1]): {type(err).__name__}: {_first(err)}"
+                                 ) from None
     if not isinstance(out, Tensor):
         raise PreflightError(f"the model returns {type(out).__name__}, not a tensor of logits")
     return out.float()
@@ -100,9 +112,26 @@ def _check_logits(out: Tensor) -> None:
 
 def _check_chance(hits: int, n: int, n_classes: int) -> None:
     p = binomtest(hits, n, 1 / n_classes, alternative="greater").pvalue
-    if p >= CHANCE_ALPHA:
-        raise PreflightError(f"clean accuracy {hits}/{n} is not above chance (1/{n_classes}; "
-                             f"binomial p = {p:.2g}): wrong dataset, preprocessing or weights?")
+    if p < CHANCE_ALPHA:
+        return
+    # Too few images: even n/n correct would not be significant, so the failure is the sample
+    # size, not the weights. Still bad input (exit 2), not a skipped check: this test is the
+    # only guard against a wrong dataset or preprocessing, and a model let through unchecked
+    # would carry a verdict that says nothing of it.
+    least = _least_decidable(n_classes)
+    if least is not None and n < least:
+        raise PreflightError(f"--n-examples {n} is too few for the pre-flight check that clean "
+                             f"accuracy is above chance (1/{n_classes}): even {n}/{n} correct "
+                             f"is not significant at {CHANCE_ALPHA}; use at least {least}")
+    raise PreflightError(f"clean accuracy {hits}/{n} is not above chance (1/{n_classes}; "
+                         f"binomial p = {p:.2g}): wrong dataset, preprocessing or weights?")
+
+
+def _least_decidable(n_classes: int) -> int | None:
+    """The fewest images whose all-correct result passes the chance test (None: none does,
+    as with one class); at most `BATCH`, the pre-flight's own batch."""
+    return next((n for n in range(1, BATCH + 1) if binomtest(
+        n, n, 1 / n_classes, alternative="greater").pvalue < CHANCE_ALPHA), None)
 
 
 def autoattack_checks(model: nn.Module, xb: Tensor, yb: Tensor, n_classes: int,
@@ -113,14 +142,26 @@ def autoattack_checks(model: nn.Module, xb: Tensor, yb: Tensor, n_classes: int,
     logger = logging.getLogger(AUTOATTACK_LOGGER)
     targets = min(9, n_classes - 1)  # as evaluate._fit_targets
     aa_attacks = sorted({_AA_NAMES[a] for a in attacks if a in _AA_NAMES})
-    with capture_checks("preflight") as flags:
+    with no_exit("the pre-flight checks"), capture_checks("preflight") as flags:
         checks.check_randomized(model, xb, yb, logger=logger)
         checks.check_range_output(model, xb, logger=logger)
         checks.funcs.update(dict.fromkeys(checks.funcs, 0))  # its counters never reset
         checks.check_dynamic(model, xb, False, logger=logger)
-        checks.check_zero_gradients(input_grad(model, xb, yb), logger=logger)
+        grad = input_grad(model, xb, yb)
+        checks.check_zero_gradients(grad, logger=logger)
         checks.check_n_classes(n_classes, aa_attacks, targets, targets, logger=logger)
-    return unique(flags)
+    return unique(flags + _nonfinite(grad))
+
+
+def _nonfinite(grad: Tensor) -> list[Flag]:
+    """A NaN or inf input gradient (sqrt at 0, a where's unused branch): PGD steps and FOSC
+    become NaN, and nothing else fires (pyautoattack's check compares with 0)."""
+    bad = int((~torch.isfinite(grad)).sum())
+    if not bad:
+        return []
+    return [Flag(attack="preflight", check=NONFINITE_GRADIENTS,
+                 message=f"{bad} of {grad.numel()} input-gradient entries are non-finite (NaN "
+                 "or inf): gradient attacks and FOSC are unreliable on this model")]
 
 
 def input_grad(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
@@ -129,6 +170,51 @@ def input_grad(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     with torch.enable_grad():
         (grad,) = torch.autograd.grad(F.cross_entropy(model(x), y, reduction="sum"), x)
     return grad
+
+
+def fingerprint(model: nn.Module, x: Tensor, y: Tensor, n_classes: int | None, *,
+                device: str, source: bytes = b"") -> str:
+    """Hex SHA-256 of the model as built, beyond its weights: `source` (its factory's file),
+    its repr, and its logits and input gradient on the pre-flight batch of `x`, `y`.
+
+    A factory edited under the same name (``net(round(x))`` -> ``net(x)``) is another model
+    with the same weights; clean digits survive that rounding, so the gradient is hashed
+    too. Torch's RNG is seeded meanwhile, so a randomized model hashes alike in every process;
+    bit-exact, so another machine, thread count or library may hash differently: a mismatch
+    only means the evaluation is recomputed. Fails as `preflight` does on a model that does
+    not fit.
+    """
+    xb, yb = x[:BATCH].to(device), y[:BATCH].to(device)
+    digest = hashlib.sha256(source)
+    digest.update(_ADDRESS.sub("", repr(model)).encode())
+    with numerics.evaluation(), torch.random.fork_rng(devices=_rng_devices(device)):
+        torch.manual_seed(0)
+        logits = _forward(model, xb)
+        _check_shape(logits, len(xb), n_classes or logits.shape[-1])
+        with no_exit("its gradient"):
+            grad = input_grad(model, xb, yb)
+    for tensor in (logits, grad):
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _rng_devices(device: str) -> list[int]:
+    """The CUDA device whose RNG `fork_rng` restores (torch warns when left to guess)."""
+    if device == "cpu":
+        return []
+    index = torch.device(device).index
+    return [index if index is not None else torch.cuda.current_device()]
+
+
+@contextmanager
+def no_exit(step: str) -> Iterator[None]:
+    """User model code calling ``sys.exit``: its failure (exit 2), as in `call_factory`;
+    ``sys.exit(0)`` must not pass for "not overestimated"."""
+    try:
+        yield
+    except SystemExit as err:
+        raise CheckpointError(f"the model raised SystemExit ({_first(err)}) in {step}: it must "
+                              "return logits, not end the process") from None
 
 
 @contextmanager

@@ -123,6 +123,9 @@ class EvalSettings(_Model):
     model: str | None = None  # our architecture and width, or the factory module:function
     n_classes: int | None = None
     versions: dict[str, str] | None = None  # torch, pyautoattack, trades_repro
+    # diagnose --factory: `preflight.fingerprint` of the built model (factory file, repr,
+    # logits, input gradient), since "factory mod:fn" stays the same when its code changes
+    model_fingerprint: str | None = None
 
 
 class CheckpointEval(_Model):
@@ -160,4 +163,8 @@ class EvalFile(_Model):
 
 
 def settings_key(sha256: str, settings: EvalSettings) -> str:
-    return hashlib.sha256(f"{sha256}|{settings.model_dump_json()}".encode()).hexdigest()[:16]
+    # An unset fingerprint is left out, so records without one (runs, our architectures,
+    # every record written before it existed) keep their keys and still resume.
+    unset = {"model_fingerprint"} if settings.model_fingerprint is None else None
+    text = settings.model_dump_json(exclude=unset)
+    return hashlib.sha256(f"{sha256}|{text}".encode()).hexdigest()[:16]
