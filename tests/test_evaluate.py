@@ -180,9 +180,9 @@ def test_evaluate_cli_writes_a_valid_resumable_eval_json(tmp_path_factory):
     run = trained_run(tmp_path_factory.getbasetemp())
     args = ["evaluate", str(run), "--attacks", "square-only", "--n-examples", "40", "--quiet"]
     result = runner.invoke(app, args)
-    assert result.exit_code == 0, result.output
     evals = read_eval(run / store.EVAL_FILE)
     (record,) = [r for r in run_records(run) if r.settings.n_examples == 40]
+    assert result.exit_code == _exit_of(record), result.output
     assert record.complete and record.policies[0] == "best_pgd10"
     assert evals.checkpoints[record.key] == record and evals.schema_version == 2
     assert record.settings.device == "cpu" and record.settings.n_classes == 10
@@ -195,26 +195,33 @@ def test_evaluate_cli_writes_a_valid_resumable_eval_json(tmp_path_factory):
         assert (run / name).stat().st_size > 0
     assert "pgd10_minus_square_v1" in result.stdout
     again = runner.invoke(app, args + ["--attacks", "apgd-ce"])
-    assert again.exit_code == 0, again.output
     resumed = read_eval(run / store.EVAL_FILE).checkpoints[record.key]
+    assert again.exit_code == _exit_of(resumed), again.output
     assert resumed.attacks["square"] == record.attacks["square"]
     assert set(resumed.attacks) == {"pgd10", "square", "apgd-ce"}
     other = runner.invoke(app, ["evaluate", str(run), "--attacks", "pgd10", "--n-examples", "20",
                                 "--seed", "3", "--quiet"])
-    assert other.exit_code == 0, other.output
+    assert other.exit_code == 3, other.output  # PGD-10 alone: no verdict, cannot decide
+    assert other.stderr.strip().startswith("error: inconclusive: no verdict: PGD-10 and Square")
     both = {(r.settings.n_examples, r.settings.seed): r for r in run_records(run)}
     assert both[(40, 0)] == resumed, "another key must not replace a finished evaluation"
     assert both[(20, 3)].complete and len(both) == 2 and not both[(20, 3)].attacks.keys() - {
         "pgd10"}
     probe = runner.invoke(app, ["evaluate", str(run), "--attacks", "square", "--n-examples",
                                 "20", "--seed", "3", "--square-queries", "200", "--quiet"])
-    assert probe.exit_code == 0, probe.output
+    assert probe.exit_code == 3, probe.output
     (short,) = [r for r in run_records(run) if r.settings.square_queries == 200]
     assert short.complete and set(short.attacks) == {"square"}
     assert short.attacks["square"].params["queries"] == 200
     assert read_eval(run / store.EVAL_FILE).checkpoints[record.key] == resumed
     bad = runner.invoke(app, ["evaluate", str(run), "--square-queries", "0"])
     assert_one_line_error(bad, "--square-queries 0", "at least 1")
+
+
+def _exit_of(record) -> int:
+    """`evaluate`'s exit code for one record: its pgd10_minus_square_v2 outcome's."""
+    (v2,) = [v for v in record.verdicts if v.rule == "pgd10_minus_square_v2"]
+    return {"flagged": 1, "clear": 0}.get(v2.outcome, 3)
 
 
 def test_version_1_eval_files_are_rekeyed_not_lost(tmp_path):

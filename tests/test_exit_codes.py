@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -127,6 +128,8 @@ def test_an_unexpected_failure_exits_4_with_the_traceback_in_a_log(nets, monkeyp
 @pytest.mark.parametrize("error", [
     KeyError("surprise"),
     BrokenPipeError(32, "a worker's pipe"),  # not stdout's or stderr's: still our crash
+    SystemExit(0),  # code we called ended the process: "0" must not pass for "held"
+    SystemExit(1),
 ])
 def test_every_wrapped_command_exits_4_on_an_unexpected_error(tmp_path, monkeypatch, error):
     import trades_repro.train as training
@@ -174,3 +177,32 @@ def test_an_inconclusive_verdict_says_inconclusive_once(nets):
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("error: inconclusive: PGD-10 ") and "straddles" in line, line
     assert line.count("inconclusive") == 1
+
+
+def _record_with(outcome: str):
+    from trades_repro.records import Verdict
+
+    verdict = Verdict(rule="pgd10_minus_square_v2", version=2, attack="square", threshold=0.08,
+                      pgd10=None, other=None, margin=None, flagged=None, outcome=outcome)
+    return SimpleNamespace(verdicts=[verdict], attacks={})
+
+
+@pytest.mark.parametrize(("outcomes", "code"), [
+    (["clear", "clear"], 0), (["clear", "flagged"], 1), (["inconclusive", "flagged"], 1),
+    (["clear", "inconclusive"], 3), (["no_verdict"], 3), ([], 3)])
+def test_evaluate_exits_on_the_worst_verdict_of_its_checkpoints(outcomes, code):
+    import typer
+
+    from trades_repro.cli import _exit_on_verdicts
+    from trades_repro.errors import Inconclusive
+
+    records = [_record_with(o) for o in outcomes]
+    if code == 0:
+        assert _exit_on_verdicts(records) is None
+    elif code == 1:
+        with pytest.raises(typer.Exit) as stop:
+            _exit_on_verdicts(records)
+        assert stop.value.exit_code == 1
+    else:
+        with pytest.raises(Inconclusive):
+            _exit_on_verdicts(records)

@@ -159,7 +159,9 @@ def test_gpu_train_kill_resume_evaluate_diagnose(tmp_path, monkeypatch):
     started = time.perf_counter()
     evaluated = _cli("evaluate", str(run_dir), "--quiet")
     figures["evaluate_s"] = round(time.perf_counter() - started, 1)
-    assert evaluated.returncode == 0, evaluated.stdout + evaluated.stderr
+    figures["evaluate_exit"] = evaluated.returncode
+    # a verdict (0 clear, 1 flagged) or inconclusive (3): two epochs decide nothing
+    assert evaluated.returncode in (0, 1, 3), evaluated.stdout + evaluated.stderr
     evals = json.loads((run_dir / "eval.json").read_text())
     figures["eval"] = evals
     record = next(iter(evals["checkpoints"].values()))

@@ -150,7 +150,9 @@ def _user_errors(func: F) -> F:
             raise _fail(str(err), EXIT_FAILED) from None
         except Inconclusive as err:
             raise _fail(f"inconclusive: {err}", EXIT_INCONCLUSIVE) from None
-        except Exception as err:  # noqa: BLE001 - the one place that catches everything
+        except (Exception, SystemExit) as err:  # noqa: BLE001 - the one catch-all
+            # SystemExit too: our commands end with typer.Exit, so a sys.exit here came from
+            # code we called (a user's model), and its 0 must not pass for "held"
             if isinstance(err, BrokenPipeError) and (gone := _readers_gone()):
                 raise _stop_quietly(gone) from None
             log = _traceback_log(func.__name__)
@@ -352,7 +354,9 @@ def evaluate(
 ) -> None:
     """Evaluate the run's selected checkpoint(s) into RUN_DIR/eval.json (resumable).
 
-    Exit 0 done, 2 bad input, 4 the evaluation failed (traceback in a log file).
+    Exit as diagnose does, on the worst of the checkpoints' verdicts (rule
+    pgd10_minus_square_v2): 0 not overestimated, 1 overestimated, 2 bad input, 3 inconclusive
+    or no verdict (e.g. --attacks pgd10), 4 the evaluation failed (traceback in a log file).
     """
     from trades_repro.diagnose import evaluate_run, parse_attacks
 
@@ -366,6 +370,7 @@ def evaluate(
     for record in records:
         _print_record(Console(), f"{record.checkpoint} ({', '.join(record.policies)})", record)
     typer.echo(str(run_dir / "eval.json"))
+    _exit_on_verdicts(records)
 
 
 @app.command()
@@ -409,8 +414,6 @@ def diagnose(
     """
     from trades_repro.diagnose import diagnose as run_diagnosis
     from trades_repro.diagnose import parse_attacks, parse_eps
-    from trades_repro.errors import Inconclusive
-    from trades_repro.evaluate import DIAGNOSE_RULE, verdict_line
 
     _checked_eval_batch(eval_batch)
     _folder_option("--out", out)
@@ -426,12 +429,24 @@ def diagnose(
         typer.echo(record.model_dump_json(indent=2))
     else:
         _print_record(Console(), f"{checkpoint} on {dataset}", record)
-    verdict = next(v for v in record.verdicts if v.rule == DIAGNOSE_RULE.name)
-    if verdict.outcome == "flagged":
+    _exit_on_verdicts([record])
+
+
+def _exit_on_verdicts(records: list) -> None:
+    """Exit 1 when any record's `diagnose` verdict is flagged, 3 (its line on stderr) when
+    one is inconclusive or missing, or there is no record at all; else return (exit 0)."""
+    from trades_repro.errors import Inconclusive
+    from trades_repro.evaluate import DIAGNOSE_RULE, verdict_line
+
+    pairs = [(r, next(v for v in r.verdicts if v.rule == DIAGNOSE_RULE.name)) for r in records]
+    if any(verdict.outcome == "flagged" for _, verdict in pairs):
         raise typer.Exit(EXIT_FAILED)
-    if verdict.outcome != "clear":  # _user_errors says "inconclusive:" once
-        line = verdict_line(verdict, record.attacks.get(verdict.attack))
-        raise Inconclusive(line.removeprefix("inconclusive: "))
+    if not pairs:
+        raise Inconclusive("no checkpoint was evaluated")
+    for record, verdict in pairs:
+        if verdict.outcome != "clear":  # _user_errors says "inconclusive:" once
+            line = verdict_line(verdict, record.attacks.get(verdict.attack))
+            raise Inconclusive(line.removeprefix("inconclusive: "))
 
 
 RunsDir = Annotated[Path, typer.Option(help="Folder that holds run folders.")]
