@@ -426,3 +426,21 @@ def test_a_name_of_the_file_systems_longest_length_is_fine(tmp_path):
     assert _blocked(tmp_path / "a" / ("b" * 256), writes=True) == (
         "a name in it is longer than the file system's 255 bytes")
 
+
+
+def test_progress_lines_and_verification_cells_print_brackets_verbatim(capsys):
+    """rich read "[step 12]" as a markup tag and dropped it from progress lines and tables."""
+    from rich.console import Console as RichConsole
+
+    from trades_repro.cli import _progress
+    from trades_repro.report import print_tables
+    from trades_repro.verify import Judgement
+
+    _progress(False)("loss is nan at epoch 3 [step 12]")
+    assert "loss is nan at epoch 3 [step 12]" in capsys.readouterr().err
+    judged = Judgement(id="t.c", artefact="t", kind="table_cell", tier="cpu", status="failed",
+                       paper="[bold]8[/bold]", detail="0 of 5 runs [no weights]")
+    console = RichConsole(record=True, width=200)
+    print_tables(console, [judged], {})
+    text = console.export_text()
+    assert "[bold]8[/bold]" in text and "[no weights]" in text

@@ -336,6 +336,7 @@ def test_cli_diagnose_passes_the_standard_defaults(tmp_path, diagnoses):
         "attacks": None,
         "device": "auto",
         "data_root": None,
+        "download": False,  # a missing dataset stops with a line naming --download
         "square_queries": 5000,
         "seed": 0,
         "out": None,

@@ -255,6 +255,12 @@ def test_diagnose_reads_only_the_test_split_from_the_given_root(tmp_path, evalua
     (read,) = reads
     assert read["train"] is False and read["data"].root == str(tmp_path / "data")
     assert read["data"].validation == "test"
+    assert read["data"].download is False  # a missing dataset is an error naming --download
+
+
+def test_diagnose_download_lets_torchvision_fetch_the_dataset(tmp_path, evaluations, reads):
+    _diagnose(_checkpoint(tmp_path), download=True)
+    assert reads[0]["data"].download is True
 
 
 def test_bad_diagnose_options_are_named_as_such(tmp_path, evaluations):
@@ -752,6 +758,8 @@ def test_notes_name_non_standard_settings():
     assert dg._note(_attack("square", "1", 3.0, queries=5000)) == "3.0 s, 5000 queries"
     assert dg._note(_attack("apgd-ce", "1", 3.0, version="rand")) == "3.0 s, version rand"
     assert dg._note(_attack("apgd-ce", "1", 3.0, version="standard")) == "3.0 s"
+    cascade = _attack("autoattack", "1", 9.0, **{"square.queries": 200, "version": "standard"})
+    assert dg._note(cascade) == "9.0 s, 200 queries (non-standard)"  # its Square's budget
     failed = AdversarialCheck(max_linf=1, in_box=False, finite=True, disagreements=0, ok=False)
     fine = failed.model_copy(update={"ok": True})
     assert dg._recheck_summary(_record(adversarial={"a": failed, "b": fine, "c": failed})) == (

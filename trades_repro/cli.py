@@ -298,10 +298,14 @@ def _set_threads(threads: int | None, device: str | None) -> None:
 
 def _progress(quiet: bool) -> Callable[[str], None]:
     console = Console(stderr=True)
-    return (lambda line: None) if quiet else (lambda line: console.print(line, highlight=False))
+    if quiet:
+        return lambda line: None
+    # markup off: our lines are data ("loss nan [step 12]"), and rich ate "[step 12]" as a tag
+    return lambda line: console.print(line, highlight=False, markup=False)
 
 
 def _print_record(console: Console, title: str, record) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     from trades_repro.diagnose import settings_line, table_rows
@@ -311,21 +315,21 @@ def _print_record(console: Console, title: str, record) -> None:
     for column in ("metric", "value", "note"):
         table.add_column(column)
     for row in table_rows(record):
-        table.add_row(*row)
+        table.add_row(*map(escape, row))
     console.print(table)
-    console.print(settings_line(record), highlight=False, soft_wrap=True)
+    console.print(settings_line(record), highlight=False, soft_wrap=True, markup=False)
     if record.checklist:
         rows = Table(title="masking checklist", title_justify="left")
         for column in ("item", "status", "detail", "cost"):
             rows.add_column(column)
         for row in record.checklist:
-            rows.add_row(row.item, row.status, row.detail, f"{row.seconds:.1f} s")
+            rows.add_row(row.item, row.status, escape(row.detail), f"{row.seconds:.1f} s")
         console.print(rows)
     first = sorted(record.verdicts, key=lambda v: v.rule != DIAGNOSE_RULE.name)  # exit's first
     for verdict in first:
         prefix = "verdict: " if verdict.rule == DIAGNOSE_RULE.name else "also: "
         line = verdict_line(verdict, record.attacks.get(verdict.attack))
-        console.print(prefix + line, highlight=False, soft_wrap=True)
+        console.print(prefix + line, highlight=False, soft_wrap=True, markup=False)
 
 
 SeedOption = Annotated[int | None, typer.Option(
@@ -393,6 +397,9 @@ def diagnose(
         help="Square's query budget (AutoAttack's standard: 5000).")] = 5000,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     data_root: Annotated[str | None, typer.Option(help="Dataset folder.")] = None,
+    download: Annotated[bool, typer.Option(
+        help="Let torchvision download the dataset into the dataset folder (./data unless "
+        "--data-root) when no copy is found.")] = False,
     out: Annotated[Path | None, typer.Option(help="Write eval.json + landscape here.")] = None,
     seed: SeedOption = None,
     save_adversarial: SaveAdvOption = False,
@@ -424,7 +431,7 @@ def diagnose(
         attacks=parse_attacks(attacks) if attacks else None, device=device,
         data_root=data_root, square_queries=square_queries, seed=seed or 0, out=out,
         save_adversarial=save_adversarial, checklist=checklist, eval_batch=eval_batch,
-        report=_progress(quiet or json_output))
+        download=download, report=_progress(quiet or json_output))
     if json_output:
         typer.echo(record.model_dump_json(indent=2))
     else:

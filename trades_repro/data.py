@@ -54,7 +54,8 @@ FASHION_MNIST_FILES = (
 )
 _FASHION_HELP = (
     "install it with `apt-get install dataset-fashion-mnist` (files land in "
-    f"{DEBIAN_FASHION_MNIST}) or set data.download: true (torchvision download into data.root)"
+    f"{DEBIAN_FASHION_MNIST}) or let torchvision download it into data.root (a spec's "
+    "data.download: true; `--download` for diagnose and demo)"
 )
 
 
@@ -238,14 +239,16 @@ def _load_cifar(spec: DataSpec) -> tuple[ImageSet, ImageSet, int]:
     elif not folder.is_dir():
         raise DataError(
             f"data.root: {title} not found in '{root}' (expected {folder}/); "
-            "set data.download: true or place the files there"
+            "place the files there, or let torchvision download them (a spec's data.download: "
+            "true; `diagnose --download`)"
         )
     try:
         sets = [cls(str(root), train=train) for train in (True, False)]
     except (RuntimeError, OSError, EOFError, KeyError, ValueError, pickle.UnpicklingError) as err:
         raise DataError(
             f"data.root: {title} in '{folder}' cannot be used ({_first_line(err)}); "
-            "delete the folder and set data.download: true, or replace the files"
+            "replace the files, or delete the folder and download again (a spec's "
+            "data.download: true; `diagnose --download`)"
         ) from None
     train, test = (_from_hwc(s.data, s.targets) for s in sets)
     return train, test, num_classes

@@ -51,7 +51,7 @@ from trades_repro.evaluate import (
 from trades_repro.preflight import fingerprint
 from trades_repro.records import STANDARD_SQUARE_QUERIES
 from trades_repro.spec import ExperimentSpec, parse_spec
-from trades_repro.verdict import attack_label
+from trades_repro.verdict import attack_label, square_queries
 
 Report = Callable[[str], None]
 # Policy -> file, as the training engine writes them (checkpoints.json overrides when present).
@@ -178,7 +178,7 @@ def diagnose(checkpoint: Path, *, dataset: str, arch: str | None = None,
              attacks: tuple[str, ...] | None = None, device: str = "auto",
              data_root: str | None = None, square_queries: int = 5000, seed: int = 0,
              out: Path | None = None, save_adversarial: bool = False,
-             checklist: bool = False, eval_batch: int | None = None,
+             checklist: bool = False, eval_batch: int | None = None, download: bool = False,
              report: Report = lambda line: None) -> CheckpointEval:
     """Evaluate any classifier checkpoint on `dataset`'s test set; see `DIAGNOSE_DEFAULTS`.
 
@@ -196,7 +196,7 @@ def diagnose(checkpoint: Path, *, dataset: str, arch: str | None = None,
     default = DIAGNOSE_DEFAULTS.get(dataset, DiagnoseDefault(None, ALL_ATTACKS))
     spec = _diagnose_spec(dataset, data_root, arch or "small_cnn", width, normalize, eps,
                           n_examples or default.n_examples, attacks or default.attacks,
-                          square_queries, seed, eval_batch)
+                          square_queries, seed, eval_batch, download)
     tensors = load_state_dict(checkpoint)  # a bad file fails before the data is read
     splits = load_splits(spec.data, spec.seed, train=False)  # only the split it scores
     described = f"factory {factory}" if factory else spec.model.model_dump_json()
@@ -284,7 +284,7 @@ def _note(result: AttackResult | None) -> str:
     if result is None:
         return ""
     note = f"{result.seconds:.1f} s"
-    queries = result.params.get("queries")
+    queries = square_queries(result)  # Square's own, or the one inside AutoAttack's cascade
     if queries is not None:
         note += f", {queries} queries" + ("" if queries == STANDARD_SQUARE_QUERIES
                                           else " (non-standard)")
@@ -353,10 +353,10 @@ def _run_spec(run_dir: Path, attacks: tuple[str, ...] | None, n_examples: int | 
 
 def _diagnose_spec(dataset: str, root: str | None, arch: str, width: int, normalize: bool,
                    eps: float, n_examples: int | None, attacks: tuple[str, ...],
-                   square_queries: int, seed: int, eval_batch: int | None = None
-                   ) -> ExperimentSpec:
+                   square_queries: int, seed: int, eval_batch: int | None = None,
+                   download: bool = False) -> ExperimentSpec:
     return parse_spec({
-        "data": {"dataset": dataset, "root": root, "validation": "test"},
+        "data": {"dataset": dataset, "root": root, "validation": "test", "download": download},
         "model": {"arch": arch, "width": width, "normalize": normalize},
         "validation": {"eps": eps, "step_size": eps / 4},  # App. B's α/ε = (2/255)/(8/255)
         "evaluation": {"n_examples": n_examples, "attacks": list(attacks), "seed": seed,

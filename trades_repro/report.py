@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from trades_repro import store
@@ -41,8 +42,8 @@ def print_tables(console: Console, judgements: list[Judgement],
             table.add_column(column, overflow="fold")
         for j in group:
             verdict = j.status + (" (partial)" if j.partial else "")
-            table.add_row(j.id, j.paper, j.ours, j.test or j.detail, _numbers(j),
-                          f"[{STYLE[j.status]}]{verdict}[/]")
+            cells = (j.id, j.paper, j.ours, j.test or j.detail, _numbers(j))  # data: escaped
+            table.add_row(*map(escape, cells), f"[{STYLE[j.status]}]{verdict}[/]")
         console.print(table)
     console.print(summary(judgements), highlight=False)
 

@@ -47,7 +47,8 @@ def load(root: Path, download: bool, *, need_train: bool = True,
         fetch(root)
     if not (folder / "wnids.txt").is_file():
         raise DataError(f"data.root: TinyImageNet-200 not found in '{root}' (expected "
-                        f"{folder}/wnids.txt); set data.download: true or unzip {URL} there")
+                        f"{folder}/wnids.txt); unzip {URL} there, or let us download it (a "
+                        "spec's data.download: true; `diagnose --download`)")
     wnids = sorted((folder / "wnids.txt").read_text().split())  # ImageFolder's class order
     classes = {wnid: i for i, wnid in enumerate(wnids)}
     train = None
