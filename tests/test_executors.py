@@ -131,8 +131,12 @@ def test_a_run_held_elsewhere_is_left_to_its_holder(tmp_path, monkeypatch):
     monkeypatch.setattr(executors.RunJob, "_train_and_evaluate",
                         lambda *a: pytest.fail("trained a held run"))
     lines = []
-    assert runclaim.execute([_planned(spec, tmp_path)], tmp_path, report=lines.append,
-                            progress=False) == []
+    planned = _planned(spec, tmp_path)
+    assert planned.state == "running"  # seen at planning: not started at all
+    assert runclaim.execute([planned], tmp_path, report=lines.append, progress=False) == []
+    assert any("being trained by" in line and "left to it" in line for line in lines)
+    raced = runclaim.PlannedRun(spec, ("tiny",), "train", POLICIES)  # taken after the plan
+    assert runclaim.execute([raced], tmp_path, report=lines.append, progress=False) == []
     assert any("busy" in line and "being trained by" in line for line in lines)
 
 

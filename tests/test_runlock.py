@@ -74,7 +74,7 @@ def test_a_requeued_slurm_task_takes_its_old_lock_over(tmp_path, monkeypatch):
 def test_another_hosts_lock_asks_slurm_then_the_heartbeat(tmp_path, monkeypatch, state,
                                                            stale):
     monkeypatch.setattr(runlock, "_slurm_state", lambda job: state)
-    holder = _plant(tmp_path, host="node-b", pid=1, job_id="77")
+    holder = _plant(tmp_path, host="node-b", pid=1, job_id="77", scheduler="slurm")
     reason = runlock.stale_reason(holder, tmp_path)
     assert (reason is not None) == stale
 

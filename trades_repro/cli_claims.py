@@ -114,12 +114,16 @@ def verify(
     _exit_for(judgements)
 
 
-def _exit_for(judgements, run_failed: bool = False) -> None:
-    """1 when a claim (or a run) failed; 3 when none did but some claims are undetermined."""
+def _exit_for(judgements, run_failed: bool = False, elsewhere=()) -> None:
+    """1 when a claim (or a run) failed; 3 when none did but some claims are undetermined,
+    or wait for runs another launch (`elsewhere`) is training."""
     from trades_repro.errors import Inconclusive
 
     if run_failed or any(j.status == "failed" for j in judgements):
         raise typer.Exit(EXIT_FAILED)
+    if elsewhere and any(j.status != "held" for j in judgements):
+        raise Inconclusive(f"{len(elsewhere)} run(s) are being trained by another launch "
+                           f"({_who(elsewhere)}); follow them with `trades-repro status`")
     undetermined = [j.id for j in judgements if j.status == "undetermined"]
     if undetermined:
         raise Inconclusive(f"{len(undetermined)} claim(s) undetermined: "
@@ -127,6 +131,12 @@ def _exit_for(judgements, run_failed: bool = False) -> None:
     if judgements and all(j.status in ("not run", "incomplete") for j in judgements):
         raise Inconclusive(f"no evidence: none of the {len(judgements)} claim(s) could be "
                            "judged (not run or incomplete); run-claim trains what they need")
+
+
+def _who(runs) -> str:
+    """The first few runs' holders: 'vm pid 12, job 77_0; …'."""
+    shown = "; ".join(r.elsewhere for r in runs[:3])
+    return shown + ("; …" if len(runs) > 3 else "")
 
 
 def _judge(patterns, tier, runs_dir, claims_dir, allow_partial):
@@ -183,7 +193,8 @@ def run_claim(
         help="Run again the runs that failed before (skipped otherwise).")] = False,
     partition: SlurmOption = None,
     time: Annotated[str | None, typer.Option(
-        help="slurm: per-run limit, minutes or D-HH:MM:SS (days optional).",
+        help="slurm: per-run limit as sbatch reads it: minutes, MM:SS, HH:MM:SS or "
+        "D-HH[:MM[:SS]].",
         rich_help_panel="SLURM")] = None,
     gpus: SlurmInt = None,
     cpus: SlurmInt = None,
@@ -224,8 +235,9 @@ def run_claim(
     if dry_run:
         _print_arms(runs, device_kind)
         return
+    on_cluster = isinstance(chosen, executors.Slurm) and chosen.config.cluster == "slurm"
     submit_only = isinstance(chosen, executors.Slurm) and not chosen.config.wait
-    if not submit_only:  # a SLURM login node has no GPU; its jobs do
+    if not on_cluster:  # a SLURM login node has no GPU, waiting or not; its jobs do
         runclaim.require_device(tier, runs)
     _set_threads(None, None)  # one CPU thread unless CUDA: see _set_threads
     say = _progress(quiet)
@@ -233,7 +245,8 @@ def run_claim(
         failures = runclaim.execute(runs, runs_dir, report=say, progress=not quiet,
                                     executor=chosen, retry_failed=retry_failed)
     if submit_only:
-        _after_submit(patterns, tier, runs_dir, failures)
+        _after_submit(patterns, tier, runs_dir, failures,
+                      [r for r in runs if r.state in runclaim.ELSEWHERE])
         return
     ids = [e.id for e in entries]
     judgements, titles = _judge(ids, tier, runs_dir, claims_dir, False)
@@ -241,11 +254,18 @@ def run_claim(
     _report(judgements, titles, tier, runs_dir, report, junit)
     for run, error in failures:
         typer.echo(f"run {run.digest} failed: {error}", err=True)
-    _exit_for(judgements, run_failed=bool(failures))
+    _exit_for(judgements, run_failed=bool(failures),
+              elsewhere=runclaim.taken_elsewhere(runs, runs_dir))
 
 
-def _after_submit(patterns, tier: str, runs_dir: Path, failures) -> None:
-    """Submitted, not judged: say how to follow and judge; exit 1 if some failed before."""
+def _after_submit(patterns, tier: str, runs_dir: Path, failures, elsewhere) -> None:
+    """Submitted, not judged: say what was left to other launches, how to follow and judge;
+    exit 1 if some failed before."""
+    from trades_repro.runclaim import describe_elsewhere
+
+    if elsewhere:  # not submitted again: a relaunch submits only what nobody has
+        typer.echo(f"{len(elsewhere)} run(s) left to other launches "
+                   f"({describe_elsewhere(elsewhere)}): {_who(elsewhere)}")
     which = " ".join(repr(p) for p in patterns or ["all"])
     typer.echo(f"follow: trades-repro status {which} --tier {tier} --runs-dir {runs_dir}")
     typer.echo(f"judge when done: trades-repro verify {which} --tier {tier} "
@@ -286,8 +306,8 @@ def demo(
     start = time.monotonic()
     runs = demolib.plan(load_catalogue(claims_dir), download=download)
     executor = executors.build("local" if jobs > 1 else "inline", runs_dir,
-                               progress=not quiet, overrides={"jobs": jobs},
-                               config=executors.load_config(None))
+                               progress=not quiet, config=executors.load_config(None),
+                               overrides={"jobs": jobs} if jobs > 1 else None)
     _set_threads(None, None)
     failures = demolib.execute(runs, runs_dir, executor=executor, report=_progress(quiet),
                                progress=not quiet)
@@ -322,11 +342,14 @@ def status(
 
     With job ids, each running run's epoch and ETA, and each failed run's error line. Reads
     run folders only."""
+    from rich.markup import escape
     from rich.table import Table
 
     from trades_repro import status as statuslib
 
     _folder_option("--runs-dir", runs_dir, writes=False)
+    if not runs_dir.is_dir():  # a typo would read as "nothing started"
+        raise BadInput(f"--runs-dir {runs_dir}: no such folder")
     catalogue, entries = _selected(claims_dir, patterns, tier and _tier(tier))
     rows = statuslib.collect(catalogue, entries, runs_dir, tier)
     if as_json:
@@ -338,10 +361,11 @@ def status(
     table = Table(title=f"{runs_dir} at {statuslib.snapshot_time()}", title_justify="left")
     for column in ("claim", "tier", "arm", *statuslib.STATES, "runs"):
         table.add_column(column, overflow="fold")
-    for row in rows:
+    for row in rows:  # escaped: "[stale lock: …]" and "[step 12]" read as rich markup
         notable = [statuslib.describe(r) for r in row.runs if r.state != "done"]
-        table.add_row(row.claim, row.tier, row.arm, *map(str, row.counts().values()),
-                      "\n".join(notable))
+        cells = (row.claim, row.tier, row.arm, *map(str, row.counts().values()),
+                 "\n".join(notable))
+        table.add_row(*map(escape, cells))
     Console(width=max(160, Console().width)).print(table)
 
 
@@ -355,15 +379,22 @@ def _print_plan(runs, entries, tier: str, device_kind: str) -> None:
     hours, missing = estimate_hours(runs, device_kind)
     console = Console()
     console.print(f"{len(entries)} claims at tier {tier}: {len(runs)} runs "
-                  f"({states['done']} finished, {states['evaluate']} to evaluate, "
-                  f"{states['resume']} to resume, {states['train']} to train"
-                  + (f", {states['failed']} failed before" if states["failed"] else "")
-                  + f"), {props} property tests", highlight=False, soft_wrap=True)
+                  f"({_counts(states)}), {props} property tests", highlight=False,
+                  soft_wrap=True)
     where = "GPU" if device_kind != "cpu" else "CPU"
     amount = f"{hours:.1f} h" if hours >= 1 else f"{60 * hours:.0f} min"
     console.print(f"estimated {where} time ({device_kind}, spec/costs.yaml): {amount}"
                   + (f"; no cost entry for {', '.join(missing)}" if missing else ""),
                   highlight=False, soft_wrap=True)
+
+
+def _counts(states) -> str:
+    """'2 finished, 0 to evaluate, 0 to resume, 1 to train', then the other states there are."""
+    text = (f"{states['done']} finished, {states['evaluate']} to evaluate, "
+            f"{states['resume']} to resume, {states['train']} to train")
+    others = (("failed", "failed before"), ("running", "being trained elsewhere"),
+              ("queued", "queued in SLURM"))
+    return text + "".join(f", {states[s]} {what}" for s, what in others if states[s])
 
 
 def _print_arms(runs, device_kind: str) -> None:

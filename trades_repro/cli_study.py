@@ -4,7 +4,7 @@ overestimates robustness (docs/small_scale.md). Registered on `cli.app`."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, get_args
 
 import typer
 
@@ -25,7 +25,6 @@ study_app = typer.Typer(help="The CPU study of when TRADES overestimates robustn
 app.add_typer(study_app, name="study")
 
 
-STATES = ("done", "evaluate", "resume", "train", "failed")  # runclaim.run_state's, in order
 ShardOption = Annotated[str, typer.Option(
     help="K/N: every N-th run from the K-th (0-based), for N processes side by side.")]
 
@@ -46,12 +45,13 @@ def study_sweep(
     seeds of cells with a flagged run, then the rest; a second launch on the same files
     shares the work."""
     from trades_repro import smallscale as ss
+    from trades_repro.runclaim import State  # its run states, in order; imports torch
 
     _folder_option("--runs-dir", runs_dir, writes=not dry_run)
     k_of_n = _shard(shard)  # refused in a dry run too, as the real run would
     if dry_run:
         for path, counts in ss.progress(sweeps, runs_dir):
-            states = ", ".join(f"{counts[k]} {k}" for k in STATES if counts.get(k))
+            states = ", ".join(f"{counts[k]} {k}" for k in get_args(State) if counts.get(k))
             typer.echo(f"{path}: {sum(counts.values())} runs: {states}")
         pending = [(t, spec) for t, state, spec in ss.queue(ss.sweep_specs(sweeps), runs_dir)
                    if state != "failed"]

@@ -13,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from trades_repro import yamlio
 from trades_repro.errors import BadInput
 
+MAX_MINUTES = 366 * 24 * 60  # no site grants a year; more is a misread time (see _slurm_time)
+
 
 class LocalConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
@@ -27,7 +29,7 @@ class SlurmConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     partition: str | None = None
-    time: Annotated[int, Field(ge=1)] | str = 24 * 60  # minutes, or [D-]HH:MM[:SS]
+    time: Annotated[int, Field(ge=1)] | str = 24 * 60  # minutes, or sbatch's forms
     gpus: Annotated[int, Field(ge=0)] = 1  # per run
     cpus: Annotated[int, Field(ge=1)] = 8  # per run: data prep and the attacks' host side
     mem_gb: Annotated[float, Field(gt=0)] | None = None
@@ -43,16 +45,20 @@ class SlurmConfig(BaseModel):
     @classmethod
     def _slurm_time(cls, value: int | str) -> int | str:
         if isinstance(value, str) and not re.fullmatch(r"(\d+-)?\d+(:\d+){0,2}", value):
-            raise ValueError(f"time {value!r}: minutes, or [D-]HH[:MM[:SS]] as sbatch takes")
+            raise ValueError(f"time {value!r}: minutes, or MM:SS, HH:MM:SS, D-HH[:MM[:SS]] as "
+                             "sbatch takes")
+        minutes = slurm_minutes(value)
+        if minutes < 1:  # sbatch's --time=0 is no limit at all
+            raise ValueError(f"time {value!r}: under a minute; give the limit a run needs")
+        if minutes > MAX_MINUTES:
+            hint = (": an unquoted HH:MM:SS in YAML reads as a base-60 number; quote it, "
+                    'e.g. time: "24:00:00"') if isinstance(value, int) else ""
+            raise ValueError(f"time {value!r}: {minutes} minutes is over a year{hint}")
         return value
 
     def minutes(self) -> int:
         """`time` in whole minutes (submitit's unit), rounding seconds up."""
-        if isinstance(self.time, int) or ("-" not in self.time and ":" not in self.time):
-            return int(self.time)
-        days, _, clock = self.time.rpartition("-")
-        hours, mins, secs = ([int(p) for p in clock.split(":")] + [0, 0])[:3]
-        return int(days or 0) * 1440 + hours * 60 + mins + (secs > 0)
+        return slurm_minutes(self.time)
 
     def parameters(self) -> dict:
         """AutoExecutor's parameters: shared ones plain, SLURM-only ones `slurm_`-prefixed."""
@@ -64,6 +70,19 @@ class SlurmConfig(BaseModel):
                   "slurm_additional_parameters": {"requeue": True},  # preemptible
                   "slurm_setup": self.setup or None}
         return {k: v for k, v in params.items() if v is not None}
+
+
+def slurm_minutes(time: int | str) -> int:
+    """A time limit in whole minutes, read as sbatch reads it: M, M:S, H:M:S, D-H, D-H:M,
+    D-H:M:S (so "30:00" is 30 minutes, not 30 hours); seconds round up."""
+    if isinstance(time, int) or ("-" not in time and ":" not in time):
+        return int(time)
+    days, _, clock = time.rpartition("-")
+    parts = [int(p) for p in clock.split(":")]
+    if not days and len(parts) == 2:  # M:S
+        parts = [0, *parts]
+    hours, mins, secs = (parts + [0, 0])[:3]
+    return int(days or 0) * 1440 + hours * 60 + mins + (secs > 0)
 
 
 class ExecutorConfig(BaseModel):
@@ -79,11 +98,31 @@ def load_config(path: Path | None) -> ExecutorConfig:
     if path is None:
         return ExecutorConfig()
     try:
-        return ExecutorConfig.model_validate(yamlio.load(yamlio.read_text(path)) or {})
+        text = yamlio.read_text(path)
+        _refuse_base60_time(text, path)
+        return ExecutorConfig.model_validate(yamlio.load(text) or {})
     except yamlio.YAMLFileError as err:  # missing, unreadable or not UTF-8
         raise BadInput(f"--executor-config: {err}") from None
     except (ValidationError, yaml.YAMLError) as err:
         raise BadInput(f"{path}: {first_line(err)}") from None
+
+
+def _refuse_base60_time(text: str, path: Path) -> None:
+    """YAML 1.1 (PyYAML) reads an unquoted `time: 24:00:00` as the base-60 integer 86400,
+    which `time` would take as minutes (60 days): refuse it, as written, with the fix."""
+    time = _child(_child(yaml.compose(text, Loader=yaml.SafeLoader), "slurm"), "time")
+    if isinstance(time, yaml.ScalarNode) and time.style is None and ":" in time.value \
+            and time.tag == "tag:yaml.org,2002:int":
+        raise BadInput(f"{path}: slurm.time: {time.value} unquoted is the base-60 number "
+                       f"{yaml.safe_load(time.value)} (read as minutes); quote it: "
+                       f'time: "{time.value}"')
+
+
+def _child(node: yaml.Node | None, key: str) -> yaml.Node | None:
+    if not isinstance(node, yaml.MappingNode):
+        return None
+    return next((v for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == key),
+                None)
 
 
 def first_line(err: BaseException) -> str:
@@ -102,4 +141,5 @@ def _union_tag(part: object) -> bool:
                                       or "-" in part or "[" in part)
 
 
-__all__ = ["ExecutorConfig", "LocalConfig", "SlurmConfig", "first_line", "load_config"]
+__all__ = ["ExecutorConfig", "LocalConfig", "SlurmConfig", "first_line", "load_config",
+           "slurm_minutes"]

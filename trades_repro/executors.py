@@ -20,10 +20,13 @@ run folder; submitit's own files go to `RUNS_DIR/_submitit/`.
 
 from __future__ import annotations
 
-import json
+import io
 import os
 import shlex
 import shutil
+import signal
+import subprocess
+import threading
 import time
 import traceback
 from collections import deque
@@ -34,7 +37,7 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 import submitit
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from trades_repro import runlock, store
 from trades_repro.errors import BadInput, NeedsGPU
@@ -52,6 +55,7 @@ JOB_FILE = "job.json"  # the executor and job id it was last given to
 RUN_LOG = "run.log"
 SUBMITIT_DIR = "_submitit"
 LOCAL_TIMEOUT_MIN = 7 * 24 * 60  # submitit's local default is 2 min: a run takes hours
+CANCEL_WAIT_S = 10.0  # a cancelled local job's controller SIGKILLs its run 1 s after SIGINT
 INTERRUPTS = ("KeyboardInterrupt", "SystemExit")  # a killed run resumes; it did not fail
 Report = Callable[[str], None]
 Status = Literal["done", "failed", "crashed", "lost", "busy", "submitted", "needs_gpu"]
@@ -222,6 +226,10 @@ def gpu_parameters(device: str | None) -> dict:
     return {"setup": [f"export CUDA_VISIBLE_DEVICES={shlex.quote(device)}"]}
 
 
+# slot -> (its submitit job, the RunJob, what job.json held before the job started)
+Active = dict[int, tuple[submitit.Job, RunJob, bytes | None]]
+
+
 @dataclass(frozen=True)
 class Local:
     """`jobs` runs at once as separate processes, started by submitit's LocalExecutor."""
@@ -231,17 +239,32 @@ class Local:
     poll_s: float = 0.5
 
     def run(self, work: list[RunJob], report: Report) -> list[Outcome]:
+        """Each run in its own process; interrupted (Ctrl-C, or SIGTERM to this process
+        alone), the runs started are stopped too, their locks released, before it ends."""
         slots = slot_devices(visible_gpus(), self.config.jobs, self.config.jobs_per_gpu)
-        queue, active, outcomes = deque(work), {}, []
         report(f"local executor: {len(work)} runs, {len(slots)} at once")
+        active: Active = {}
+        with _sigterm_interrupts():
+            try:
+                return self._run(work, slots, active, report)
+            except BaseException:
+                _cancel([handle for handle, _, _ in active.values()])
+                raise
+
+    def _run(self, work: list[RunJob], slots: list[str | None], active: Active,
+             report: Report) -> list[Outcome]:
+        queue, outcomes = deque(work), []
         while queue or active:
             for slot in [s for s in range(len(slots)) if s not in active][:len(queue)]:
                 job = queue.popleft()
-                active[slot] = (self._start(job, slots[slot], report), job)
+                before = _job_file(job)
+                active[slot] = (self._start(job, slots[slot], report), job, before)
             time.sleep(self.poll_s)
-            for slot, (handle, job) in list(active.items()):
+            for slot, (handle, job, before) in list(active.items()):
                 if handle.done():
                     outcomes.append(_collect(handle, job))
+                    if outcomes[-1].status == "busy":  # another launch's run: its job.json
+                        _restore_job_file(job, before)
                     _report_outcome(report, outcomes[-1], len(outcomes), len(work))
                     del active[slot]
         return outcomes
@@ -275,9 +298,7 @@ class Slurm:
     def run(self, work: list[RunJob], report: Report) -> list[Outcome]:
         if not work:
             return []
-        executor = self.executor()
-        with executor.batch():
-            handles = [executor.submit(job) for job in work]
+        handles = self._submit(work)
         for handle, job in zip(handles, work, strict=True):
             _write_job(job, "slurm", handle.job_id, self.config.partition or "default")
         report(f"submitted {len(work)} runs as job array {handles[0].job_id.split('_')[0]} "
@@ -290,6 +311,59 @@ class Slurm:
             _report_outcome(report, outcome, i, len(outcomes))
         return outcomes
 
+    def _submit(self, work: list[RunJob]) -> list[submitit.Job]:
+        """One array. A job the site refuses (partition, account, QOS, time) is bad input
+        with sbatch's own line; submitit prints sbatch's stderr too, kept out of ours."""
+        executor = self.executor()
+        printed = io.StringIO()
+        try:
+            with redirect_stderr(printed), executor.batch():
+                return [executor.submit(job) for job in work]
+        except (submitit.core.utils.FailedJobError, subprocess.CalledProcessError) as err:
+            raise BadInput(f"--executor slurm: sbatch refused the job: "
+                           f"{_sbatch_line(err, printed.getvalue())}") from None
+
+
+def _sbatch_line(err: Exception, printed: str) -> str:
+    """sbatch's reason in one line: the last that says 'error', else the last one."""
+    stderr = getattr(err, "stderr", None) or ""
+    if isinstance(stderr, bytes):
+        stderr = stderr.decode(errors="replace")
+    lines = [line.strip() for text in (stderr, str(err), printed)
+             for line in text.splitlines() if line.strip()]
+    said = [line for line in lines if "error" in line.lower()]
+    return (said or lines or [type(err).__name__])[-1]
+
+
+# --------------------------------------------------------------------- interrupts (local)
+
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (`kill PID`, a batch system's stop) ends the launcher as Ctrl-C does, so that
+    its local runs are stopped with it, not left training with their locks held."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set signal handlers
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
+def _cancel(handles: list[submitit.Job]) -> None:
+    """Ctrl-C each job: submitit's controller passes SIGINT to the run, which releases its
+    lock and ends (a run killed mid-epoch resumes next time); wait a little for them."""
+    for handle in handles:
+        handle.cancel(check=False)
+    deadline = time.monotonic() + CANCEL_WAIT_S
+    while not all(handle.done() for handle in handles) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
 
 # ---------------------------------------------------------------------------- construction
 
@@ -298,23 +372,42 @@ def build(name: str, runs_dir: Path, *, config: ExecutorConfig, progress: bool =
     """The executor called `name`; `overrides` (command-line values, None = unset) win over
     the config file's block. Without `check_commands` (a dry run, which may be previewed
     away from the cluster) SLURM's commands need not be on PATH."""
+    if name not in EXECUTORS:
+        raise BadInput(f"--executor: unknown {name!r}; known: {', '.join(EXECUTORS)}")
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    _refuse_foreign(name, given)
     folder = runs_dir / SUBMITIT_DIR / name
     try:
         if name == "inline":
             return Inline(progress)
         if name == "local":
-            block = {**config.local.model_dump(), **_known(given, LocalConfig)}
-            return Local(LocalConfig.model_validate(block), folder)
-        if name == "slurm":
-            block = {**config.slurm.model_dump(), **_known(given, SlurmConfig)}
-            slurm = Slurm(SlurmConfig.model_validate(block), folder)
-            if slurm.config.cluster == "slurm" and check_commands:
-                _require_slurm_commands()
-            return slurm
+            return Local(LocalConfig.model_validate({**config.local.model_dump(), **given}),
+                         folder)
+        slurm = Slurm(SlurmConfig.model_validate({**config.slurm.model_dump(), **given}),
+                      folder)
     except ValidationError as err:
         raise BadInput(f"--executor {name}: {first_line(err)}") from None
-    raise BadInput(f"--executor: unknown {name!r}; known: {', '.join(EXECUTORS)}")
+    if slurm.config.cluster == "slurm" and check_commands:
+        _require_slurm_commands()
+    return slurm
+
+
+OPTIONS = {"local": LocalConfig, "slurm": SlurmConfig}  # inline takes none
+
+
+def _refuse_foreign(name: str, given: dict) -> None:
+    """An option of another executor would be ignored without a word (`--jobs 4` with the
+    inline default ran one run at a time): refuse it, naming whose option it is."""
+    own = OPTIONS[name].model_fields if name in OPTIONS else {}
+    foreign = [key for key in given if key not in own]
+    if foreign:
+        named = ", ".join(f"--{key.replace('_', '-')} ({_owner(key)})" for key in foreign)
+        raise BadInput(f"--executor {name} does not take {named}: give each with the "
+                       "executor named after it")
+
+
+def _owner(key: str) -> str:
+    return next((name for name, model in OPTIONS.items() if key in model.model_fields), "none")
 
 
 def _require_slurm_commands() -> None:
@@ -324,10 +417,6 @@ def _require_slurm_commands() -> None:
     if missing:
         raise BadInput(f"--executor slurm: {' and '.join(missing)} not found on PATH; run on "
                        "a SLURM login node, or use --executor local")
-
-
-def _known(values: dict, model: type[BaseModel]) -> dict:
-    return {k: v for k, v in values.items() if k in model.model_fields}
 
 
 def _collect(handle: submitit.Job, job: RunJob) -> Outcome:
@@ -352,5 +441,22 @@ def _write_job(job: RunJob, executor: str, job_id: str, where: str) -> None:
 
 
 def read_job(run_dir: Path) -> dict | None:
+    """The executor and job id the run was last given to; `CorruptFile` (exit 2, naming it)
+    when job.json holds anything else."""
     path = run_dir / JOB_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    return store.read_json(path) if path.is_file() else None
+
+
+def _job_file(job: RunJob) -> bytes | None:
+    path = job.run_dir / JOB_FILE
+    return path.read_bytes() if path.is_file() else None
+
+
+def _restore_job_file(job: RunJob, before: bytes | None) -> None:
+    """Put back what job.json said before a start that found the run held: the holder's
+    job, not the one that left at once."""
+    path = job.run_dir / JOB_FILE
+    if before is None:
+        path.unlink(missing_ok=True)
+    else:
+        store.atomic_write_bytes(path, before)

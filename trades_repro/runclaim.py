@@ -2,32 +2,34 @@
 
 Arms resolve to specs; specs shared by several claims run once (by digest). Finished runs
 are skipped, partial runs resume (`train` does both), evaluation resumes per attack, failed
-runs wait for `retry_failed`. An executor (`executors.py`: inline, local processes, SLURM)
-runs them, each under its run folder's lock; `property` claims run their pytest nodes in one
-subprocess alongside the runs and leave their outcome in ``runs/_properties/``. Nothing is
-judged here: the CLI calls `verify` afterwards.
+runs wait for `retry_failed`, and runs another launch has (a live holder of the lock, or a
+SLURM job still queued or running for it) are left to it. An executor (`executors.py`:
+inline, local processes, SLURM) runs them, each under its run folder's lock; `property`
+claims run their pytest nodes in one subprocess alongside the runs and leave their outcome
+in ``runs/_properties/``. Nothing is judged here: the CLI calls `verify` afterwards.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from trades_repro import store, yamlio
+from trades_repro import runlock, store, yamlio
 from trades_repro.claims import Catalogue, Entry
 from trades_repro.errors import BadInput, Inconclusive
-from trades_repro.executors import Executor, Inline, RunJob, failure
+from trades_repro.executors import Executor, Inline, RunJob, failure, read_job
 from trades_repro.spec import ExperimentSpec
 from trades_repro.verify import PROPERTIES_DIR
 
@@ -38,6 +40,8 @@ GPU_TIERS = ("reduced", "full")  # ResNet-18 on CIFAR/TinyImageNet: never a sile
 Report = Callable[[str], None]
 DeviceKind = Literal["cpu", "h100"]  # the cost table's columns
 DEVICE_KINDS: tuple[str, ...] = get_args(DeviceKind)
+State = Literal["done", "evaluate", "resume", "train", "failed", "running", "queued"]
+ELSEWHERE = ("running", "queued")  # another launch has the run: a live lock, a SLURM job
 
 
 class Cost(BaseModel):
@@ -57,8 +61,9 @@ class Cost(BaseModel):
 class PlannedRun:
     spec: ExperimentSpec
     arms: tuple[str, ...]
-    state: Literal["done", "evaluate", "resume", "train", "failed"]
+    state: State
     policies: tuple[str, ...] = ("best_pgd10",)  # the checkpoints its arms evaluate
+    elsewhere: str = ""  # running or queued: who has it ("node3 pid 12, job 77_1")
 
     @property
     def digest(self) -> str:
@@ -76,24 +81,86 @@ def plan(catalogue: Catalogue, entries: list[Entry], tier: str,
                 specs.setdefault(spec.digest(), spec)
                 if arm not in arms_of.setdefault(spec.digest(), []):
                     arms_of[spec.digest()].append(arm)
+    slurm = _slurm_jobs([store.run_dir_for(s, runs_dir) for s in specs.values()])
     runs = []
     for digest, spec in specs.items():
         policies = tuple(dict.fromkeys(catalogue.arms[a].policy for a in arms_of[digest]))
-        runs.append(PlannedRun(spec, tuple(arms_of[digest]), run_state(spec, runs_dir, policies),
-                               policies))
+        state, who = assess(spec, runs_dir, policies, slurm)
+        runs.append(PlannedRun(spec, tuple(arms_of[digest]), state, policies, who))
     return runs
 
 
-def run_state(spec: ExperimentSpec, runs_dir: Path, policies: tuple[str, ...]) -> str:
+def run_state(spec: ExperimentSpec, runs_dir: Path, policies: tuple[str, ...],
+              slurm: Mapping[str, str] | None = None) -> State:
+    return assess(spec, runs_dir, policies, slurm)[0]
+
+
+def assess(spec: ExperimentSpec, runs_dir: Path, policies: tuple[str, ...],
+           slurm: Mapping[str, str] | None = None) -> tuple[State, str]:
+    """The run's state, and for a run another launch has, who (`elsewhere`). `slurm`: job
+    states from one squeue for many runs (`plan`)."""
     run_dir = store.run_dir_for(spec, runs_dir)
+    if run_dir.exists() and not run_dir.is_dir():  # train would crash on it (exit 4)
+        raise BadInput(f"{run_dir} is a file, not a run folder: move it out of the runs "
+                       "folder")
     finished = store.is_finished(run_dir)
     if finished and is_evaluated(run_dir, spec, policies):
-        return "done"
+        return "done", ""
+    if other := elsewhere(run_dir, slurm):
+        return other
     if failure(run_dir) is not None:
-        return "failed"
+        return "failed", ""
     if finished:
-        return "evaluate"
-    return "resume" if (run_dir / store.LAST_FILE).exists() else "train"
+        return "evaluate", ""
+    return ("resume" if (run_dir / store.LAST_FILE).exists() else "train"), ""
+
+
+def elsewhere(run_dir: Path, slurm: Mapping[str, str] | None = None
+              ) -> tuple[State, str] | None:
+    """("running", holder) while a live process holds the run's lock; ("queued", job) while
+    the SLURM job its job.json names is still alive (pending, or starting); else None."""
+    holder = runlock.read(run_dir)
+    if holder is not None and runlock.stale_reason(holder, run_dir, slurm=slurm) is None:
+        return "running", holder.describe()
+    job = _slurm_job(run_dir)
+    state = runlock.slurm_state(job, slurm) if job else None
+    if state in runlock.SLURM_ALIVE:
+        return "queued", f"SLURM job {job} ({state})"
+    return None
+
+
+def _slurm_job(run_dir: Path) -> str | None:
+    """The SLURM job job.json names (a local one's id is a pid: nothing to ask squeue)."""
+    job = read_job(run_dir) if run_dir.is_dir() else None
+    return str(job["job_id"]) if job and job.get("executor") == "slurm" else None
+
+
+def _slurm_jobs(run_dirs: list[Path]) -> dict[str, str] | None:
+    """The SLURM states of every job the runs' locks and job.json name, from one squeue:
+    a relaunch over hundreds of runs must not poll squeue once per run."""
+    host, jobs = socket.gethostname(), []
+    for run_dir in (d for d in run_dirs if d.is_dir()):
+        holder = runlock.read(run_dir)
+        jobs += [holder and runlock.squeue_job(holder, host), _slurm_job(run_dir)]
+    return runlock.slurm_states(job for job in jobs if job)
+
+
+def taken_elsewhere(runs: Sequence[PlannedRun], runs_dir: Path) -> list[PlannedRun]:
+    """The runs not done that another launch has now, read afresh (after this launch)."""
+    open_runs = [r for r in runs if r.state != "done"]
+    slurm = _slurm_jobs([store.run_dir_for(r.spec, runs_dir) for r in open_runs])
+    taken = []
+    for run in open_runs:
+        if other := elsewhere(store.run_dir_for(run.spec, runs_dir), slurm):
+            taken.append(replace(run, state=other[0], elsewhere=other[1]))
+    return taken
+
+
+def describe_elsewhere(runs: Sequence[PlannedRun]) -> str:
+    """How many of `runs` are running and queued, e.g. '1 being trained, 2 queued in SLURM'."""
+    counts = [(sum(r.state == s for r in runs), what) for s, what in
+              (("running", "being trained"), ("queued", "queued in SLURM"))]
+    return ", ".join(f"{n} {what}" for n, what in counts if n)
 
 
 def is_evaluated(run_dir: Path, spec: ExperimentSpec, policies: tuple[str, ...]) -> bool:
@@ -159,7 +226,8 @@ def require_device(tier: str, runs: Sequence[PlannedRun] = ()) -> None:
     if tier in GPU_TIERS:
         raise Inconclusive(f"tier '{tier}' needs a CUDA GPU and none is visible; use "
                            "--dry-run to see the plan, or --tier instant on a CPU")
-    cuda = [r for r in runs if r.state != "done" and r.spec.device == "cuda"]
+    to_train = [r for r in runs if r.state not in ("done", *ELSEWHERE)]
+    cuda = [r for r in to_train if r.spec.device == "cuda"]
     if cuda:
         raise Inconclusive(f"{len(cuda)} run(s) to train ask for device: cuda (first: "
                            f"{cuda[0].digest}, {', '.join(cuda[0].arms)}) and no CUDA GPU is "
@@ -172,11 +240,16 @@ def execute(runs: list[PlannedRun], runs_dir: Path, *, report: Report, progress:
     """Train and evaluate what is not done through `executor` (default: inline, one after
     another); returns the failures (run, one-line error) and carries on past them, so one bad
     seed loses nothing else. Runs that failed before count as failures unless retried; runs
-    another launch is training are left to it. An unexpected error in a run is our bug: it
-    escapes (inline) or is raised once every run has ended (exit 4), never exit 1."""
+    another launch has (running or queued) are not started, and those it took between the
+    plan and their start come back "busy": both are left to it. An unexpected error in a run
+    is our bug: it escapes (inline) or is raised once every run has ended (exit 4), never
+    exit 1."""
     failures, work = [], []
     for run in runs:
-        if run.state == "failed" and not retry_failed:
+        if run.state in ELSEWHERE:
+            verb = "being trained by" if run.state == "running" else "queued as"
+            report(f"{run.digest} ({_label(run)}): {verb} {run.elsewhere}; left to it")
+        elif run.state == "failed" and not retry_failed:
             error = failure(store.run_dir_for(run.spec, runs_dir))
             failures.append((run, f"failed earlier: {error} (--retry-failed retries it)"))
             report(f"{run.digest} ({_label(run)}): {failures[-1][1]}")

@@ -1,16 +1,21 @@
 """One trainer per run folder: an exclusive lock, so two launches never train one digest at once.
 
 `runs/<digest>/run.lock` is a small JSON file naming its holder (host, pid, the process's
-start time, submitit job id, when it was taken, the epochs already done then). It is created
-with `os.link` of a complete temporary file, which fails when the lock exists: atomic on local
-disks and on NFS, and a reader never sees a half-written lock. The holder touches it every
-`HEARTBEAT_S` seconds. A lock is *stale* when its holder is gone:
+start time, submitit job id and scheduler, when it was taken, the epochs already done then).
+It is created with `os.link` of a complete temporary file, which fails when the lock exists:
+atomic on local disks and on NFS, and a reader never sees a half-written lock. The holder
+touches it every `HEARTBEAT_S` seconds. A lock is *stale* when its holder is gone:
 
-* the same submitit job id from another process: the job was preempted or timed out and
+* the same SLURM job id from another process: the job was preempted or timed out and
   SLURM requeued it (same id, maybe another node), so the old incarnation is dead;
 * on this host: the pid is gone, a zombie, or a different process now (start time differs);
-* on another host: `squeue` says the job ended, or, without SLURM, no heartbeat for
+* on another host: for a SLURM job, `squeue` says it ended; for anything else (a local
+  executor's job id is its controller's pid, which squeue knows nothing of), no heartbeat for
   `STALE_AFTER_S`.
+
+Locks appear whole, so an *unreadable* one (empty, cut, not a holder at all) is corrupt,
+not half-written, e.g. a zero-length file after a node crash: it is taken over once
+`UNREADABLE_AFTER_S` old.
 
 A stale lock is taken over under a second, short-lived lock (`run.lock.takeover`), so two
 launches that both find it stale cannot both take it; every take-over is logged, with its
@@ -19,8 +24,8 @@ reason, to `runs/<digest>/lock.log`.
 
 from __future__ import annotations
 
-import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -29,8 +34,12 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, TypeAdapter, ValidationError
 
 from trades_repro.errors import BadInput
 from trades_repro.store import METRICS_FILE
@@ -41,6 +50,7 @@ TAKEOVER_FILE = "run.lock.takeover"
 HEARTBEAT_S = 60.0
 STALE_AFTER_S = 15 * 60.0  # 15 missed heartbeats: a holder on another host is gone
 TAKEOVER_STALE_S = 60.0  # a take-over takes milliseconds; older guards are crashed ones
+UNREADABLE_AFTER_S = 5.0  # locks appear whole (os.link), so this is only a safety margin
 SLURM_ALIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED",
                "RESIZING", "SIGNALING", "STAGE_OUT"}
 
@@ -48,31 +58,47 @@ SLURM_ALIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "
 class RunBusy(BadInput):
     """Another live process holds the run's lock: it is being trained right now."""
 
-    def __init__(self, run_dir: Path, holder: Holder | None) -> None:
-        who = holder.describe() if holder else "another process"
+    def __init__(self, run_dir: Path, holder: Holder | None, who: str = "") -> None:
+        who = who or (holder.describe() if holder else "another process")
         super().__init__(f"{run_dir.name}: being trained by {who}; see {run_dir / LOG_FILE}")
         self.holder = holder
+
+
+class UnreadableLock(Exception):  # noqa: N818 - what the lock is, as lock.log reads
+    """The lock file holds no holder: empty, cut, not JSON, or fields of the wrong type."""
 
 
 @dataclass(frozen=True)
 class Holder:
     host: str
-    pid: int
+    pid: Annotated[int, Field(gt=0)]  # os.kill(0 or -n) would signal a process group
     pid_start: str | None  # /proc start time: a reused pid is another process
     job_id: str | None  # submitit's job id (SLURM array task, local job); None inline
     token: str  # this acquisition, so a holder only ever releases its own lock
-    acquired: float  # epoch seconds
-    epoch: int = 0  # epochs already done when taken: the ETA counts from here
+    acquired: Annotated[float, Field(allow_inf_nan=False)]  # epoch seconds
+    epoch: Annotated[int, Field(ge=0)] = 0  # epochs done when taken: the ETA counts from here
+    scheduler: str | None = None  # submitit's: slurm, local or debug; None inline (or old)
 
     @classmethod
     def me(cls, epoch: int = 0) -> Holder:
         pid = os.getpid()
         return cls(socket.gethostname(), pid, _pid_start(pid), current_job_id(),
-                   uuid.uuid4().hex, time.time(), epoch)
+                   uuid.uuid4().hex, time.time(), epoch, current_scheduler())
 
     def describe(self) -> str:
         job = f", job {self.job_id}" if self.job_id else ""
         return f"{self.host} pid {self.pid}{job}"
+
+    def on_slurm(self) -> bool:
+        """Whether `job_id` is a SLURM job's: only then do squeue and the requeue rule apply."""
+        if self.scheduler is not None:
+            return self.scheduler == "slurm"
+        # A lock from before the scheduler was recorded: only a SLURM array task's id reads
+        # "<array>_<task>" (submitit's local ids are controller pids, plain numbers, and ours
+        # are arrays unless a launch submits one run). A plain number gets the heartbeat,
+        # which is right for either; a dead SLURM job is then taken over after
+        # STALE_AFTER_S, not at once, whereas squeue would call a live local job gone.
+        return bool(self.job_id and re.fullmatch(r"\d+_\d+", self.job_id))
 
 
 def current_job_id() -> str | None:
@@ -85,12 +111,44 @@ def current_job_id() -> str | None:
         return None
 
 
-def read(run_dir: Path) -> Holder | None:
-    """The lock's holder, or None when there is no lock (or it vanished while reading)."""
+def current_scheduler() -> str | None:
+    """The executor of the submitit job this process runs in (slurm, local, debug), or None."""
+    import submitit
+
     try:
-        return Holder(**json.loads((run_dir / LOCK_FILE).read_text()))
-    except (FileNotFoundError, json.JSONDecodeError, TypeError):
+        return submitit.JobEnvironment().cluster
+    except RuntimeError:  # not inside a submitit job
         return None
+
+
+def read(run_dir: Path) -> Holder | None:
+    """The lock's holder, or None when there is no lock (or it vanished while reading) or it
+    is unreadable (`load` tells these apart)."""
+    with suppress(UnreadableLock):
+        return load(run_dir)
+    return None
+
+
+def load(run_dir: Path) -> Holder | None:
+    """The lock's holder, None when there is no lock; `UnreadableLock` saying what is wrong
+    when the file holds no valid holder (unknown fields are ignored: a newer version's)."""
+    try:
+        raw = (run_dir / LOCK_FILE).read_bytes()
+    except FileNotFoundError:
+        return None
+    if not raw.strip():
+        raise UnreadableLock("empty file")
+    try:
+        return _holders().validate_json(raw, strict=True)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise UnreadableLock(f"{where}: {first['msg']}" if where else first["msg"]) from None
+
+
+@cache
+def _holders() -> TypeAdapter[Holder]:
+    return TypeAdapter(Holder)
 
 
 def heartbeat_age(run_dir: Path) -> float | None:
@@ -104,15 +162,12 @@ def stale_reason(holder: Holder, run_dir: Path, me: Holder | None = None,
     """Why `holder` is gone, or None while it may still be alive (module docstring).
     `slurm`: job states from :func:`slurm_states`, read instead of asking squeue again."""
     me = me or Holder.me()
-    if holder.job_id and holder.job_id == me.job_id and holder.pid != me.pid:
+    if _requeued(holder, me):
         return f"job {holder.job_id} was requeued (old process {holder.host} pid {holder.pid})"
     if holder.host == me.host:
         return None if _alive(holder.pid, holder.pid_start) else \
             f"process {holder.pid} on {holder.host} is gone"
-    state = None
-    if holder.job_id:
-        known = slurm is not None and holder.job_id in slurm
-        state = slurm[holder.job_id] if known else _slurm_state(holder.job_id)
+    state = slurm_state(holder.job_id, slurm) if holder.on_slurm() else None
     if state is not None:
         return None if state in SLURM_ALIVE else f"job {holder.job_id} is {state or 'gone'}"
     age = heartbeat_age(run_dir)
@@ -121,25 +176,48 @@ def stale_reason(holder: Holder, run_dir: Path, me: Holder | None = None,
     return None
 
 
+def _requeued(holder: Holder, me: Holder) -> bool:
+    """The same SLURM job in another process: SLURM restarted it. Local job ids are pids of
+    controllers, and two hosts' controllers may share one, so they never count."""
+    return (holder.on_slurm() and me.on_slurm() and holder.job_id == me.job_id
+            and holder.pid != me.pid)
+
+
 def acquire(run_dir: Path) -> Holder:
-    """Take the run's lock, or a stale one over; `RunBusy` when a live process holds it."""
+    """Take the run's lock, or a stale or unreadable one over; `RunBusy` when a live process
+    holds it (or an unreadable lock is too fresh to judge)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     me = Holder.me(_epochs_done(run_dir))
     for _ in range(5):
         if _link(run_dir / LOCK_FILE, me):
             log(run_dir, "acquired", me)
             return me
-        holder = read(run_dir)
-        if holder is None:  # released (or being written) meanwhile: try again
-            time.sleep(0.05)
-            continue
-        reason = stale_reason(holder, run_dir, me)
-        if reason is None:
-            raise RunBusy(run_dir, holder)
-        if _take_over(run_dir, holder, me, reason):
+        stale, reason = _why_stale(run_dir, me)
+        if reason is not None and _take_over(run_dir, stale, me, reason):
             return me
-        time.sleep(0.05)
+        time.sleep(0.05)  # released or taken over meanwhile: try again
     raise RunBusy(run_dir, read(run_dir))
+
+
+def _why_stale(run_dir: Path, me: Holder) -> tuple[Holder | None, str | None]:
+    """(holder, why its lock may be taken over); the holder is None for an unreadable lock,
+    the reason None when the lock vanished meanwhile. `RunBusy` while it is held."""
+    try:
+        holder = load(run_dir)
+    except UnreadableLock as bad:
+        age = heartbeat_age(run_dir)
+        if age is None:
+            return None, None
+        if age < UNREADABLE_AFTER_S:
+            raise RunBusy(run_dir, None, f"another process? its lock is unreadable ({bad}) "
+                          f"but only {age:.0f} s old") from None
+        return None, f"unreadable lock ({bad}), {age:.0f} s old"
+    if holder is None:
+        return None, None
+    reason = stale_reason(holder, run_dir, me)
+    if reason is None:
+        raise RunBusy(run_dir, holder)
+    return holder, reason
 
 
 def release(run_dir: Path, me: Holder) -> None:
@@ -186,8 +264,9 @@ def log(run_dir: Path, event: str, holder: Holder, reason: str = "") -> None:
         handle.write(line + "\n")
 
 
-def _take_over(run_dir: Path, stale: Holder, me: Holder, reason: str) -> bool:
-    """Replace the stale lock under the take-over guard; False when someone else did."""
+def _take_over(run_dir: Path, stale: Holder | None, me: Holder, reason: str) -> bool:
+    """Replace the stale (None: unreadable) lock under the take-over guard; False when
+    someone else did."""
     guard = run_dir / TAKEOVER_FILE
     if not _link(guard, me):
         with suppress(FileNotFoundError):
@@ -195,14 +274,22 @@ def _take_over(run_dir: Path, stale: Holder, me: Holder, reason: str) -> bool:
                 guard.unlink()
         return False
     try:
-        current = read(run_dir)
-        if current is None or current.token != stale.token:
+        if not _unchanged(run_dir, stale):
             return False  # released or already taken over: start again
         _write(run_dir / LOCK_FILE, me, replace_existing=True)
         log(run_dir, "took over", me, reason)
         return True
     finally:
         guard.unlink(missing_ok=True)
+
+
+def _unchanged(run_dir: Path, stale: Holder | None) -> bool:
+    """Under the guard: the lock is still the stale one (None: still unreadable)."""
+    try:
+        current = load(run_dir)
+    except UnreadableLock:
+        return stale is None
+    return stale is not None and current is not None and current.token == stale.token
 
 
 def _link(path: Path, holder: Holder) -> bool:
@@ -215,7 +302,7 @@ def _link(path: Path, holder: Holder) -> bool:
 
 def _write(path: Path, holder: Holder, *, replace_existing: bool) -> None:
     tmp = path.with_name(f".{path.name}.{holder.token}.{uuid.uuid4().hex[:6]}.tmp")
-    tmp.write_text(json.dumps(asdict(holder), sort_keys=True) + "\n")
+    tmp.write_bytes(_holders().dump_json(holder) + b"\n")
     try:
         if replace_existing:
             os.replace(tmp, path)
@@ -284,6 +371,20 @@ def slurm_states(job_ids: Iterable[str]) -> dict[str, str] | None:
     return {job: listed.get(job, "") for job in ids}
 
 
+def squeue_job(holder: Holder, host: str) -> str | None:
+    """The job squeue must be asked about for this holder, seen from `host`: a SLURM job
+    held from another host (on this one the pid says it all)."""
+    return holder.job_id if holder.on_slurm() and holder.host != host else None
+
+
+def slurm_state(job_id: str, slurm: Mapping[str, str] | None = None) -> str | None:
+    """The job's SLURM state from `slurm` (`slurm_states`), else from its own squeue; ''
+    when SLURM no longer knows it, None without squeue."""
+    if slurm is not None and job_id in slurm:
+        return slurm[job_id]
+    return _slurm_state(job_id)
+
+
 def _slurm_state(job_id: str) -> str | None:
     """The job's SLURM state ('' when SLURM no longer knows it), or None without squeue."""
     if shutil.which("squeue") is None:
@@ -298,5 +399,5 @@ def _slurm_state(job_id: str) -> str | None:
     return out.stdout.strip().splitlines()[0] if out.stdout.strip() else ""
 
 
-__all__ = ["Holder", "RunBusy", "acquire", "hold", "read", "release", "slurm_states",
-           "stale_reason"]
+__all__ = ["Holder", "RunBusy", "UnreadableLock", "acquire", "hold", "load", "read", "release",
+           "slurm_state", "slurm_states", "squeue_job", "stale_reason"]

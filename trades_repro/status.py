@@ -5,7 +5,9 @@ evaluated as its arms ask, *failed* when it recorded a failure (`executors.failu
 *pending* otherwise (never started, killed, or queued: a queued SLURM task shows its job id
 from `job.json`). A running run's ETA is its remaining epochs times the epoch time measured
 since it took the lock (`metrics.jsonl`'s last write minus the lock's time, over the epochs
-done since): no cost table guess, and no clock on the run's own records.
+done since): no cost table guess, and no clock on the run's own records. A stale or
+unreadable lock (the next launch takes either over) and a file where a run folder belongs
+are noted on the run, not fatal.
 """
 
 from __future__ import annotations
@@ -59,12 +61,13 @@ def run_status(spec: ExperimentSpec, runs_dir: Path, policies: tuple[str, ...],
                slurm: Mapping[str, str] | None = None) -> RunStatus:
     """One run's state; `slurm`: job states from one squeue for many runs (`collect`)."""
     run_dir = store.run_dir_for(spec, runs_dir)
+    base = {"digest": spec.digest(), "seed": spec.seed, "epochs": spec.optim.epochs}
+    if run_dir.exists() and not run_dir.is_dir():  # named, not read: nothing of ours is there
+        return RunStatus(**base, state="pending", note=f"{run_dir} is a file, not a run folder")
     epoch = _epochs(run_dir)
-    base = {"digest": spec.digest(), "seed": spec.seed, "epoch": epoch,
-            "epochs": spec.optim.epochs}
-    holder = runlock.read(run_dir)
-    stale = runlock.stale_reason(holder, run_dir, slurm=slurm) if holder else None
-    if holder and not stale:
+    base["epoch"] = epoch
+    holder, note = _lock(run_dir, slurm)
+    if holder and not note:
         seconds = _epoch_seconds(run_dir, holder, epoch)
         eta = None if seconds is None else seconds * max(0, spec.optim.epochs - epoch)
         return RunStatus(**base, state="running", job_id=holder.job_id, host=holder.host,
@@ -75,7 +78,19 @@ def run_status(spec: ExperimentSpec, runs_dir: Path, policies: tuple[str, ...],
     error = failure(run_dir)
     state = "failed" if error else "pending"
     return RunStatus(**base, state=state, job_id=job.get("job_id"), error=error,
-                     note=f"stale lock: {stale}" if stale else None)
+                     note=note)
+
+
+def _lock(run_dir: Path, slurm: Mapping[str, str] | None) -> tuple[runlock.Holder | None,
+                                                                     str | None]:
+    """The lock's holder, and a note when it is stale or unreadable (the next launch takes
+    either over)."""
+    try:
+        holder = runlock.load(run_dir)
+    except runlock.UnreadableLock as bad:
+        return None, f"unreadable lock: {bad}"
+    stale = runlock.stale_reason(holder, run_dir, slurm=slurm) if holder else None
+    return holder, f"stale lock: {stale}" if stale else None
 
 
 def collect(catalogue: Catalogue, entries: list[Entry], runs_dir: Path,
@@ -97,10 +112,11 @@ def collect(catalogue: Catalogue, entries: list[Entry], runs_dir: Path,
 
 
 def _remote_jobs(specs: list[ExperimentSpec], runs_dir: Path) -> list[str]:
-    """The job ids of locks held from other hosts: what squeue must be asked about."""
+    """The SLURM job ids of locks held from other hosts: what squeue must be asked about."""
     host = socket.gethostname()
-    holders = (runlock.read(store.run_dir_for(s, runs_dir)) for s in specs)
-    return [h.job_id for h in holders if h and h.job_id and h.host != host]
+    folders = (store.run_dir_for(s, runs_dir) for s in specs)
+    holders = (runlock.read(f) for f in folders if f.is_dir())
+    return [job for h in holders if h and (job := runlock.squeue_job(h, host))]
 
 
 def _epochs(run_dir: Path) -> int:
