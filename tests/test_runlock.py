@@ -41,6 +41,15 @@ def test_acquire_writes_the_holder_and_release_removes_it(tmp_path):
     assert "acquired by" in log and "released by" in log
 
 
+def test_a_garbled_metrics_file_does_not_stop_the_lock(tmp_path):
+    """metrics.jsonl only hints the ETA (resume rebuilds it from last.pt): bytes that are
+    not UTF-8 in it crashed acquire with UnicodeDecodeError, exit 4."""
+    (tmp_path / "metrics.jsonl").write_bytes(b"\xff\xfe\n{\"epoch\": 2}\n")
+    holder = runlock.acquire(tmp_path)
+    assert holder.epoch == 2
+    runlock.release(tmp_path, holder)
+
+
 def test_a_live_holder_makes_the_run_busy(tmp_path):
     _plant(tmp_path)  # this very process: alive
     with pytest.raises(runlock.RunBusy, match="being trained by"):

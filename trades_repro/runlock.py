@@ -322,8 +322,10 @@ def _heartbeat(run_dir: Path, me: Holder, stop: threading.Event) -> None:
 
 
 def _epochs_done(run_dir: Path) -> int:
+    """Lines of metrics.jsonl, counted as bytes: only an ETA hint, so a garbled file (which
+    resume rebuilds from last.pt) must not stop the lock from being taken."""
     path = run_dir / METRICS_FILE
-    return len(path.read_text().splitlines()) if path.is_file() else 0
+    return path.read_bytes().count(b"\n") if path.is_file() else 0
 
 
 def _pid_start(pid: int) -> str | None:
