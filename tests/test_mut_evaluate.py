@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import warnings
 from types import SimpleNamespace
 
@@ -936,6 +937,15 @@ def test_discordant_counts_are_the_brute_force_counts(rows):
     (0, 1, 5, -0.624465, 0.321379), (50, 10, 500, 0.051615, 0.111691)])
 def test_the_score_interval_ends(b, c, n, low, high):
     assert vd.paired_interval(b, c, n) == pytest.approx((low, high, vd.INTERVAL), abs=1e-6)
+
+
+def test_the_score_has_no_spread_only_where_the_margin_is_certain():
+    """Z's variance vanishes at Δ = ±1 and, with no discordant pair, at Δ = 0: there the
+    score is ±infinite when the counts disagree with Δ, and 0 when they agree."""
+    assert vd._score(3, 1, 10, -1.0) == math.inf  # b > 0: Δ = -1 is impossible
+    assert vd._score(1, 3, 10, 1.0) == -math.inf
+    assert vd._score(0, 0, 10, 0.0) == 0.0
+    assert vd._score(0, 10, 10, -1.0) == 0.0  # every example c: Δ = -1 is what was seen
 
 
 @pytest.mark.parametrize("n", [1, 10, 50])

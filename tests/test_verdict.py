@@ -55,6 +55,18 @@ def _assert_score_ends(b: int, c: int, n: int, low: float, high: float) -> None:
             assert _tango_z(b, c, n, end) == pytest.approx(target, abs=1e-5), (b, c, n, end)
 
 
+@pytest.mark.parametrize(("b", "c", "both", "n"), [(20, 2, 30, 100), (9, 1, 40, 100),
+                                                   (3, 4, 50, 100), (60, 10, 200, 500)])
+def test_v2_statistics_match_scipy_computed_from_the_counts(b, c, both, n):
+    verdict = vd.apply_rule(V2, _pair(b, c, both, n))
+    assert (verdict.n, verdict.b, verdict.c) == (n, b, c)
+    assert verdict.margin == pytest.approx((b - c) / n)
+    assert verdict.p_value == pytest.approx(binomtest(b, b + c, 0.5).pvalue)
+    _assert_score_ends(b, c, n, verdict.ci_low, verdict.ci_high)
+    assert verdict.ci_low < verdict.margin < verdict.ci_high
+    assert verdict.interval == vd.INTERVAL and "Tango" in verdict.interval
+
+
 @pytest.mark.parametrize(("b", "c", "outcome"), [(25, 0, "flagged"), (8, 0, "inconclusive"),
                                                  (10, 3, "inconclusive"), (1, 1, "clear"),
                                                  (0, 10, "clear")])
