@@ -34,9 +34,18 @@ Where we differ, none of it changing the perturbation beyond float rounding:
   we use one clean forward. In train mode BatchNorm uses the batch's own statistics, so the
   loss and its gradient are the same (the proxy's running statistics are scratch).
 * Proxy learning rate. TRADES-AWP builds its proxy optimiser with the training lr
-  (``SGD(proxy.parameters(), lr=args.lr)``, 0.1); AT-AWP uses 0.01. We default to 0.01. The
-  value cancels in the normalisation above — one plain SGD step gives
+  (``SGD(proxy.parameters(), lr=args.lr)``, 0.1); AT-AWP uses 0.01. Runs take
+  ``method.awp.proxy_lr`` (default 0.1, as TRADES-AWP); :class:`TradesAWP` alone defaults to
+  0.01. The value cancels in the normalisation above — one plain SGD step gives
   ``w̃ − w = lr · ∇L`` — so it matters only through float rounding of ``w̃ − w``.
+* Order of the model's train-mode forwards (after ``perturb``). The recipe's loop runs them
+  adversarial, clean (KL target), clean (CE); ours, the official TRADES step's (see
+  ``trades_repro.steps``), runs clean, adversarial, then re-applies the clean batch's
+  BatchNorm update without a third forward. BatchNorm normalises with the batch's own
+  statistics in train mode, so the perturbation, loss and gradients are the same; only the
+  running statistics differ slightly: with momentum 0.1 the adversarial batch's weight in
+  them is 0.1 · 0.9² = 0.081 in the recipe and 0.1 · 0.9 = 0.09 here (the clean batch's
+  0.19 and 0.181), with the same ``num_batches_tracked``.
 * With ``γ = 0`` the recipe switches AWP off entirely; here ``compute`` returns zeros.
 """
 

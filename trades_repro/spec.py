@@ -158,6 +158,15 @@ class OptimSpec(_Frozen):
     milestones: tuple[PositiveInt, ...] = (100, 150)  # App. D: LR × 0.1 at epochs 100 and 150
     lr_decay: Annotated[Number, Field(gt=0, le=1)] = 0.1  # App. D: γ = 0.1
 
+    @model_validator(mode="after")
+    def _nesterov_needs_momentum(self) -> OptimSpec:
+        # torch's SGD refuses it only when the run builds its optimiser (a crash, exit 4)
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("optim.nesterov: true needs optim.momentum > 0 (Nesterov's "
+                             "look-ahead is along the momentum); set nesterov: false for "
+                             "plain SGD")
+        return self
+
 
 class ValidationAttackSpec(_Frozen):
     """PGD-10 on cross-entropy, run on the validation set after every epoch (App. B)."""
@@ -267,6 +276,15 @@ class ExperimentSpec(_Frozen):
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when available
     evaluation: EvalSpec = EvalSpec()
 
+    @model_validator(mode="after")
+    def _healing_needs_fosc(self) -> ExperimentSpec:
+        # Algorithm 1 heals when validation FOSC passes the threshold: without FOSC it never
+        # would, and the run would pass for a healed one
+        if self.healing.enabled and not self.monitor.fosc:
+            raise ValueError("healing.enabled: true needs monitor.fosc: true (Algorithm 1 is "
+                             "triggered by validation FOSC)")
+        return self
+
     def digest(self) -> str:
         """Stable 16-hex hash of the resolved spec: field order and YAML layout don't matter.
 
@@ -326,8 +344,11 @@ def parse_spec(raw: dict[str, Any], source: str = "<spec>") -> ExperimentSpec:
 
 
 def validation_message(err: ValidationError, source: str) -> str:
-    """One line naming the source and the first bad field, e.g. "f.yaml: field 'a.b': …"."""
+    """One line naming the source and the first bad field, e.g. "f.yaml: field 'a.b': …"; a
+    check across sections (the spec's own validator) names its fields in its message."""
     first = err.errors()[0]
     field = ".".join(str(part) for part in first["loc"]) or "<root>"
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    if not first["loc"] and first["type"] == "value_error":
+        return f"{source}: {first.get('ctx', {}).get('error', first['msg'])}{more}"
     return f"{source}: field '{field}': {first['msg']}{more}"
