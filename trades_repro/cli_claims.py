@@ -193,8 +193,8 @@ def run_claim(
         help="Run again the runs that failed before (skipped otherwise).")] = False,
     partition: SlurmOption = None,
     time: Annotated[str | None, typer.Option(
-        help="slurm: per-run limit as sbatch reads it: minutes, MM:SS, HH:MM:SS or "
-        "D-HH[:MM[:SS]].",
+        help="slurm: per-run limit as sbatch reads it: minutes, MM:SS, HH:MM:SS, "
+        "D-HH, D-HH:MM or D-HH:MM:SS.",
         rich_help_panel="SLURM")] = None,
     gpus: SlurmInt = None,
     cpus: SlurmInt = None,
