@@ -20,7 +20,7 @@ PARTS = {
                   "smallscale"},
     "claims": {"claims", "claimkinds", "verify", "judges", "events", "stats", "report",
                "smallscale_stats", "smallscale_report"},
-    "training": {"steps", "awp", "policies", "engine", "train", "progress"},
+    "training": {"steps", "awp", "policies", "engine", "rngstate", "train", "progress"},
     "evaluation": {"evaluate", "landscape", "checkpoints", "diagnose", "preflight",
                    "checklist", "records", "evalfile", "verdict", "official"},
     "evidence": {"store"},

@@ -16,7 +16,7 @@ import yaml
 from factories import assert_one_line_error, digits
 from typer.testing import CliRunner
 
-from trades_repro import engine, store
+from trades_repro import engine, rngstate, store
 from trades_repro import train as trainlib
 from trades_repro.cli import app
 from trades_repro.spec import parse_spec
@@ -62,7 +62,7 @@ def _fake_cuda_checkpoint(run_dir: Path, *, legacy: bool = False) -> None:
 
 
 def _reseeded_state(stream: str, epoch: int) -> torch.Tensor:
-    value = engine.reseed_value(SPEC.seed, epoch, stream)
+    value = rngstate.reseed_value(SPEC.seed, epoch, stream)
     return torch.Generator().manual_seed(value).get_state()
 
 
@@ -95,7 +95,7 @@ def test_cuda_to_cpu_resume_finishes_and_is_deterministic(tmp_path, monkeypatch)
 
 def test_cpu_checkpoint_resumes_on_a_gpu_by_reseeding(tmp_path, monkeypatch):
     run_dir = _cut_after_epoch_1(tmp_path / "runs", monkeypatch)
-    monkeypatch.setattr(engine, "device_type", lambda session: "cuda")  # as a GPU node would
+    monkeypatch.setattr(rngstate, "device_type", lambda session: "cuda")  # as a GPU node would
     session = engine.build_session(SPEC, run_dir)
     assert torch.equal(session.attack_gen.get_state(), _reseeded_state("attack", 1))
     entry = store.read_json(run_dir / store.PROVENANCE_FILE)["resumed"][-1]

@@ -14,21 +14,18 @@ in `last.pt`. Temporary files of writes a kill cut short are deleted on every st
 from __future__ import annotations
 
 import copy
-import hashlib
 import os
-import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from pydantic import ValidationError
 from torch import Tensor, nn
 
 from trades_repro import data as datalib
-from trades_repro import numerics, store
+from trades_repro import numerics, rngstate, store
 from trades_repro.awp import TradesAWP
 from trades_repro.errors import BadInput, NeedsGPU
 from trades_repro.models import build_model, dataset_stats
@@ -184,7 +181,7 @@ class Session:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": {"schedule": self.spec.optim.schedule, "last_epoch": self.state.epoch},
             "awp_proxy": self.awp.proxy.state_dict() if self.awp is not None else None,
-            "rng": _rng_state(self),
+            "rng": rngstate.saved(self),
             "device": str(self.device),
             "state": self.state.to_dict(),
         }
@@ -339,8 +336,8 @@ def _load_resume_state(session: Session, saved: dict, path: Path) -> tuple[str, 
         if session.awp is not None:
             session.awp.proxy.load_state_dict(saved["awp_proxy"])
         session.state = RunState.from_dict(saved["state"])
-        saved_on = _tagged(saved["rng"]["attack"])["device"]
-        return saved_on, _set_rng_state(session, saved["rng"], session.state.epoch)
+        saved_on = rngstate.tagged(saved["rng"]["attack"])["device"]
+        return saved_on, rngstate.restore(session, saved["rng"], session.state.epoch)
     except (BadInput, torch.cuda.OutOfMemoryError):
         raise  # already one line (a stream of this device that will not restore), or no fault
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as err:
@@ -395,88 +392,5 @@ def _resume_entry(session: Session, saved_device: str, reseeded: list[str]) -> d
              "data": store.data_location(session.spec.data)}
     if reseeded:
         entry["rng_reseeded"] = {"streams": reseeded, "saved_on": saved_device,
-                                 "rule": RESEED_RULE}
+                                 "rule": rngstate.RESEED_RULE}
     return entry
-
-
-# A generator state is bytes whose layout belongs to one device type: the CPU's Mersenne
-# Twister (5,056 bytes) or CUDA's Philox seed + offset (16 bytes). last.pt tags each state
-# with its device type; untagged states (older last.pt files) are told apart by size.
-CPU_STATE_BYTES = torch.Generator().get_state().numel()
-RESEED_RULE = "manual_seed(sha256('<seed>/<epoch>/<stream>')[:8] >> 1)"
-DEVICE_STREAMS = ("attack", "healing", "cuda")  # `cuda`: torch's global CUDA generator
-
-
-def reseed_value(seed: int, epoch: int, stream: str) -> int:
-    """The seed a device stream restarts from when its saved state cannot be restored."""
-    digest = hashlib.sha256(f"{seed}/{epoch}/{stream}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1  # < 2**63: any generator accepts it
-
-
-def device_type(session: Session) -> str:
-    """The device type whose generator states this session can restore."""
-    return session.device.type
-
-
-def _tagged(saved) -> dict | None:
-    """{"device": type, "state": bytes} from a tagged state or an untagged one (old files)."""
-    if saved is None or isinstance(saved, dict):
-        return saved
-    if isinstance(saved, list):  # old last.pt: torch.cuda.get_rng_state_all(), one per GPU
-        return {"device": "cuda", "state": saved[0]} if saved else None
-    return {"device": "cpu" if saved.numel() == CPU_STATE_BYTES else "cuda", "state": saved}
-
-
-def _rng_state(session: Session) -> dict:
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    here = device_type(session)
-    cuda = torch.cuda.get_rng_state(session.device) if session.device.type == "cuda" else None
-    return {
-        "torch": torch.get_rng_state(),
-        # only the run's own GPU: saving every visible GPU breaks resumes with fewer of them
-        "cuda": {"device": "cuda", "state": cuda} if cuda is not None else None,
-        "python": random.getstate(),
-        "numpy": [kind, torch.from_numpy(keys.copy()), pos, has_gauss, gauss],
-        "data": session.data_gen.get_state(),
-        "attack": {"device": here, "state": session.attack_gen.get_state()},
-        "healing": {"device": here, "state": session.healing_gen.get_state()},
-    }
-
-
-def _set_rng_state(session: Session, rng: dict, epoch: int) -> list[str]:
-    """Restore every random stream; returns the device streams that had to be re-seeded."""
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    kind, keys, pos, has_gauss, gauss = rng["numpy"]
-    np.random.set_state((kind, keys.numpy(), pos, has_gauss, gauss))
-    session.data_gen.set_state(rng["data"])  # CPU generator on every device
-    here, reseeded = device_type(session), []
-    for stream in DEVICE_STREAMS:
-        saved = _tagged(rng.get(stream))
-        if stream == "cuda" and session.device.type != "cuda":
-            continue  # the global CUDA generator is not used off the GPU
-        if saved is not None and saved["device"] == here:
-            _set_stream(session, stream, saved["state"])
-        else:
-            _seed_stream(session, stream, reseed_value(session.spec.seed, epoch, stream))
-            reseeded.append(stream)
-    return reseeded
-
-
-def _set_stream(session: Session, stream: str, state: Tensor) -> None:
-    try:
-        if stream == "cuda":
-            torch.cuda.set_rng_state(state, session.device)
-        else:
-            getattr(session, f"{stream}_gen").set_state(state)
-    except (RuntimeError, TypeError) as err:
-        raise BadInput(f"{session.run_dir / store.LAST_FILE}: the {stream} random state cannot "
-                       f"be restored ({str(err).splitlines()[0]}); delete last.pt to restart "
-                       "the run from epoch 1") from None
-
-
-def _seed_stream(session: Session, stream: str, value: int) -> None:
-    if stream == "cuda":
-        torch.cuda.manual_seed(value)
-    else:
-        getattr(session, f"{stream}_gen").manual_seed(value)
