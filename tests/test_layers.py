@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "trades_repro"
 
 PARTS = {
     "face": {"__main__", "entry", "cli", "cli_claims", "cli_study", "demo"},
-    "executors": {"runclaim", "executors", "executor_config", "runlock", "status",
+    "executors": {"runclaim", "executors", "executor_config", "runjob", "runlock", "status",
                   "smallscale"},
     "claims": {"claims", "claimkinds", "verify", "judges", "events", "stats", "report",
                "smallscale_stats", "smallscale_report"},
