@@ -84,7 +84,8 @@ QUICK = (
 # mutates them; their options are pinned in tests/test_defaults_pinned.py instead.
 CLI_HELPERS = (*(f"trades_repro.cli.x__{name}__*" for name in (
     "fail", "traceback_log", "set_threads", "progress", "print_record", "exit_if_failed",
-    "folder_option", "file_option", "blocked", "readers_gone", "stop_quietly", "reflowed")),
+    "folder_option", "file_option", "blocked", "readers_gone", "stop_quietly", "reflowed",
+    "exit_on_verdicts")),
     *(f"trades_repro.cli_claims.x__{name}__*" for name in ("tier", "exit_for")))
 
 FULL = (
@@ -114,7 +115,7 @@ FULL = (
                 "test_verdict_line_says_what_happened"))),
     Group("diagnose", _src("diagnose"), (
         "tests/test_mut_diagnose.py", "tests/test_defaults_pinned.py", "tests/test_exit_codes.py",
-        "tests/test_corrupt_files.py")),
+        "tests/test_corrupt_files.py", "tests/test_diagnose_inputs.py")),
     Group("spec", _src("spec", "sweep"), (
         "tests/test_spec.py", "tests/test_sweep.py", "tests/test_cli.py",
         "tests/test_defaults_pinned.py", "tests/test_input_validation.py")),

@@ -50,7 +50,7 @@ def test_pgd10_defaults_are_app_b() -> None:
         assert (a.eps, a.step_size, a.steps, a.init_std) == (8 / 255, 2 / 255, 10, 0.001)
     # `diagnose` on a checkpoint: any ε, with App. B's α/ε = 1/4 and 10 steps
     v = _diagnose_spec(
-        "digits", None, "small_cnn", 8, False, 4 / 255, None, ("pgd10",), 100, 0
+        "digits", None, "small_cnn", 8, False, 4 / 255, None, ("pgd10",), 100, 0, None, False
     ).validation
     assert v.step_size == pytest.approx(1 / 255, rel=1e-15) and v.steps == 10
 

@@ -353,8 +353,8 @@ def _run_spec(run_dir: Path, attacks: tuple[str, ...] | None, n_examples: int | 
 
 def _diagnose_spec(dataset: str, root: str | None, arch: str, width: int, normalize: bool,
                    eps: float, n_examples: int | None, attacks: tuple[str, ...],
-                   square_queries: int, seed: int, eval_batch: int | None = None,
-                   download: bool = False) -> ExperimentSpec:
+                   square_queries: int, seed: int, eval_batch: int | None,
+                   download: bool) -> ExperimentSpec:
     return parse_spec({
         "data": {"dataset": dataset, "root": root, "validation": "test", "download": download},
         "model": {"arch": arch, "width": width, "normalize": normalize},
