@@ -204,5 +204,25 @@ def test_evaluate_exits_on_the_worst_verdict_of_its_checkpoints(outcomes, code):
             _exit_on_verdicts(records)
         assert stop.value.exit_code == 1
     else:
-        with pytest.raises(Inconclusive):
+        with pytest.raises(Inconclusive) as caught:
             _exit_on_verdicts(records)
+        if not records:
+            assert str(caught.value) == "no checkpoint was evaluated"
+
+
+def test_evaluates_inconclusive_line_names_squares_reduced_budget():
+    from trades_repro.cli import _exit_on_verdicts
+    from trades_repro.errors import Inconclusive
+    from trades_repro.records import AttackResult, Verdict
+
+    square = AttackResult(name="square", paper_column="Square", accuracy=0.5, n_robust=10,
+                          n_examples=20, robust="1" * 10 + "0" * 10, seconds=1.0,
+                          params={"queries": 200})
+    verdict = Verdict(rule="pgd10_minus_square_v2", version=2, attack="square", threshold=0.08,
+                      pgd10=0.6, other=0.5, margin=0.1, flagged=None, outcome="inconclusive",
+                      n=20, b=2, c=0, p_value=0.5, ci_low=-0.01, ci_high=0.3)
+    record = SimpleNamespace(verdicts=[verdict], attacks={"square": square})
+    with pytest.raises(Inconclusive) as caught:
+        _exit_on_verdicts([record])
+    assert str(caught.value).startswith(
+        "PGD-10 exceeds Square (200 queries, reduced from AutoAttack's 5000) by 10.0 points")

@@ -901,6 +901,21 @@ def test_verify_exit_codes_follow_the_worst_judgement(capsys):
                                      "(not run or incomplete); run-claim trains what they need")
     assert cli_claims._exit_for(_judged("held", "not run", "incomplete")) is None
     assert cli_claims._exit_for([]) is None
+    # runs another launch trains: wait for them (3), naming at most three holders
+    from types import SimpleNamespace
+
+    held = [SimpleNamespace(elsewhere=f"vm pid {p}") for p in (11, 12, 13, 14)]
+    with pytest.raises(Inconclusive) as caught:
+        cli_claims._exit_for(_judged("held", "not run"), elsewhere=held)
+    assert str(caught.value) == ("4 run(s) are being trained by another launch (vm pid 11; "
+                                 "vm pid 12; vm pid 13; …); follow them with "
+                                 "`trades-repro status`")
+    with pytest.raises(Inconclusive) as caught:
+        cli_claims._exit_for(_judged("not run"), elsewhere=held[:1])
+    assert "(vm pid 11); follow" in str(caught.value)
+    assert cli_claims._exit_for(_judged("held"), elsewhere=held) is None  # all held already
+    with pytest.raises(typer.Exit):  # a failed claim outranks waiting
+        cli_claims._exit_for(_judged("failed", "not run"), elsewhere=held)
     cli._exit_if_failed([])
     with pytest.raises(typer.Exit) as caught:
         cli._exit_if_failed(["abc failed: boom", "def failed: bang"])

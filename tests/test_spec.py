@@ -177,3 +177,21 @@ def test_a_nonsense_landscape_radius_is_one_line_bad_input(tmp_path, radius):
     path.write_text(f"evaluation:\n  landscape:\n    radius: {radius}\n")
     result = CliRunner().invoke(app, ["spec", "show", str(path)])
     assert_one_line_error(result, "bad.yaml", "evaluation.landscape.radius")
+
+
+def test_a_check_across_sections_speaks_in_its_own_words():
+    """A validator of the whole spec has no field to name: its message is the line, without
+    pydantic's "field '<root>': Value error," in front (fields of a section keep theirs)."""
+    with pytest.raises(SpecError) as caught:
+        parse_spec({"monitor": {"fosc": False}, "healing": {"enabled": True}}, source="s.yaml")
+    assert str(caught.value) == ("s.yaml: healing.enabled: true needs monitor.fosc: true "
+                                 "(Algorithm 1 is triggered by validation FOSC)")
+    with pytest.raises(SpecError) as caught:
+        parse_spec({"optim": {"momentum": 0}}, source="s.yaml")
+    assert str(caught.value) == (
+        "s.yaml: field 'optim': Value error, optim.nesterov: true needs optim.momentum > 0 "
+        "(Nesterov's look-ahead is along the momentum); set nesterov: false for plain SGD")
+    with pytest.raises(SpecError) as caught:
+        parse_spec(5, source="s.yaml")
+    assert str(caught.value) == ("s.yaml: field '<root>': Input should be a valid dictionary "
+                                 "or instance of ExperimentSpec")
