@@ -347,10 +347,10 @@ def status(
 
     from trades_repro import status as statuslib
 
+    catalogue, entries = _selected(claims_dir, patterns, tier and _tier(tier))  # typos first
     _folder_option("--runs-dir", runs_dir, writes=False)
     if not runs_dir.is_dir():  # a typo would read as "nothing started"
         raise BadInput(f"--runs-dir {runs_dir}: no such folder")
-    catalogue, entries = _selected(claims_dir, patterns, tier and _tier(tier))
     rows = statuslib.collect(catalogue, entries, runs_dir, tier)
     if as_json:
         typer.echo(json.dumps([r.to_dict() for r in rows], indent=2))
