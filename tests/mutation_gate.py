@@ -131,7 +131,7 @@ FULL = (
         "tests/test_mut_claims.py", "tests/test_claims.py", "tests/test_verify.py")),
     Group("runclaim", _src("runclaim"), (
         "tests/test_mut_runclaim.py", "tests/test_verify.py", "tests/test_claims.py",
-        "tests/test_needs_gpu.py",
+        "tests/test_needs_gpu.py", "tests/test_scaleout_audit.py", "tests/test_executors.py",
         *_nodes("test_run_claim.py", "test_an_unexpected_error_in_a_run_exits_4_not_1"))),
 )
 

@@ -92,6 +92,11 @@ def test_an_edited_factory_starts_a_new_record_and_the_same_one_resumes(
     third = run()  # the same model again: resumed, nothing attacked
     assert runs == ["pgd10", "pgd10"] and third.key == second.key
     assert len(read_eval(out / "eval.json").checkpoints) == 2
+    # an edit the first batch cannot show (here a comment; in general a branch other
+    # images take) is another file: attacked again, as any edit must be
+    _factory(tmp_path, monkeypatch, "edit_nets", "return self.net(x)  # edited")
+    fourth = run()
+    assert runs == ["pgd10"] * 3 and fourth.key != second.key
 
 
 # ------------------------------------------------------------- (2) sys.exit in forward

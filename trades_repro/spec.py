@@ -350,5 +350,5 @@ def validation_message(err: ValidationError, source: str) -> str:
     field = ".".join(str(part) for part in first["loc"]) or "<root>"
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
     if not first["loc"] and first["type"] == "value_error":
-        return f"{source}: {first.get('ctx', {}).get('error', first['msg'])}{more}"
+        return f"{source}: {first['ctx']['error']}{more}"  # a validator's ValueError, as raised
     return f"{source}: field '{field}': {first['msg']}{more}"
