@@ -8,8 +8,10 @@ plans, hours and outcomes are written from the inputs by hand.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import socket
 import subprocess
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,9 +21,10 @@ import yaml
 from claimsutil import arm, claim, claims_folder, write_run
 
 from trades_repro import runclaim as rc
+from trades_repro import runlock
 from trades_repro.claims import load_catalogue
 from trades_repro.errors import BadInput, Inconclusive
-from trades_repro.executors import FAILED_FILE, Outcome
+from trades_repro.executors import FAILED_FILE, JOB_FILE, Outcome
 
 RATE = {"expected": {"k": 1, "n": 2}, "test": {"name": "clopper_pearson"}}
 
@@ -583,3 +586,236 @@ def test_a_node_inside_a_class_is_reported_not_collected_never_a_crash():
     functions only, so such a claim reads 'not collected' (see test_claims' check)."""
     results = [("tests.sub.test_p.TestX", "test_y", "passed")]
     assert rc._node_outcome("tests/sub/test_p.py::TestX::test_y", results) == "not collected"
+
+
+# ------------------------------------------------------------------- running and queued
+# A run another launch has: a live holder of its lock (`running`), or the SLURM job its
+# job.json names still alive per one squeue call (`queued`). squeue is a fake script on the
+# PATH that logs each call's arguments and answers from a table the test writes.
+
+SQUEUE = """log="$(dirname "$0")/squeue.log"; table="$(dirname "$0")/states"
+echo "$*" >> "$log"
+ids=$(echo "$*" | sed -n 's/.*-j \\([^ ]*\\).*/\\1/p' | tr , ' ')
+for id in $ids; do
+  state=$(sed -n "s/^$id //p" "$table")
+  case "$*" in *"%i %T"*) [ -n "$state" ] && echo "$id $state" ;; *) echo "$state" ;; esac
+done
+exit 0"""
+
+
+def _squeue(tmp_path: Path, monkeypatch, states: dict[str, str]) -> Path:
+    """A fake squeue knowing `states` (job -> SLURM state); returns the log of its calls."""
+    folder = tmp_path / "bin"
+    folder.mkdir(exist_ok=True)
+    (folder / "squeue").write_text(f"#!/bin/sh\n{SQUEUE}\n")
+    (folder / "squeue").chmod(0o755)
+    (folder / "states").write_text("".join(f"{j} {s}\n" for j, s in states.items()))
+    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
+    return folder / "squeue.log"
+
+
+def _calls(log: Path) -> list[str]:
+    return log.read_text().splitlines() if log.exists() else []
+
+
+def _hold(run_dir: Path, **fields) -> runlock.Holder:
+    """A lock as another launch leaves it: by default this live process (this host, this pid)
+    as SLURM job 7_0, under another token."""
+    fields = {"token": "theirs", "job_id": "7_0", "scheduler": "slurm", **fields}
+    holder = dataclasses.replace(runlock.Holder.me(), **fields)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / runlock.LOCK_FILE).write_text(json.dumps(dataclasses.asdict(holder)))
+    return holder
+
+
+def _submitted(run_dir: Path, job_id, executor: str = "slurm") -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / JOB_FILE).write_text(json.dumps({"executor": executor, "job_id": job_id}))
+
+
+def _specs(tmp_path: Path, seeds: int):
+    catalogue = _catalogue(
+        tmp_path,
+        {"a": arm(seeds=seeds, **THREE)},
+        [claim("table_9.x", "instability_rate", arm="a", **RATE)],
+    )
+    return catalogue, catalogue.specs("a", "full"), tmp_path / "runs"
+
+
+def test_a_plan_names_who_has_each_run_from_one_squeue_call(tmp_path, monkeypatch):
+    """Held here (the pid says it: squeue not asked), held on another host by a live SLURM
+    job, held by a gone one, queued, ended, and a local job (a pid: not asked)."""
+    log = _squeue(tmp_path, monkeypatch,
+                  {"77": "PENDING", "78": "COMPLETED", "80_1": "RUNNING", "81_0": "FAILED"})
+    catalogue, specs, runs = _specs(tmp_path, 6)
+    here = _hold(runs / specs[0].digest())
+    _submitted(runs / specs[1].digest(), 77)
+    _submitted(runs / specs[2].digest(), 78)
+    _submitted(runs / specs[3].digest(), 79, executor="local")
+    _hold(runs / specs[4].digest(), host="node-b", pid=5984, pid_start=None, job_id="80_1")
+    _hold(runs / specs[5].digest(), host="node-c", pid=5985, pid_start=None, job_id="81_0")
+    planned = rc.plan(catalogue, list(catalogue.entries), "full", runs)
+    assert [(r.digest, r.state, r.elsewhere) for r in planned] == [
+        (specs[0].digest(), "running", f"{socket.gethostname()} pid {here.pid}, job 7_0"),
+        (specs[1].digest(), "queued", "SLURM job 77 (PENDING)"),
+        (specs[2].digest(), "train", ""),
+        (specs[3].digest(), "train", ""),
+        (specs[4].digest(), "running", "node-b pid 5984, job 80_1"),
+        (specs[5].digest(), "train", ""),
+    ]
+    assert _calls(log) == ["-h -r -j 77,78,80_1,81_0 -o %i %T"]
+
+
+def test_without_a_lock_or_job_the_plan_asks_squeue_nothing(tmp_path, monkeypatch):
+    log = _squeue(tmp_path, monkeypatch, {})
+    catalogue, specs, runs = _specs(tmp_path, 2)
+    (runs / specs[0].digest()).mkdir(parents=True)
+    planned = rc.plan(catalogue, list(catalogue.entries), "full", runs)
+    assert [(r.state, r.elsewhere) for r in planned] == [("train", ""), ("train", "")]
+    assert _calls(log) == []
+    assert rc._slurm_jobs([runs / specs[0].digest(), runs / specs[1].digest()]) is None
+
+
+@pytest.mark.parametrize("state", sorted(runlock.SLURM_ALIVE))
+def test_a_run_is_queued_while_its_slurm_job_is_alive(tmp_path, monkeypatch, state):
+    log = _squeue(tmp_path, monkeypatch, {})  # asked itself, squeue would say the job is gone
+    _, (spec,), runs = _specs(tmp_path, 1)
+    _submitted(runs / spec.digest(), "77_3")
+    slurm = {"77_3": state}
+    assert rc.assess(spec, runs, ("best_pgd10",), slurm) == ("queued", f"SLURM job 77_3 ({state})")
+    assert rc.run_state(spec, runs, ("best_pgd10",), slurm) == "queued"
+    assert rc.elsewhere(runs / spec.digest(), slurm) == ("queued", f"SLURM job 77_3 ({state})")
+    assert _calls(log) == []
+    assert rc.run_state(spec, runs, ("best_pgd10",)) == "train"  # its own squeue: gone
+    assert _calls(log) == ["-h -j 77_3 -o %T"]
+
+
+@pytest.mark.parametrize("state", ["", "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"])
+def test_a_run_whose_slurm_job_ended_is_not_queued(tmp_path, monkeypatch, state):
+    _squeue(tmp_path, monkeypatch, {"77": "PENDING"})
+    _, (spec,), runs = _specs(tmp_path, 1)
+    _submitted(runs / spec.digest(), 77)
+    assert rc.assess(spec, runs, ("best_pgd10",), {"77": state}) == ("train", "")
+    assert rc.elsewhere(runs / spec.digest(), {"77": state}) is None
+
+
+def test_a_live_holder_is_read_against_the_given_squeue_states(tmp_path, monkeypatch):
+    log = _squeue(tmp_path, monkeypatch, {"80_1": "RUNNING"})
+    _, (spec,), runs = _specs(tmp_path, 1)
+    _hold(runs / spec.digest(), host="node-b", pid=5984, pid_start=None, job_id="80_1")
+    assert rc.assess(spec, runs, ("best_pgd10",), {"80_1": ""}) == ("train", "")
+    assert rc.run_state(spec, runs, ("best_pgd10",), {"80_1": ""}) == "train"
+    assert _calls(log) == []
+    assert rc.assess(spec, runs, ("best_pgd10",)) == ("running", "node-b pid 5984, job 80_1")
+
+
+def test_a_runs_own_states_name_no_one(tmp_path, monkeypatch):
+    _squeue(tmp_path, monkeypatch, {})
+    _, (spec,), runs = _specs(tmp_path, 1)
+    folder, policies = runs / spec.digest(), ("best_pgd10",)
+    assert rc.assess(spec, runs, policies) == ("train", "")
+    folder.mkdir(parents=True)
+    (folder / "last.pt").write_bytes(b"")
+    assert rc.assess(spec, runs, policies) == ("resume", "")
+    (folder / FAILED_FILE).write_text(json.dumps({"error": "diverged"}))
+    assert rc.assess(spec, runs, policies) == ("failed", "")
+    _hold(folder)
+    assert rc.assess(spec, runs, policies)[0] == "running"  # a failed run retried elsewhere
+    (folder / runlock.LOCK_FILE).unlink()
+    write_run(runs, spec, drop=("square",))
+    (folder / FAILED_FILE).unlink()
+    assert rc.assess(spec, runs, policies) == ("evaluate", "")
+    write_run(runs, spec)
+    _hold(folder)
+    assert rc.assess(spec, runs, policies) == ("done", "")  # done beats a holder
+
+
+def test_only_a_slurm_job_json_names_a_job_to_ask_about(tmp_path):
+    folder = tmp_path / "run"
+    assert rc._slurm_job(folder) is None
+    folder.mkdir()
+    assert rc._slurm_job(folder) is None
+    _submitted(folder, 123, executor="local")
+    assert rc._slurm_job(folder) is None
+    _submitted(folder, 77)
+    assert rc._slurm_job(folder) == "77"
+    _submitted(folder, "77_2")
+    assert rc._slurm_job(folder) == "77_2"
+
+
+def test_taken_elsewhere_rereads_the_open_runs_with_one_squeue(tmp_path, monkeypatch):
+    log = _squeue(tmp_path, monkeypatch, {"76": "PENDING", "77": "RUNNING"})
+    _, specs, runs = _specs(tmp_path, 4)
+    planned = [rc.PlannedRun(s, ("a",), st)
+               for s, st in zip(specs, ["done", "train", "resume", "train"], strict=True)]
+    _submitted(runs / specs[0].digest(), 76)  # done: not asked about, not reported
+    here = _hold(runs / specs[1].digest())
+    _submitted(runs / specs[2].digest(), 77)
+    (runs / specs[3].digest()).mkdir(parents=True)
+    assert rc.taken_elsewhere(planned, runs) == [
+        dataclasses.replace(planned[1], state="running",
+                            elsewhere=f"{socket.gethostname()} pid {here.pid}, job 7_0"),
+        dataclasses.replace(planned[2], state="queued", elsewhere="SLURM job 77 (RUNNING)"),
+    ]
+    assert _calls(log) == ["-h -r -j 77 -o %i %T"]
+
+
+def test_what_is_elsewhere_is_counted_in_words(tmp_path):
+    spec = _specs(tmp_path, 1)[1][0]
+
+    def runs(*states):
+        return [rc.PlannedRun(spec, ("a",), s) for s in states]
+
+    assert rc.describe_elsewhere(runs("train", "done")) == ""
+    assert rc.describe_elsewhere(runs("running", "train")) == "1 being trained"
+    assert rc.describe_elsewhere(runs("queued", "done", "queued")) == "2 queued in SLURM"
+    assert rc.describe_elsewhere(runs("queued", "running", "failed", "queued", "running",
+                                      "running")) == "3 being trained, 2 queued in SLURM"
+
+
+def test_execute_leaves_running_and_queued_runs_to_their_launch(tmp_path):
+    runs = _planned(tmp_path, ["running", "train", "queued"])
+    runs[0] = dataclasses.replace(runs[0], elsewhere="node-b pid 12, job 7_0")
+    runs[2] = dataclasses.replace(runs[2], elsewhere="SLURM job 77 (PENDING)")
+    said, executor = [], Recorder({})
+    failures = rc.execute(runs, tmp_path / "runs", report=said.append, progress=False,
+                          executor=executor)
+    assert failures == [] and [j.digest for j in executor.jobs] == [runs[1].digest]
+    assert said == [
+        f"{runs[0].digest} (a, seed 0: running): being trained by node-b pid 12, job 7_0; "
+        "left to it",
+        f"{runs[2].digest} (a, seed 2: queued): queued as SLURM job 77 (PENDING); left to it",
+    ]
+
+
+def test_a_holder_off_slurm_on_another_host_is_judged_by_its_heartbeat(tmp_path, monkeypatch):
+    log = _squeue(tmp_path, monkeypatch, {})
+    _, (spec,), runs = _specs(tmp_path, 1)
+    folder = runs / spec.digest()
+    _hold(folder, host="node-b", pid=5984, pid_start=None, job_id=None, scheduler=None)
+    assert rc.assess(spec, runs, ("best_pgd10",), {}) == ("running", "node-b pid 5984")
+    old = folder / runlock.LOCK_FILE
+    past = old.stat().st_mtime - runlock.STALE_AFTER_S - 60
+    os.utime(old, (past, past))
+    assert rc.assess(spec, runs, ("best_pgd10",), {}) == ("train", "")
+    assert _calls(log) == []
+
+
+def test_run_state_reads_a_finished_run_at_the_policies_given(tmp_path, monkeypatch):
+    _squeue(tmp_path, monkeypatch, {})
+    _, (spec,), runs = _specs(tmp_path, 1)
+    write_run(runs, spec)
+    assert rc.run_state(spec, runs, ("best_pgd10",)) == "done"
+    assert rc.run_state(spec, runs, ("best_pgd10",), {"77": "PENDING"}) == "done"
+    assert rc.run_state(spec, runs, ("best_pgd10_fosc_ok",), {"77": "PENDING"}) == "evaluate"
+
+
+def test_a_file_where_the_run_folder_belongs_is_named_in_full(tmp_path):
+    _, (spec,), runs = _specs(tmp_path, 1)
+    runs.mkdir()
+    (runs / spec.digest()).write_text("")
+    with pytest.raises(BadInput) as err:
+        rc.assess(spec, runs, ("best_pgd10",))
+    assert str(err.value) == (
+        f"{runs / spec.digest()} is a file, not a run folder: move it out of the runs folder"
+    )
