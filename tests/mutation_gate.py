@@ -131,7 +131,15 @@ FULL = (
         "tests/test_mut_claims.py", "tests/test_claims.py", "tests/test_verify.py")),
     Group("runclaim", _src("runclaim"), (
         "tests/test_mut_runclaim.py", "tests/test_verify.py", "tests/test_claims.py",
-        "tests/test_needs_gpu.py", "tests/test_scaleout_audit.py", "tests/test_executors.py",
+        "tests/test_needs_gpu.py",
+        # the running/queued states (not the files' process-spawning tests: under mutmut
+        # they leave the mutants unchecked)
+        *_nodes("test_scaleout_audit.py", "test_a_run_another_launch_holds_is_running_not_to_train",
+                "test_a_slurm_relaunch_submits_only_what_is_neither_held_nor_queued",
+                "test_waiting_for_slurm_needs_no_gpu_on_the_login_node",
+                "test_a_launch_whose_runs_are_all_held_says_so_and_starts_nothing",
+                "test_a_file_where_a_run_folder_belongs_is_named_not_a_crash"),
+        *_nodes("test_executors.py", "test_a_run_held_elsewhere_is_left_to_its_holder"),
         *_nodes("test_run_claim.py", "test_an_unexpected_error_in_a_run_exits_4_not_1"))),
 )
 
