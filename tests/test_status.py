@@ -67,6 +67,18 @@ def test_each_run_gets_its_state_job_epoch_and_eta(fleet):
     assert "epoch 2/20, 10 s/epoch, ETA 3 min (job 4242_1" in status.describe(running)
 
 
+def test_a_garbled_metrics_file_still_counts_its_epochs(fleet):
+    """metrics.jsonl is only read for progress here: bytes that are not UTF-8 (resume
+    rebuilds the file from last.pt) crashed status with UnicodeDecodeError, exit 4."""
+    folder, runs, (_, running, _, _) = fleet
+    (runs / running.digest() / "metrics.jsonl").write_bytes(b"\xff\xfe\n\xff\n")
+    result = CliRunner().invoke(app, ["status", "--runs-dir", str(runs), "--claims-dir",
+                                 str(folder), "--json"])
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(result.stdout)
+    assert [r["epoch"] for r in row["runs"] if r["state"] == "running"] == [2]
+
+
 def test_the_cli_table_and_json(fleet):
     folder, runs, _ = fleet
     args = ["status", "--claims-dir", str(folder), "--runs-dir", str(runs)]

@@ -187,7 +187,7 @@ def acquire(run_dir: Path) -> Holder:
     """Take the run's lock, or a stale or unreadable one over; `RunBusy` when a live process
     holds it (or an unreadable lock is too fresh to judge)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    me = Holder.me(_epochs_done(run_dir))
+    me = Holder.me(epochs_done(run_dir))
     for _ in range(5):
         if _link(run_dir / LOCK_FILE, me):
             log(run_dir, "acquired", me)
@@ -321,9 +321,9 @@ def _heartbeat(run_dir: Path, me: Holder, stop: threading.Event) -> None:
             os.utime(run_dir / LOCK_FILE)
 
 
-def _epochs_done(run_dir: Path) -> int:
-    """Lines of metrics.jsonl, counted as bytes: only an ETA hint, so a garbled file (which
-    resume rebuilds from last.pt) must not stop the lock from being taken."""
+def epochs_done(run_dir: Path) -> int:
+    """Lines of metrics.jsonl, counted as bytes: only a progress hint (the lock's ETA start,
+    `status`), so a garbled file (resume rebuilds it from last.pt) must stop neither."""
     path = run_dir / METRICS_FILE
     return path.read_bytes().count(b"\n") if path.is_file() else 0
 

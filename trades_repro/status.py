@@ -64,7 +64,7 @@ def run_status(spec: ExperimentSpec, runs_dir: Path, policies: tuple[str, ...],
     base = {"digest": spec.digest(), "seed": spec.seed, "epochs": spec.optim.epochs}
     if run_dir.exists() and not run_dir.is_dir():  # named, not read: nothing of ours is there
         return RunStatus(**base, state="pending", note=f"{run_dir} is a file, not a run folder")
-    epoch = _epochs(run_dir)
+    epoch = runlock.epochs_done(run_dir)
     base["epoch"] = epoch
     holder, note = _lock(run_dir, slurm)
     if holder and not note:
@@ -117,11 +117,6 @@ def _remote_jobs(specs: list[ExperimentSpec], runs_dir: Path) -> list[str]:
     folders = (store.run_dir_for(s, runs_dir) for s in specs)
     holders = (runlock.read(f) for f in folders if f.is_dir())
     return [job for h in holders if h and (job := runlock.squeue_job(h, host))]
-
-
-def _epochs(run_dir: Path) -> int:
-    path = run_dir / store.METRICS_FILE
-    return len(path.read_text().splitlines()) if path.is_file() else 0
 
 
 def _epoch_seconds(run_dir: Path, holder: runlock.Holder, epoch: int) -> float | None:
