@@ -37,9 +37,6 @@ POLICY_FILES = {"best_pgd10": store.BEST_FILE, "best_pgd10_fosc_ok": store.BEST_
 # Not eval.json (an evaluation may be writing it) nor the lock's files.
 TRAINING_FILES = (store.LAST_FILE, store.METRICS_FILE, store.BATCHES_FILE, store.SPEC_FILE,
                   store.PROVENANCE_FILE, store.CHECKPOINTS_FILE, *POLICY_FILES.values())
-# store.read_last's words for a last.pt it cannot read: the way on is the same
-START_OVER = "it was cut or edited outside trades-repro: move it aside to train this run " \
-             "again from its start"
 
 
 @dataclass
@@ -282,12 +279,10 @@ def _settle_pending(run_dir: Path, committed: int) -> None:
 
 
 def _remove_temporaries(run_dir: Path) -> None:
-    """Delete what writes cut short by a kill left (store writes `.{name}.*.tmp`, then renames
-    it): for ResNet-18, about 90 MB per preemption in last.pt's alone."""
+    """Delete what training's writes cut short by a kill left: for ResNet-18, about 90 MB
+    per preemption in last.pt's alone."""
     pending = [pending_name(file, "*") for file in POLICY_FILES.values()]
-    for name in (*TRAINING_FILES, *pending):
-        for tmp in run_dir.glob(f".{name}.*.tmp"):
-            tmp.unlink(missing_ok=True)
+    store.remove_temporaries(run_dir, (*TRAINING_FILES, *pending))
 
 
 def _start(session: Session) -> None:
@@ -342,7 +337,8 @@ def _load_resume_state(session: Session, saved: dict, path: Path) -> tuple[str, 
         raise  # already one line (a stream of this device that will not restore), or no fault
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as err:
         raise store.CorruptFile(f"{path}: not a resume state of this run ({_problem(err)}); "
-                                f"{START_OVER}") from None
+                                f"it was cut or edited outside trades-repro: "
+                                f"{store.LAST_ASIDE}") from None
 
 
 def _problem(err: Exception) -> str:

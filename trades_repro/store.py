@@ -99,6 +99,14 @@ class BatchRecord(BaseModel):
     noised: bool  # Algorithm 1 noise was added to this batch
 
 
+def remove_temporaries(folder: Path, names: Iterable[str]) -> None:
+    """Delete the temporary files that writes of `names` a kill cut short left in `folder`
+    (`_atomic` writes `.{name}.<random>.tmp`, then renames it)."""
+    for name in names:
+        for tmp in folder.glob(f".{name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+
 @contextmanager
 def _atomic(path: Path) -> Iterator[Path]:
     """Yield a temp path beside `path`; on success fsync it and rename it over `path`."""
@@ -198,10 +206,13 @@ def atomic_torch_save(path: Path, obj: Any) -> None:
         torch.save(obj, tmp)
 
 
+LAST_ASIDE = "move it aside to train this run again from its start"  # a bad last.pt's way on
+
+
 def read_last(path: Path) -> dict[str, Any]:
     """`last.pt`'s resume state, read with ``weights_only``; `CorruptFile` when it cannot be
     read or is not a mapping holding every one of `RESUME_KEYS`."""
-    aside = "move it aside to train this run again from its start"
+    aside = LAST_ASIDE
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as err:
