@@ -12,7 +12,6 @@ in ``runs/_properties/``. Nothing is judged here: the CLI calls `verify` afterwa
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -138,11 +137,8 @@ def _slurm_job(run_dir: Path) -> str | None:
 def _slurm_jobs(run_dirs: list[Path]) -> dict[str, str] | None:
     """The SLURM states of every job the runs' locks and job.json name, from one squeue:
     a relaunch over hundreds of runs must not poll squeue once per run."""
-    host, jobs = socket.gethostname(), []
-    for run_dir in (d for d in run_dirs if d.is_dir()):
-        holder = runlock.read(run_dir)
-        jobs += [holder and runlock.squeue_job(holder, host), _slurm_job(run_dir)]
-    return runlock.slurm_states(job for job in jobs if job)
+    queued = (_slurm_job(d) for d in run_dirs if d.is_dir())
+    return runlock.slurm_states([*runlock.held_slurm_jobs(run_dirs), *filter(None, queued)])
 
 
 def taken_elsewhere(runs: Sequence[PlannedRun], runs_dir: Path) -> list[PlannedRun]:

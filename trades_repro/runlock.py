@@ -373,6 +373,14 @@ def slurm_states(job_ids: Iterable[str]) -> dict[str, str] | None:
     return {job: listed.get(job, "") for job in ids}
 
 
+def held_slurm_jobs(run_dirs: Iterable[Path]) -> list[str]:
+    """The SLURM jobs holding these runs' locks from other hosts: what squeue must be asked
+    about (once, by `slurm_states`) to judge them."""
+    host = socket.gethostname()
+    holders = (read(d) for d in run_dirs if d.is_dir())
+    return [job for h in holders if h and (job := squeue_job(h, host))]
+
+
 def squeue_job(holder: Holder, host: str) -> str | None:
     """The job squeue must be asked about for this holder, seen from `host`: a SLURM job
     held from another host (on this one the pid says it all)."""

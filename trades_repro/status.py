@@ -12,7 +12,6 @@ are noted on the run, not fatal.
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -104,19 +103,11 @@ def collect(catalogue: Catalogue, entries: list[Entry], runs_dir: Path,
                 specs = catalogue.specs(arm, t)
                 if tier or any(store.run_dir_for(s, runs_dir).is_dir() for s in specs):
                     arms.append((entry.id, t, arm, specs))
-    slurm = runlock.slurm_states(_remote_jobs([s for *_, specs in arms for s in specs],
-                                              runs_dir))
+    slurm = runlock.slurm_states(runlock.held_slurm_jobs(
+        store.run_dir_for(s, runs_dir) for *_, specs in arms for s in specs))
     return [ArmStatus(claim_id, t, arm, [run_status(s, runs_dir, (catalogue.arms[arm].policy,),
                                                     slurm) for s in specs])
             for claim_id, t, arm, specs in arms]
-
-
-def _remote_jobs(specs: list[ExperimentSpec], runs_dir: Path) -> list[str]:
-    """The SLURM job ids of locks held from other hosts: what squeue must be asked about."""
-    host = socket.gethostname()
-    folders = (store.run_dir_for(s, runs_dir) for s in specs)
-    holders = (runlock.read(f) for f in folders if f.is_dir())
-    return [job for h in holders if h and (job := runlock.squeue_job(h, host))]
 
 
 def _epoch_seconds(run_dir: Path, holder: runlock.Holder, epoch: int) -> float | None:
