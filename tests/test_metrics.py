@@ -184,16 +184,17 @@ class Wiggly1D(nn.Module):
     overshoot=st.floats(1.01, 3.0),
     random_start=st.booleans(),
 )
-def test_app_e_positive_fosc_implies_sgcs_below_one_in_1d(
+def test_app_e_holds_when_sgcs_includes_the_gradient_at_x_k(
     params: tuple[float, ...], x01: list[float], y_seed: int, eps: float, steps: int,
     overshoot: float, random_start: bool,
 ) -> None:
-    """App. E: a PGD-k attacker with kα > ε in 1-D; FOSC(x^k) > 0 ⇒ SGCS < 1.
+    """App. E repaired: a PGD-k attacker with kα > ε in 1-D; FOSC(x^k) > 0 ⇒ SGCS < 1 when
+    SGCS also counts the gradient at x^k, where FOSC is evaluated (k + 1 gradients).
 
     The proof assumes the walk from x^0 reaches the box boundary, i.e. the box is not cut by
     [0, 1] (x ∈ [ε, 1 − ε] here) and x^0 = x; a random start may sit up to ε on the wrong
-    side, so then kα > 2ε is needed. The trace includes the gradient at x^k, where FOSC is
-    evaluated; without it the claim is false (x^k on the boundary, ∇ℓ(x^k) pointing back).
+    side, so then kα > 2ε is needed. With Eq. 3's k step gradients alone the implication is
+    false: see `test_app_e_fails_under_eq3_at_a_boundary_point_whose_gradient_points_back`.
     """
     x = torch.tensor(x01, dtype=f64).unsqueeze(1) * (1 - 2 * eps) + eps
     y = torch.randint(0, 3, (len(x01),), generator=torch.Generator().manual_seed(y_seed))
@@ -206,3 +207,32 @@ def test_app_e_positive_fosc_implies_sgcs_below_one_in_1d(
     positive = value > 1e-9 * (1 + trace[-1, :, 0].abs())
     assert math.isfinite(value.sum().item())  # a NaN would make the check below vacuous
     assert (similarity[positive] < 1).all()
+
+
+class Peak1D(nn.Module):
+    """Two logits from a scalar input: the cross-entropy of label 1 peaks at t = 0.59."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        t = x[:, 0]
+        return torch.stack([-50.0 * (t - 0.59) ** 2, torch.zeros_like(t)], dim=1)
+
+
+def test_app_e_fails_under_eq3_at_a_boundary_point_whose_gradient_points_back() -> None:
+    """App. E's statement read with Eq. 3 (SGCS over the k step gradients) is false.
+
+    Its proof takes FOSC(x^k) = 0 to follow from x^k on the boundary of the ε-box, but FOSC
+    also needs ∇ℓ(x^k) to point out of the box: PGD-3 from x = 0.5 (ε = 0.1, α = 0.04, so
+    kα > ε and x ∈ [ε, 1 − ε], App. E's assumptions) climbs 0.54, 0.58, 0.62 → 0.6, past the
+    peak at 0.59. Its three steps agree (SGCS = 1), while ∇ℓ(x^k) < 0 points back, so
+    FOSC = ε|∇ℓ| − (x^k − x)∇ℓ = 2ε|∇ℓ(x^k)| > 0. The claim
+    `appendix_e.positive_fosc_implies_sgcs_below_one` reads this pass as its failure.
+    """
+    x, y, eps = torch.tensor([[0.5]], dtype=f64), torch.tensor([1]), 0.1
+    x_adv, trace = pgd(Peak1D(), x, y, eps=eps, step_size=0.04, steps=3,
+                       random_start=False, record=True)
+    at_x_k = trace[-1, 0, 0]
+    assert x_adv.item() == pytest.approx(x.item() + eps)  # on the boundary
+    assert (trace[:-1, 0, 0] > 0).all() and at_x_k < 0  # three steps up, ∇ℓ(x^k) back
+    assert attack_sgcs(trace).item() == 1.0
+    assert fosc(x_adv, x, trace[-1], eps).item() == pytest.approx(2 * eps * abs(at_x_k.item()))
+    assert fosc(x_adv, x, trace[-1], eps).item() > 0.05

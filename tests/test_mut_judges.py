@@ -1047,6 +1047,33 @@ def test_a_property_claim_holds_only_when_its_test_passed(tmp_path, record, stat
     )
 
 
+@pytest.mark.parametrize(
+    ("said", "status", "ours"),
+    [
+        # the pinned counterexample still stands: the statement is false
+        ("passed", "failed", "counterexample found"),
+        # it no longer stands (the code changed): that proves nothing either way
+        ("failed", "undetermined", "counterexample failed"),
+        ("skipped", "undetermined", "counterexample skipped"),
+    ],
+)
+def test_a_counterexample_node_that_passes_fails_its_claim(tmp_path, said, status, ours):
+    node = "tests/test_metrics.py::test_sgcs"
+    c = claim("table_9.prop", "property",
+              test={"name": "pytest", "node": node, "shows": "counterexample"})
+    catalogue = _catalogue(tmp_path, {"a": arm()}, [c])
+    folder = tmp_path / "runs" / "_properties"
+    folder.mkdir(parents=True)
+    (folder / "table_9.prop.json").write_text(json.dumps(
+        {"outcome": said, "finished": "2026-11-28T10:00:00", "git_sha": "0123456789abc"}))
+    _assert_same(
+        _judge(tmp_path, catalogue, "table_9.prop"),
+        _expect("table_9.prop", "property", status, "holds", ours=ours,
+                test=f"pytest {node} (a counterexample)", n_required=1, n_found=1,
+                detail="ran 2026-11-28T10:00:00 at git 0123456789"),
+    )
+
+
 def test_an_unrecorded_property_claim_is_not_run(tmp_path):
     c = claim(
         "table_9.prop",

@@ -123,6 +123,10 @@ class HealingTest(_Frozen):
 class PytestNode(_Frozen):
     name: Literal["pytest"]
     node: Annotated[str, Field(pattern=r"^tests/[\w/]+\.py::\w+$")]  # module-level tests only
+    # "property": the node checks the statement, so its pass holds the claim. "counterexample":
+    # the node pins a case where the statement is false, so its pass fails the claim (a
+    # mathematical fact, settled by one case), and its fail decides nothing.
+    shows: Literal["property", "counterexample"] = "property"
 
 
 class _Claim(_Frozen):

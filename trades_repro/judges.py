@@ -337,13 +337,20 @@ def property_claim(entry: Entry, ctx: Context) -> Judgement:
     if outcome is None:
         return judged(entry, ctx, "not run", n_required=1, detail="property test not run")
     said = outcome.get("outcome", "?")
+    ran = f"ran {outcome.get('finished', '?')} at git {str(outcome.get('git_sha'))[:10]}"
+    if entry.claim.test.shows == "counterexample":
+        # a pinned counterexample that still holds refutes the statement; one that no longer
+        # does (the code changed) proves nothing either way
+        status = {"passed": "failed"}.get(said, "undetermined")
+        ours = "counterexample found" if said == "passed" else f"counterexample {said}"
+        return judged(entry, ctx, status, ours=ours,
+                     test=f"pytest {entry.claim.test.node} (a counterexample)",
+                     n_required=1, n_found=1, detail=ran)
     # only a pass or a fail decides; skipped, not collected, timed out or a pytest error
     # says nothing about the property (exit 3, not 1)
     status = {"passed": "held", "failed": "failed"}.get(said, "undetermined")
-    return judged(entry, ctx, status, ours=said,
-                 test=f"pytest {entry.claim.test.node}", n_required=1, n_found=1,
-                 detail=f"ran {outcome.get('finished', '?')} at git "
-                        f"{str(outcome.get('git_sha'))[:10]}")
+    return judged(entry, ctx, status, ours=said, test=f"pytest {entry.claim.test.node}",
+                 n_required=1, n_found=1, detail=ran)
 
 
 JUDGES: dict[str, Callable[[Entry, Context], Judgement]] = {
