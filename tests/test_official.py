@@ -4,6 +4,7 @@ random values) go through the mapping table of docs/checkpoints.md into our netw
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from typer.testing import CliRunner
 
 from trades_repro.checkpoints import CheckpointError, build_arch, load_state_dict, load_weights
 from trades_repro.cli import app
-from trades_repro.models import WideResNet
+from trades_repro.models import WideResNet, dataset_stats
 from trades_repro.official import TABLES, to_ours
 from trades_repro.spec import ModelSpec
 
@@ -78,7 +79,7 @@ def test_official_trades_wrn_34_10_loads_strictly():
     tensors = _random(official_wrn_shapes(34, 10))
     net = build_arch(ModelSpec(arch="wrn-34-10"), "cifar10", (3, 32, 32), 10)
     assert sum(p.numel() for p in net.parameters()) == WRN_34_10_PARAMS
-    load_weights(net, tensors, Path("model-wideres-epoch76.pt"), "wrn-34-10")
+    load_weights(net, tensors, Path("model_cifar_wrn.pt"), "wrn-34-10")
     state = net.state_dict()
     assert not any(k.startswith("sub_block1") for k in state)
     assert all(torch.equal(state[k], v) for k, v in tensors.items() if k in state)
@@ -147,9 +148,82 @@ def test_our_own_names_match_no_rule(arch):
 
 
 def test_diagnose_accepts_wrn_34_10_and_loads_strictly(tmp_path):
-    path = tmp_path / "model-wideres-epoch76.pt"
+    path = tmp_path / "model_cifar_wrn.pt"
     torch.save({"conv1.weight": torch.zeros(16, 3, 3, 3)}, path)  # a truncated checkpoint
     result = CliRunner().invoke(app, ["diagnose", str(path), "--dataset", "digits",
                                       "--model", "wrn-34-10"])
     assert_one_line_error(result, "does not match architecture wrn-34-10",
                           "missing: block1.layer.0.bn1.weight")
+
+
+# ------------------------------------------- AT-AWP: official names, normalised outside the net
+
+
+def _trained_like_wrn() -> tuple[WideResNet, dict[str, torch.Tensor]]:
+    """A WRN-34-10 with random BatchNorm statistics, and its state dict in official TRADES'
+    names (AT-AWP's file: with the unused `sub_block1` official TRADES also saves)."""
+    torch.manual_seed(0)
+    bare = WideResNet(34, 10).eval()
+    for module in bare.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.normal_(0, 0.2)
+            module.running_var.uniform_(0.5, 1.5)
+    extra = {k: v for k, v in _random(official_wrn_shapes(34, 10)).items()
+             if k.startswith("sub_block1")}
+    return bare, {**bare.state_dict(), **extra}
+
+
+def test_an_official_named_wrn_loads_behind_normalize_with_our_stats():
+    """AT-AWP runs model(normalize(x)): --normalize must load the file into the network
+    behind our Normalize layer, with mean and std from dataset_stats."""
+    bare, tensors = _trained_like_wrn()
+    net = build_arch(ModelSpec(arch="wrn-34-10", normalize=True), "cifar10", (3, 32, 32), 10)
+    load_weights(net, tensors, Path("at_awp_wrn.pt"), "wrn-34-10")
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in dataset_stats("cifar10"))
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        # the same float32 operations in the same order: equal up to rounding at most
+        torch.testing.assert_close(net(x), bare((x - mean) / std))
+    assert torch.equal(net.state_dict()["0.std"], std)
+
+
+def test_a_file_of_our_own_normalising_model_still_loads_whole():
+    spec = ModelSpec(arch="small_cnn", width=4, normalize=True)
+    saved = build_arch(spec, "cifar10", (3, 32, 32), 10).state_dict()
+    saved["0.mean"] = torch.full_like(saved["0.mean"], 0.25)  # the file's own, kept
+    net = load_weights(build_arch(spec, "cifar10", (3, 32, 32), 10), saved, Path("ours.pt"),
+                       "small_cnn")
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in saved.items())
+
+
+def test_a_truncated_bare_file_under_normalize_names_the_bare_keys():
+    net = build_arch(ModelSpec(arch="wrn-34-10", normalize=True), "cifar10", (3, 32, 32), 10)
+    with pytest.raises(CheckpointError, match=r"missing: block1\.layer\.0\.bn1\.weight"):
+        load_weights(net, {"conv1.weight": torch.zeros(16, 3, 3, 3)}, Path("x.pt"),
+                     "wrn-34-10")
+
+
+# -------------------------------------------------------------- zip CRCs of torch checkpoints
+
+
+def test_a_bit_flipped_torch_checkpoint_is_refused_naming_the_member(tmp_path):
+    """torch's zip reader skips CRC32s: a flipped byte loaded as another weight."""
+    path = tmp_path / "model.pt"
+    torch.save({"a": torch.arange(16.0)}, path)
+    with zipfile.ZipFile(path) as archive:
+        member = next(i for i in archive.infolist() if i.filename.endswith("data/0"))
+    raw = bytearray(path.read_bytes())
+    header = member.header_offset  # local header: 30 bytes, then its name and extra field
+    name_length = int.from_bytes(raw[header + 26:header + 28], "little")
+    extra_length = int.from_bytes(raw[header + 28:header + 30], "little")
+    raw[header + 30 + name_length + extra_length + 1] ^= 0x40  # inside the tensor's bytes
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError,
+                       match=rf"CRC mismatch in {member.filename}\); download it again$"):
+        load_state_dict(path)
+
+
+def test_an_intact_torch_checkpoint_still_loads(tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save({"state_dict": {"a": torch.arange(16.0)}}, path)
+    assert torch.equal(load_state_dict(path)["a"], torch.arange(16.0))

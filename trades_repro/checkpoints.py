@@ -8,7 +8,9 @@ weights must then fit it exactly (strict loading). Every problem is a `Checkpoin
 one line naming the file and what is wrong.
 
 The network must take raw pixels in [0, 1], NCHW, and return logits ``[B, K]``; any
-normalisation belongs inside it (as our `Normalize` layer), so ε is in pixel units.
+normalisation belongs inside it (as our `Normalize` layer), so ε is in pixel units. A file
+saved without that layer (a network trained on normalised inputs, e.g. AT-AWP's WRN-34-10)
+loads into the network behind it: `--normalize` then supplies mean and std.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import importlib
 import inspect
 import pickle
 import warnings
+import zipfile
+import zlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -28,7 +32,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from trades_repro.errors import BadInput
-from trades_repro.models import build_model, dataset_stats
+from trades_repro.models import Normalize, build_model, dataset_stats
 from trades_repro.official import to_ours
 from trades_repro.spec import ModelSpec
 
@@ -86,7 +90,24 @@ def _read_safetensors(path: Path) -> dict[str, Tensor]:
         raise CheckpointError(f"{path}: not a readable safetensors file ({_first(err)})") from None
 
 
+def _check_zip(path: Path) -> None:
+    """A torch zip checkpoint's member CRCs: torch's reader skips them, so a bit flipped in a
+    download or copy would load silently as other weights. Costs one more read of the file."""
+    if not zipfile.is_zipfile(path):
+        return  # the legacy (pre-1.6) format, or not a checkpoint: torch.load says which
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError,
+            zlib.error) as err:
+        raise CheckpointError(f"{path}: a damaged zip archive ({_first(err)}); download it "
+                              "again") from None
+    if bad is not None:
+        raise CheckpointError(f"{path}: corrupt (CRC mismatch in {bad}); download it again")
+
+
 def _read_torch(path: Path) -> Any:
+    _check_zip(path)
     not_checkpoint = CheckpointError(
         f"{path}: not a checkpoint (neither safetensors nor a torch.save file)")
     try:
@@ -189,21 +210,38 @@ def load_weights(net: nn.Module, tensors: dict[str, Tensor], path: Path, arch: s
     """Strictly load `tensors` into `net`; any mismatch names the first offending keys.
 
     Official checkpoints' names (TRADES' WideResNet, TRADES-AWP's ResNet-18) are first
-    renamed into ours by `official.to_ours`'s table; then every key must match exactly.
+    renamed into ours by `official.to_ours`'s table; then every key must match exactly. When
+    `net` is our `Normalize` wrapper and the file has none of its keys (``0.*``, ``1.*``),
+    the file is the bare network: it loads into ``net[1]``, and mean/std stay `net`'s own.
     """
-    own = net.state_dict()
+    target = _load_target(net, tensors)
+    own = target.state_dict()
     tensors = to_ours(tensors, arch, own)
+    problems = _mismatches(own, tensors)
+    if problems:
+        raise CheckpointError(f"{path}: does not match architecture {arch} ({'; '.join(problems)})")
+    target.load_state_dict(tensors, strict=True)
+    return net.float().eval()
+
+
+def _load_target(net: nn.Module, tensors: dict[str, Tensor]) -> nn.Module:
+    """`net`, or the network inside our Normalize wrapper for a file saved without it: models
+    trained on normalised inputs normalise outside the network (AT-AWP: model(normalize(X)))."""
+    wrapped = isinstance(net, nn.Sequential) and len(net) == 2 and isinstance(net[0], Normalize)
+    if wrapped and not any(key.startswith(("0.", "1.")) for key in tensors):
+        return net[1]
+    return net
+
+
+def _mismatches(own: dict[str, Tensor], tensors: dict[str, Tensor]) -> list[str]:
+    """Missing, unexpected and mis-shaped keys, the first three of each kind."""
     missing = [k for k in own if k not in tensors]
     unexpected = [k for k in tensors if k not in own]
     shapes = [f"{k} {tuple(tensors[k].shape)} vs {tuple(v.shape)}"
               for k, v in own.items() if k in tensors and tensors[k].shape != v.shape]
-    problems = [f"{label}: {', '.join(items[:3])}{' …' if len(items) > 3 else ''}"
-                for label, items in (("missing", missing), ("unexpected", unexpected),
-                                     ("shape (file vs model)", shapes)) if items]
-    if problems:
-        raise CheckpointError(f"{path}: does not match architecture {arch} ({'; '.join(problems)})")
-    net.load_state_dict(tensors, strict=True)
-    return net.float().eval()
+    return [f"{label}: {', '.join(items[:3])}{' …' if len(items) > 3 else ''}"
+            for label, items in (("missing", missing), ("unexpected", unexpected),
+                                 ("shape (file vs model)", shapes)) if items]
 
 
 def _first(err: BaseException) -> str:

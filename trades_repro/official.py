@@ -6,6 +6,9 @@ Two released code bases train the models people diagnose:
   Our `WideResNet` keeps its names, so the table is the identity, except ``sub_block1.*``:
   the official class builds a fourth stage it never calls in ``forward``; its weights are in
   every checkpoint and are dropped here (they cannot change the network's output).
+  AT-AWP (Wu et al. 2020, ``AT_AWP/wideresnet.py``) saves the same names, but its network
+  was trained on ``(x - mean) / std`` computed outside it: load it with ``--normalize``,
+  which puts our `Normalize` layer in front (`checkpoints.load_weights`).
 * TRADES-AWP (Wu et al. 2020, ``trades_AWP/models/resnet.py``): the kuangliu-style CIFAR
   ResNet-18 (``conv1``, ``bn1``, ``layer1.0.conv1``, ``layer1.0.shortcut.0``, ``linear``),
   the same network as our `ResNet18` under other names.
