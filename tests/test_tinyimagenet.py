@@ -99,6 +99,44 @@ def test_a_corrupt_cache_fails_its_checksum_and_is_rebuilt(tmp_path):
     assert cached.read_bytes()[-1] == raw[-1] ^ 0xFF  # rewritten with the good array
 
 
+def test_an_empty_cache_file_is_decoded_again(tmp_path):
+    """A 0-byte .npy (a torn write behind a good sidecar) made np.load raise EOFError."""
+    _write(tmp_path)
+    good = data.load_splits(_spec(tmp_path), 0).test.images.clone()
+    cached = tmp_path / tinyimagenet.FOLDER / tinyimagenet.CACHE_DIR / "val.npy"
+    cached.write_bytes(b"")
+    assert torch.equal(data.load_splits(_spec(tmp_path), 0).test.images, good)
+    assert cached.stat().st_size > 0  # rewritten
+
+
+def test_cache_files_are_on_disk_before_they_are_renamed(tmp_path, monkeypatch):
+    synced, renamed = [], []
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(len(renamed)))
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (renamed.append(b), real_replace(a, b)))
+    _write(tmp_path)
+    data.load_splits(_spec(tmp_path), 0)
+    assert len(renamed) == 4  # train and val: array and sidecar each
+    assert synced == [0, 1, 2, 3]  # each file synced before its own rename
+
+
+def test_val_names_resolve_when_files_were_renamed_but_annotations_not(tmp_path):
+    """A copy that renamed val_0.JPEG to val_0.jpeg leaves val_annotations.txt as it was."""
+    folder = _write(tmp_path, ".JPEG")
+    expected = data.load_splits(_spec(tmp_path), 0).test.images.clone()
+    for path in (folder / "val/images").iterdir():
+        path.rename(path.with_suffix(".jpeg"))
+    assert "val_0.JPEG" in (folder / "val/val_annotations.txt").read_text()
+    assert torch.equal(data.load_splits(_spec(tmp_path), 0).test.images, expected)
+
+
+def test_a_val_image_missing_under_any_case_is_still_named(tmp_path):
+    folder = _write(tmp_path)
+    (folder / "val/images/val_2.JPEG").unlink()
+    with pytest.raises(DataError, match=r"val_2\.JPEG' not found"):
+        data.load_splits(_spec(tmp_path), 0)
+
+
 def test_a_read_only_data_folder_still_loads(tmp_path, monkeypatch):
     _write(tmp_path)
 

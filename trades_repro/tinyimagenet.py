@@ -3,8 +3,8 @@
 Layout (the cs231n archive): ``tiny-imagenet-200/wnids.txt``, ``train/<wnid>/images/*.JPEG``
 (500 per class), ``val/images/*.JPEG`` with ``val/val_annotations.txt``; its labelled ``val/``
 is our test split. Classes are in sorted-wnid order, as ``ImageFolder`` numbers them. Image
-extensions are matched case-insensitively (``.JPEG``, ``.jpeg``, ``.jpg``): copies made on
-other systems rename them.
+extensions are matched case-insensitively (``.JPEG``, ``.jpeg``, ``.jpg``), in ``train/`` and
+for the names ``val_annotations.txt`` gives: copies made on other systems rename the files.
 
 Cache: ``tiny-imagenet-200/.trades_repro_cache/<split>.npy`` (uint8 ``[N, 3, 64, 64]``) with
 a JSON sidecar holding the SHA-256 of the array and a key of the source (every file's path,
@@ -78,13 +78,33 @@ def val_files(folder: Path, classes: dict[str, int]) -> list[tuple[str, int]]:
     annotations = folder / "val" / "val_annotations.txt"
     if not annotations.is_file():
         raise DataError(f"data.root: '{annotations}' not found; unzip {URL} again")
+    images = os.path.join(folder, "val", "images")
+    on_disk = _names_by_case(images)
     files = []
     for number, line in enumerate(annotations.read_text().splitlines(), start=1):
         fields = line.split("\t")
         if len(fields) < 2 or fields[1] not in classes:
             raise DataError(f"data.root: '{annotations}' line {number}: unknown or missing wnid")
-        files.append((os.path.join(folder, "val", "images", fields[0]), classes[fields[1]]))
+        name = on_disk.get(fields[0]) or on_disk.get(_fold(fields[0]), fields[0])
+        files.append((os.path.join(images, name), classes[fields[1]]))
     return files
+
+
+def _names_by_case(images: str) -> dict[str, str]:
+    """val/images' files by their own and their `_fold`ed name, listed once: a copy that
+    renamed the JPEGs (``val_0.JPEG`` -> ``val_0.jpeg``) kept the annotations' old names. A
+    name found neither way stays as written, and `source_key` reports it missing."""
+    try:
+        names = sorted(os.listdir(images))
+    except OSError:
+        return {}
+    return {_fold(name): name for name in names} | {name: name for name in names}
+
+
+def _fold(name: str) -> str:
+    """The name with case and the JPEG suffix spellings (``.JPEG``, ``.jpeg``, ``.jpg``) folded."""
+    stem, suffix = os.path.splitext(name.lower())
+    return stem + (".jpeg" if suffix in SUFFIXES else suffix)
 
 
 # ------------------------------------------------------------------------------------ cache
@@ -124,7 +144,7 @@ def read_cache(cache: Path, name: str, key: str) -> np.ndarray | None:
         if meta.get("version") != CACHE_VERSION or meta.get("source") != key:
             return None
         images = np.load(cache / f"{name}.npy", allow_pickle=False)
-    except (OSError, ValueError):
+    except (OSError, ValueError, EOFError):  # EOFError: an empty .npy (a torn write)
         return None
     if _sha256(images) != meta.get("sha256"):
         return None  # torn or altered: decode again
@@ -149,6 +169,8 @@ def _atomic(path: Path, write) -> None:
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())  # data on disk before the rename names it (no 0-byte file)
         os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide a shared data folder's cache
         os.replace(tmp, path)
     except BaseException:
