@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from typing import get_args
 
 import pytest
 import torch
 from torch import nn
 
-from trades_repro.models import Normalize, build_model, dataset_stats
-from trades_repro.spec import DatasetName, ModelSpec
+from trades_repro.models import Normalize, SmallCNN, WideResNet, build_model, dataset_stats
+from trades_repro.spec import SMALL_CNN_MIN_SIZE, DatasetName, ModelSpec
 
 RESNET18_CIFAR10_PARAMS = 11_173_962  # the CIFAR ResNet-18 of the TRADES/AWP code bases
 
@@ -98,3 +99,26 @@ def test_small_cnn_head_does_not_grow_with_image_size():
     heads = {size: build_model(spec, in_channels=1, num_classes=10, image_size=size).fc
              for size in (8, 28, 64)}
     assert {head.in_features for head in heads.values()} == {2 * 8 * 4}
+
+
+def test_the_spec_checks_small_cnn_against_its_own_minimum():
+    assert SmallCNN.min_size == SMALL_CNN_MIN_SIZE
+
+
+def test_wide_resnet_starts_as_official_trades():
+    """yaodongyu/TRADES models/wideresnet.py: conv weights N(0, 2 / (k·k·out_channels)), BN
+    weight 1 and bias 0, linear bias 0 (PyTorch's defaults: conv std 1/√(3·fan_in), a
+    nonzero linear bias)."""
+    torch.manual_seed(0)
+    net = WideResNet(10, 2)
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 1 + 3 * 2 + 3  # stem, two in each stage's one block, 3 shortcuts
+    for conv in convs:
+        k, n = conv.kernel_size, conv.weight.numel()
+        expected = math.sqrt(2 / (k[0] * k[1] * conv.out_channels))
+        # a sample std's relative standard error is 1/√(2n): 6 of them is never seen by chance
+        assert conv.weight.std().item() == pytest.approx(expected, rel=6 / math.sqrt(2 * n))
+    assert torch.equal(net.fc.bias, torch.zeros_like(net.fc.bias))
+    for bn in (m for m in net.modules() if isinstance(m, nn.BatchNorm2d)):
+        assert torch.equal(bn.weight, torch.ones_like(bn.weight))
+        assert torch.equal(bn.bias, torch.zeros_like(bn.bias))

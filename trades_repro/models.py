@@ -8,12 +8,13 @@ buffers so they travel with the state_dict; without it there is no normalisation
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from trades_repro.spec import ModelSpec
+from trades_repro.spec import SMALL_CNN_MIN_SIZE, ModelSpec
 
 # Per-channel training-set statistics, used only when `ModelSpec.normalize` is true.
 _STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
@@ -134,7 +135,7 @@ class SmallCNN(nn.Module):
     pool would throw away on 8x8 inputs.
     """
 
-    min_size = 8  # two stride-2 convs leave a 2x2 map
+    min_size = SMALL_CNN_MIN_SIZE  # two stride-2 convs leave a 2x2 map; specs check it
 
     def __init__(self, in_channels: int, num_classes: int, image_size: int, width: int) -> None:
         super().__init__()
@@ -190,9 +191,10 @@ class WideStage(nn.Module):
 class WideResNet(nn.Module):
     """WRN-depth-widen (official TRADES' CIFAR-10 model is WRN-34-10: 46.2M parameters):
     3x3 stem of 16 channels, three stages of (depth − 4)/6 blocks at 16k, 32k, 64k channels
-    (strides 1, 2, 2), BN-ReLU, global average pool, linear. Raw [0, 1] input, as official
-    TRADES (its transforms are ToTensor only). The official pool is a fixed 8x8 window:
-    the same as our global pool on 32x32 images, and ours also takes other sizes.
+    (strides 1, 2, 2), BN-ReLU, global average pool, linear, initialised as official TRADES'
+    class. Raw [0, 1] input, as official TRADES (its transforms are ToTensor only). The
+    official pool is a fixed 8x8 window: the same as our global pool on 32x32 images, and
+    ours also takes other sizes.
     """
 
     def __init__(self, depth: int = 34, widen: int = 10, in_channels: int = 3,
@@ -208,6 +210,20 @@ class WideResNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(widths[3])
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(widths[3], num_classes)
+        self._official_init()
+
+    def _official_init(self) -> None:
+        """Official TRADES' start: He-normal convs with fan-out (std √(2 / (k·k·out))), BN
+        scale 1 and shift 0, zero classifier bias (its weight keeps PyTorch's default)."""
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels
+                nn.init.normal_(module.weight, 0.0, math.sqrt(2.0 / fan_out))
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Linear):
+                nn.init.zeros_(module.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.block3(self.block2(self.block1(self.conv1(x))))

@@ -69,6 +69,9 @@ LearningRate = Annotated[float, BeforeValidator(_parse_fraction), Field(gt=0, le
 # Image counts (dataset sizes, subsets, evaluation examples): TinyImageNet's training set,
 # the largest we read, has 100,000 images; 10**7 is a hundred times that.
 ImageCount = Annotated[int, Strict(), Field(gt=0, le=10**7)]
+# models.SmallCNN's smallest input (two stride-2 convs leave a 2x2 map); here so that a spec
+# asking for less fails at validation, not when the run builds its network (models imports it)
+SMALL_CNN_MIN_SIZE = 8
 
 
 class _Frozen(BaseModel):
@@ -81,7 +84,8 @@ DatasetName = Literal["cifar10", "cifar100", "tinyimagenet", "digits", "fashion_
 class SyntheticSpec(_Frozen):
     """Shape of the synthetic dataset (class-dependent Gaussian blobs in image shape)."""
 
-    # held in memory as float32: the bounds keep it under 5 GB (our specs: 512 images of 8x8)
+    # held in memory as float32, train and test: 9.2 GiB at the bounds (2 x 100,000 x 3x64x64
+    # x 4 bytes), generated in place (data.py); the defaults: 512 + 256 images of 1x8x8
     n_train: Annotated[int, Strict(), Field(gt=0, le=100_000)] = 512  # TinyImageNet's size
     n_test: Annotated[int, Strict(), Field(gt=0, le=100_000)] = 256
     num_classes: Annotated[int, Strict(), Field(ge=2, le=1000)] = 4  # ImageNet's 1,000 at most
@@ -283,6 +287,17 @@ class ExperimentSpec(_Frozen):
         if self.healing.enabled and not self.monitor.fosc:
             raise ValueError("healing.enabled: true needs monitor.fosc: true (Algorithm 1 is "
                              "triggered by validation FOSC)")
+        return self
+
+    @model_validator(mode="after")
+    def _small_cnn_fits_synthetic(self) -> ExperimentSpec:
+        # only synthetic images can be smaller (digits are 8x8); SmallCNN would refuse them
+        # when the run builds it, an unexpected failure (exit 4) instead of bad input
+        size = self.data.synthetic.image_size
+        if (self.model.arch == "small_cnn" and self.data.dataset == "synthetic"
+                and size < SMALL_CNN_MIN_SIZE):
+            raise ValueError(f"model.arch: small_cnn needs data.synthetic.image_size >= "
+                             f"{SMALL_CNN_MIN_SIZE} (two stride-2 convs), got {size}")
         return self
 
     def digest(self) -> str:
