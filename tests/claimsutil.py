@@ -47,6 +47,15 @@ def claim(claim_id: str, kind: str, **fields) -> dict:
     return {**base, **fields}
 
 
+def own_count(claim_id: str, arm_name: str, k: int, n: int) -> dict:
+    """A rate claim bounding our own count exactly (count_at_most k; values_from: ours): for
+    tests of how evidence is found, where a rate test on one or two runs decides nothing."""
+    base = claim(claim_id, "instability_rate", arm=arm_name, values_from="ours",
+                 expected={"k": k, "n": n}, test={"name": "count_at_most", "k": k})
+    base.pop("verbatim")
+    return base
+
+
 def write_run(runs: Path, spec: ExperimentSpec, *, pgd10: float = 0.40, square: float = 0.38,
               clean: float = 0.90, fosc: list[float] | None = None,
               gap: list[float] | None = None, folder: str | None = None,

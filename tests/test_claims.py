@@ -6,9 +6,11 @@ import re
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 from claimsutil import arm, claim, claims_folder
 from factories import assert_one_line_error
+from scipy import stats as sps
 from typer.testing import CliRunner
 
 from trades_repro import judges
@@ -89,13 +91,55 @@ def test_a_trends_verbatim_counts_are_its_expected_counts_in_arm_order(catalogue
         assert _numbers(entry.claim.verbatim) == typed, entry.id
 
 
+def _mantel_p(counts):
+    """One-sided p of Mantel's M = √(N − 1)·r for a rise (Agresti §3.4.6), from the units."""
+    x = np.concatenate([np.full(n, g + 1.0) for g, (_, n) in enumerate(counts)])
+    y = np.concatenate([np.r_[np.ones(k), np.zeros(n - k)] for k, n in counts])
+    if y.min() == y.max():
+        return 1.0  # one outcome only: no trend to see
+    return float(sps.norm.sf(np.sqrt(len(x) - 1) * np.corrcoef(x, y)[0, 1]))
+
+
 def test_every_counted_trend_holds_on_the_papers_own_counts(catalogue):
-    """A trend the paper's counts cannot support would fail on an exact reproduction."""
+    """A trend the paper's counts cannot support would fail on an exact reproduction. The
+    linear-by-linear p is checked against Mantel's M computed here: the judge's ran on a
+    table with 0.5 added to every empty cell, and every paper row has one."""
     for entry in _counted_trends(catalogue):
         c = entry.claim
         counts = [(rate.k, rate.n) for rate in c.expected]
-        significant = judges._rate_trend(c.test.name, counts, c.direction).p_value < c.test.alpha
-        assert significant == (c.direction == "increasing"), entry.id
+        p = judges._rate_trend(c.test.name, counts, c.direction).p_value
+        if c.test.name == "linear_by_linear":
+            rising = counts if c.direction == "increasing" else counts[::-1]
+            assert p == pytest.approx(_mantel_p(rising), rel=1e-9), entry.id
+        assert (p < c.test.alpha) == (c.direction == "increasing"), entry.id
+
+
+@pytest.mark.parametrize(("claim_id", "p"), [("table_2.trend.larger_lr_beta6", 0.19),
+                                             ("table_2.trend.smaller_batch_beta6", 0.11)])
+def test_the_flat_rows_rationale_quotes_the_rise_they_cannot_show(catalogue, claim_id, p):
+    """&flat says why these rows claim only `not_decreasing`: the rise's p on the paper's
+    counts, quoted to two digits (it said p ≥ 0.33, the zero-shifted table's)."""
+    c = catalogue.by_id[claim_id].claim
+    counts = [(rate.k, rate.n) for rate in c.expected]
+    rise = judges._rate_trend(c.test.name, counts, "increasing").p_value
+    assert rise == pytest.approx(p, abs=0.005)
+    assert f"{p:.2f}" in c.rationale and "p ≥" not in c.rationale
+
+
+@pytest.mark.parametrize(("claim_id", "ours", "paper", "quoted"), [
+    ("table_2.lr0p1.beta1_bs128", (5, 10), (10, 10), "p = 0.033"),
+    ("table_2.lr0p1.beta1_bs128", (6, 10), (10, 10), "6/10: p = 0.087"),
+    ("table_4.beta3.tiny_imagenet", (0, 3), (3, 3), "0/3 against 3/3: p = 0.1"),
+    ("table_5.beta1.prob", (0, 3), (3, 3), "0/3 against 3/3: p = 0.1"),
+    ("small_scale.fashion.risky_cell_flagged", (0, 5), (4, 5), "fails at 0/5 (p = 0.048)"),
+    ("instant.digits.not_flagged", (2, 2), (0, 2), "Fisher p = 0.33"),
+])
+def test_the_rate_rationales_quote_their_tests_own_p(catalogue, claim_id, ours, paper, quoted):
+    """The boundaries the fisher_exact rationales state, from scipy on the same counts."""
+    (k, n), (kk, nn) = ours, paper
+    p = sps.fisher_exact([[k, n - k], [kk, nn - kk]]).pvalue
+    assert f"p = {p:.2g}" in quoted
+    assert quoted in catalogue.by_id[claim_id].claim.rationale
 
 
 def _plain(text: str) -> str:
@@ -141,7 +185,7 @@ def test_shared_arms_resolve_to_the_same_runs(catalogue):
 
 
 GOOD = claim("table_9.a", "instability_rate", arm="a", expected={"k": 1, "n": 2},
-             test={"name": "clopper_pearson"})
+             test={"name": "fisher_exact"})
 
 
 @pytest.mark.parametrize(("change", "needle"), [

@@ -260,7 +260,7 @@ def _claims(tmp_path) -> Path:
     arms = {"tiny": {"label": "tiny digits", "tiers": {"instant": {"set": tiny, "seeds": 2}}}}
     return claims_folder(tmp_path, arms, [claim(
         "table_9.rate", "instability_rate", arm="tiny", values_from="ours",
-        expected={"k": 0, "n": 2}, test={"name": "clopper_pearson"})])
+        expected={"k": 0, "n": 2}, test={"name": "fisher_exact"})])
 
 
 def test_run_claim_submits_to_slurm_and_says_how_to_follow(tmp_path, monkeypatch):

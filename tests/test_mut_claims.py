@@ -17,9 +17,10 @@ from pydantic import ValidationError
 
 from trades_repro.claimkinds import (
     ID_PATTERN,
+    MIN_EVENT_RUNS,
     TIERS,
     Arm,
-    ClopperPearsonTest,
+    FisherExactTest,
     FoscSpike,
     GapDrop,
     HealingTest,
@@ -32,7 +33,7 @@ from trades_repro.claims import ARMS_FILE, ClaimsError, load_catalogue
 
 ROOT = Path(__file__).resolve().parents[1]
 V1 = "pgd10_minus_square_v1"
-RATE = {"expected": {"k": 1, "n": 2}, "test": {"name": "clopper_pearson"}}
+RATE = {"expected": {"k": 1, "n": 2}, "test": {"name": "fisher_exact"}}
 CELL = {"metric": "clean", "expected": {"mean": 0.5}, "test": {"name": "tolerance", "abs": 0.1}}
 
 
@@ -56,12 +57,16 @@ def _where(tmp_path, claim_id="table_9.x") -> str:
 
 
 def test_the_verdicts_defaults_are_the_documented_ones():
-    """α = 0.05 and 95 % exact intervals (docs/claims.md); no fixed run may stay flagged;
+    """α = 0.05 everywhere (docs/claims.md); an event's share needs 3 judged runs; no fixed
+    run may stay flagged;
     Fig. 3's gap is compared with the 5 epochs before the spike; FOSC spikes are measured
     against regular runs; claims judge the paper's `best_pgd10` checkpoint (App. B)."""
     assert WelchTest(name="welch").alpha == 0.05
     assert TrendTest(name="fisher").alpha == 0.05
-    assert ClopperPearsonTest(name="clopper_pearson").confidence == 0.95
+    assert FisherExactTest(name="fisher_exact").alpha == 0.05
+    assert MIN_EVENT_RUNS == 3
+    assert RateAtLeast(name="rate_at_least", min_rate=0.5).min_runs == 3
+    assert RateAtMost(name="rate_at_most", max_rate=0.5).min_runs == 3
     assert HealingTest(name="healing", clean_tolerance=0.02).max_fixed_flagged == 0
     assert GapDrop(name="gap_drop_at_spike", min_drop=0.1).window == 5
     assert GapDrop(name="gap_drop_at_spike", min_drop=0.1).fosc_threshold is None
@@ -85,8 +90,11 @@ def test_claim_defaults_are_papers_numbers_one_arm_increasing(tmp_path):
     [
         (WelchTest, {"name": "welch", "alpha": 0.5}),
         (WelchTest, {"name": "welch", "alpha": 0}),
-        (ClopperPearsonTest, {"name": "clopper_pearson", "confidence": 0.5}),
-        (ClopperPearsonTest, {"name": "clopper_pearson", "confidence": 1}),
+        (FisherExactTest, {"name": "fisher_exact", "alpha": 0.5}),
+        (FisherExactTest, {"name": "fisher_exact", "alpha": 0}),
+        (FisherExactTest, {"name": "fisher_exact", "confidence": 0.95}),  # the old rule's
+        (RateAtLeast, {"name": "rate_at_least", "min_rate": 0.5, "min_runs": 0}),
+        (RateAtMost, {"name": "rate_at_most", "max_rate": 0.5, "min_runs": 0}),
         (FoscSpike, {"name": "fosc_spike", "ratio": 1, "pgd10_max_change": 0.02}),
         (GapDrop, {"name": "gap_drop_at_spike", "min_drop": 0.1, "window": 0}),
     ],
@@ -677,4 +685,3 @@ def test_event_rates_hold_at_their_bounds_inclusive():
     assert at_least.holds(0.5) and not at_least.holds(0.49)
     assert at_most.holds(0.5) and not at_most.holds(0.51)
     assert (at_least.describe(), at_most.describe()) == ("≥ 0.5", "≤ 0.5")
-

@@ -899,8 +899,14 @@ def test_verify_exit_codes_follow_the_worst_judgement(capsys):
             cli_claims._exit_for(nothing)
         assert str(caught.value) == ("no evidence: none of the 2 claim(s) could be judged "
                                      "(not run or incomplete); run-claim trains what they need")
-    assert cli_claims._exit_for(_judged("held", "not run", "incomplete")) is None
-    assert cli_claims._exit_for([]) is None
+    assert cli_claims._exit_for(_judged("held", "not run")) is None  # not run: not judged
+    with pytest.raises(Inconclusive) as caught:  # found but not decided: --allow-partial
+        cli_claims._exit_for(_judged("held", "not run", "incomplete"))
+    assert str(caught.value) == ("1 claim(s) incomplete (seeds missing; --allow-partial "
+                                 "judges them): c2")
+    with pytest.raises(Inconclusive) as caught:  # no claim at this tier: nothing judged
+        cli_claims._exit_for([])
+    assert str(caught.value) == "no claim was selected at this tier: nothing judged"
     # runs another launch trains: wait for them (3), naming at most three holders
     from types import SimpleNamespace
 

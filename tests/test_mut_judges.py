@@ -19,6 +19,7 @@ from scipy import stats
 from statsmodels.stats.contingency_tables import Table
 
 from trades_repro import events
+from trades_repro import stats as stats_module
 from trades_repro.claims import load_catalogue
 from trades_repro.verify import Context, Evidence, judge
 
@@ -27,7 +28,7 @@ V2 = "pgd10_minus_square_v2"
 FLAGGED = {"square": 0.20}  # PGD-10 0.40 − Square 0.20 = 0.20 ≥ 0.08: flagged by v1 and v2
 REGULAR = {"square": 0.38}  # margin 0.02: clear by both
 INCONCLUSIVE = {"square": 0.32}  # margin 0.08 on 100 examples: v2's interval straddles 0.08
-RATE = {"test": {"name": "clopper_pearson"}}
+RATE = {"test": {"name": "fisher_exact"}}
 FLOATS = ("statistic", "p_value")
 
 
@@ -290,8 +291,8 @@ def test_a_gap_cell_waits_for_autoattack(tmp_path):
 # ----------------------------------------------------------------------- instability_rate
 
 
-def _rate(tmp_path, paper_k, paper_n, flagged, n, confidence=None, rule=V1):
-    test = {"name": "clopper_pearson"} | ({"confidence": confidence} if confidence else {})
+def _rate(tmp_path, paper_k, paper_n, flagged, n, alpha=None, rule=V1):
+    test = {"name": "fisher_exact"} | ({"alpha": alpha} if alpha else {})
     c = claim(
         "table_9.rate",
         "instability_rate",
@@ -310,44 +311,44 @@ def _exact(k, n, confidence=0.95):
     return ci.low, ci.high
 
 
-@pytest.mark.parametrize(
-    ("paper_k", "flagged", "confidence"),
-    [
-        (0, 0, 0.95),  # ours 0/4 on the interval's lower edge 0: held (≤)
-        (4, 4, 0.80),  # ours 4/4 on its upper edge 1: held (≤)
-    ],
-)
-def test_a_rate_on_the_edge_of_the_papers_interval_holds(tmp_path, paper_k, flagged, confidence):
-    got = _rate(tmp_path, paper_k, 4, flagged, 4, confidence)
-    low, high = _exact(paper_k, 4, confidence)
-    ours_low, ours_high = _exact(flagged, 4, confidence)
+@pytest.mark.parametrize("at_alpha", [True, False])
+def test_a_rate_at_p_equal_to_alpha_holds(tmp_path, at_alpha):
+    """Ours 1/6 against the paper's 6/6: two-sided Fisher p = 0.0152; held iff p ≥ α (0/6
+    reaches p = 0.0022, so the claim can fail at these α)."""
+    p = stats.fisher_exact([[1, 5], [6, 0]], alternative="two-sided").pvalue
+    assert 0.01 < p < 0.05
+    alpha = float(p) if at_alpha else float(np.nextafter(p, 1))
+    got = _rate(tmp_path, 6, 6, 1, 6, alpha)
+    ours, paper = _exact(1, 6, 1 - alpha), _exact(6, 6, 1 - alpha)
     _assert_same(
         got,
         _expect(
             "table_9.rate",
             "instability_rate",
-            "held",
-            f"{paper_k}/4",
-            ours=f"{flagged}/4",
-            test=f"ours inside the paper's exact {confidence:.0%} interval",
-            statistic=flagged / 4,
-            p_value=stats.binomtest(flagged, 4, paper_k / 4).pvalue,
-            interval=(low, high),
-            n_required=4,
-            n_found=4,
-            detail=f"our exact interval [{ours_low:.3f}, {ours_high:.3f}]; p from the exact "
-            f"binomial test against {paper_k}/4",
+            "held" if at_alpha else "failed",
+            "6/6",
+            ours="1/6",
+            test=f"Fisher exact (two-sided) against the paper's count, held unless p < {alpha:g}",
+            statistic=1 / 6,
+            p_value=p,
+            interval=ours,
+            n_required=6,
+            n_found=6,
+            detail=f"exact {1 - alpha:.0%} intervals: ours [{ours[0]:.3f}, {ours[1]:.3f}], "
+            f"the paper's 6/6 [{paper[0]:.3f}, {paper[1]:.3f}]",
         ),
     )
 
 
-@pytest.mark.parametrize(("confidence", "status"), [(0.80, "failed"), (0.95, "held")])
-def test_the_rate_interval_is_at_the_claims_confidence(tmp_path, confidence, status):
-    low80, _ = _exact(2, 4, 0.80)
-    low95, _ = _exact(2, 4, 0.95)
-    assert low95 <= 1 / 10 < low80  # 1/10 is inside the 95 % interval of 2/4, not the 80 %
-    got = _rate(tmp_path, 2, 4, 1, 10, confidence)
-    assert (got["status"], got["interval"]) == (status, pytest.approx(_exact(2, 4, confidence)))
+@pytest.mark.parametrize(("paper", "ours"), [((1, 10), (0, 10)), ((4, 5), (5, 5)),
+                                             ((1, 6), (0, 6))])
+def test_a_rate_next_to_the_papers_is_held_where_its_interval_stopped_short(tmp_path, paper,
+                                                                         ours):
+    """Ours was a fixed point against the paper's exact interval: 0/10 lies outside 1/10's
+    [0.0025, 0.445] and failed, though the two samples do not differ (Fisher p = 1)."""
+    assert not _exact(*paper)[0] <= ours[0] / ours[1] <= _exact(*paper)[1]
+    got = _rate(tmp_path, *paper, *ours)
+    assert (got["status"], got["p_value"]) == ("held", 1.0)
 
 
 def test_a_rate_with_an_undecided_run_is_undetermined(tmp_path):
@@ -388,7 +389,7 @@ def _ordinal(counts):
     """One-sided linear-by-linear p for a rise along `counts`, from statsmodels directly."""
     table = np.array([[n - k, k] for k, n in counts], dtype=float)
     z = (
-        Table(table)
+        Table(table, shift_zeros=False)  # its default adds 0.5 to empty cells
         .test_ordinal_association(
             row_scores=np.arange(1.0, len(counts) + 1), col_scores=np.array([0.0, 1])
         )
@@ -598,7 +599,9 @@ def _event(
         arms=["a"],
         subset=subset,
         event=event,
-        test={"name": "rate_at_least", "min_rate": min_rate},
+        # min_runs 1: these tests pin each event's mechanics on one or two runs; the
+        # default floor of 3 judged runs has tests of its own
+        test={"name": "rate_at_least", "min_rate": min_rate, "min_runs": 1},
     )
     catalogue = _catalogue(tmp_path, arms, [c])
     runs = _runs(tmp_path, catalogue, "a", *({"fosc": f, **run_kw} for f in fosc_per_run))
@@ -652,7 +655,7 @@ def test_an_event_with_rate_at_most_holds_iff_its_share_is_at_most_max_rate(tmp_
                                                                           max_rate, status):
     arms = {"a": arm(seeds=2)}
     c = claim("table_9.event", "event", arms=["a"], event={"name": "self_healing", "within": 1},
-              test={"name": "rate_at_most", "max_rate": max_rate})
+              test={"name": "rate_at_most", "max_rate": max_rate, "min_runs": 1})
     catalogue = _catalogue(tmp_path, arms, [c])
     _runs(tmp_path, catalogue, "a", {"fosc": HEALS}, {"fosc": STAYS})
     got = _judge(tmp_path, catalogue, "table_9.event")
@@ -674,7 +677,7 @@ def test_a_run_without_fosc_is_left_out_of_an_event(tmp_path):
     got = _judge(tmp_path, catalogue, "table_9.event")
     assert (got["ours"], got["n_found"], list(got["series"])) == (
         "1/1 runs",
-        1,
+        2,  # runs found, as every kind counts them; the share's n is those judged
         [_label(catalogue, "a", 0)],
     )
     _set_series(runs[0], val_fosc=[None] * 3)
@@ -791,7 +794,7 @@ def test_a_fosc_spike_is_against_the_median_of_the_regular_runs_fosc(
             test="share of runs with the event ≥ 1",
             statistic=float(happened),
             interval=_exact(int(happened), 1),
-            n_found=1,
+            n_found=3,
             n_required=3,
             series={label: [0.01, 0.01, 0.1, 0.01]},
             line=("3x the reference median", 0.045),
@@ -857,7 +860,7 @@ def test_a_partial_event_says_so(tmp_path):
         "event",
         arms=["a"],
         event={"name": "self_healing", "within": 1},
-        test={"name": "rate_at_least", "min_rate": 1.0},
+        test={"name": "rate_at_least", "min_rate": 1.0, "min_runs": 1},
     )
     catalogue = _catalogue(tmp_path, {"a": arm(seeds=3)}, [c])
     _runs(tmp_path, catalogue, "a", {"fosc": HEALS})
@@ -868,6 +871,56 @@ def test_a_partial_event_says_so(tmp_path):
         1,
         3,
     )
+
+
+@pytest.mark.parametrize(("healed", "min_runs", "status"), [(3, 3, "held"), (2, 3, "undetermined"),
+                                                        (2, 2, "held")])
+def test_an_event_is_decided_on_min_runs_judged_runs_and_no_fewer(tmp_path, healed, min_runs,
+                                                                   status):
+    """Judged among the runs that spiked: two of four spike here when `healed` is 2."""
+    c = claim("table_9.event", "event", arms=["a"], event={"name": "spike_duration_at_most",
+              "max_epochs": 1}, test={"name": "rate_at_least", "min_rate": 1.0,
+                                      "min_runs": min_runs})
+    catalogue = _catalogue(tmp_path, {"a": arm(seeds=4)}, [c])
+    _runs(tmp_path, catalogue, "a", *([{"fosc": HEALS}] * healed
+                                      + [{"fosc": [0.01] * 3}] * (4 - healed)))
+    got = _judge(tmp_path, catalogue, "table_9.event")
+    assert (got["status"], got["ours"], got["n_found"], got["n_required"]) == (
+        status, f"{healed}/{healed} runs", 4, 4)
+    assert got["interval"] == pytest.approx(_exact(healed, healed))
+    said = f"judged among {healed} run(s) with FOSC rising above the threshold; a share needs "
+    assert got["detail"].startswith(said) == (status == "undetermined")
+
+
+def test_the_event_floor_is_three_judged_runs_unless_a_claim_says_otherwise(tmp_path):
+    c = claim("table_9.event", "event", arms=["a"], event={"name": "self_healing", "within": 1},
+              test={"name": "rate_at_least", "min_rate": 1.0})
+    catalogue = _catalogue(tmp_path / "default", {"a": arm(seeds=2)}, [c])
+    _runs(tmp_path / "default", catalogue, "a", {"fosc": HEALS}, {"fosc": HEALS})
+    got = _judge(tmp_path / "default", catalogue, "table_9.event")
+    assert got["status"] == "undetermined" and "needs at least 3" in got["detail"]
+
+
+def _nan_test(name):
+    return lambda *args: stats_module.TestResult(name, float("nan"), float("nan"))
+
+
+def test_a_nan_p_from_a_welch_cell_is_undetermined_not_held(tmp_path, monkeypatch):
+    monkeypatch.setattr(stats_module, "welch_from_stats", _nan_test("Welch t-test"))
+    catalogue = _cell(tmp_path, (0.85, 0.86), {"name": "welch"},
+                      expected={"mean": 0.90, "sd": 0.01, "n": 5})
+    got = _judge(tmp_path, catalogue, "table_9.cell")
+    assert (got["status"], got["p_value"], got["detail"]) == (
+        "undetermined", None, "the Welch test is undefined on these summaries (p is NaN)")
+
+
+@pytest.mark.parametrize("direction", ["increasing", "not_decreasing"])
+def test_a_nan_p_from_a_metric_trend_is_undetermined_not_held(tmp_path, monkeypatch,
+                                                              direction):
+    monkeypatch.setattr(stats_module, "welch_greater", _nan_test("Welch t-test (one-sided)"))
+    got = _metric_trend(tmp_path, (0.5, 0.55), (0.7, 0.75), direction)
+    assert (got["status"], got["p_value"], got["detail"]) == (
+        "undetermined", None, "the Welch test is undefined on these values (p is NaN)")
 
 
 # --------------------------------------------------------------------------------- healing
@@ -1370,7 +1423,7 @@ def test_the_healing_signature_is_judged_among_the_runs_that_healed(tmp_path):
     catalogue = _signature(tmp_path, [(HEAL_FOSC, HEAL_CLEAN, HEAL_W),
                                       (stays, HEAL_CLEAN, HEAL_W)])
     got = _judge(tmp_path, catalogue, "table_9.event")
-    assert (got["status"], got["ours"], got["n_found"]) == ("held", "1/1 runs", 1)
+    assert (got["status"], got["ours"], got["n_found"]) == ("held", "1/1 runs", 2)
     catalogue = _signature(tmp_path / "none", [(stays, HEAL_CLEAN, HEAL_W)])
     got = _judge(tmp_path / "none", catalogue, "table_9.event")
     assert (got["status"], got["detail"]) == ("undetermined", "no all run with FOSC and App. G "
@@ -1463,7 +1516,7 @@ def test_fig_6s_duration_reads_spikes_at_the_events_own_threshold(tmp_path):
 def test_square_lowest_without_flagged_runs_is_undetermined(tmp_path):
     c = claim("table_9.square", "event", arms=["a"], subset="flagged",
               rule="pgd10_minus_square_v1", event={"name": "square_lowest"},
-              test={"name": "rate_at_least", "min_rate": 0.5})
+              test={"name": "rate_at_least", "min_rate": 0.5, "min_runs": 1})
     catalogue = _catalogue(tmp_path, {"a": arm(seeds=1)}, [c])
     write_run(tmp_path / "runs", catalogue.specs("a", "full")[0], pgd10=0.3, square=0.29,
               attacks={"apgd-ce": 0.19, "apgd-t": 0.18, "fab-t": 0.2})
@@ -1488,7 +1541,7 @@ def test_square_lowest_compares_square_with_each_white_box_attack():
 def test_square_lowest_judges_flagged_runs_by_their_breakdown(tmp_path):
     c = claim("table_9.square", "event", arms=["a"], subset="flagged",
               rule="pgd10_minus_square_v1", event={"name": "square_lowest", "margin": 0.02},
-              test={"name": "rate_at_least", "min_rate": 0.5})
+              test={"name": "rate_at_least", "min_rate": 0.5, "min_runs": 1})
     catalogue = _catalogue(tmp_path, {"a": arm(seeds=3)}, [c])
     masked, white_lower, regular = catalogue.specs("a", "full")
     write_run(tmp_path / "runs", masked, pgd10=0.3, square=0.12,
@@ -1505,7 +1558,7 @@ def test_square_lowest_judges_flagged_runs_by_their_breakdown(tmp_path):
 def test_square_lowest_without_the_breakdown_is_not_judged(tmp_path):
     c = claim("table_9.square", "event", arms=["a"], subset="flagged",
               rule="pgd10_minus_square_v1", event={"name": "square_lowest"},
-              test={"name": "rate_at_least", "min_rate": 0.5})
+              test={"name": "rate_at_least", "min_rate": 0.5, "min_runs": 1})
     catalogue = _catalogue(tmp_path, {"a": arm(seeds=1)}, [c])
     (spec,) = catalogue.specs("a", "full")
     write_run(tmp_path / "runs", spec, pgd10=0.3, square=0.12)  # PGD-10 and Square only

@@ -26,7 +26,7 @@ from trades_repro.claims import load_catalogue
 from trades_repro.errors import BadInput, Inconclusive
 from trades_repro.executors import FAILED_FILE, JOB_FILE, Outcome
 
-RATE = {"expected": {"k": 1, "n": 2}, "test": {"name": "clopper_pearson"}}
+RATE = {"expected": {"k": 1, "n": 2}, "test": {"name": "fisher_exact"}}
 
 
 def _catalogue(tmp_path: Path, arms: dict, claims: list[dict]):

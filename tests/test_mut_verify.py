@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from claimsutil import arm, claim, claims_folder, write_run
+from claimsutil import arm, claim, claims_folder, own_count, write_run
 
 from trades_repro import store
 from trades_repro.claims import load_catalogue
@@ -47,7 +47,7 @@ def _one_run(tmp_path: Path, **run_kw) -> RunEvidence:
         "instability_rate",
         arm="a",
         expected={"k": 1, "n": 1},
-        test={"name": "clopper_pearson"},
+        test={"name": "fisher_exact"},
     )
     catalogue = _catalogue(tmp_path, {"a": arm(seeds=1)}, [c])
     (spec,) = catalogue.specs("a", "full")
@@ -265,13 +265,7 @@ def test_a_property_outcome_is_read_from_runs_properties(tmp_path):
 
 
 def _rate_catalogue(tmp_path, seeds=3, **arm_fields):
-    c = claim(
-        "table_9.rate",
-        "instability_rate",
-        arm="a",
-        expected={"k": 1, "n": seeds},
-        test={"name": "clopper_pearson"},
-    )
+    c = own_count("table_9.rate", "a", 1, seeds)  # at most 1 flagged: the reading is tested
     arms = {"a": {**arm(seeds=seeds), **arm_fields}}
     return _catalogue(tmp_path, arms, [c])
 
@@ -298,10 +292,11 @@ def test_missing_seeds_are_not_run_then_incomplete_then_judged(tmp_path):
         1,
         "incomplete (1 of 3 seeds)",
     )
-    assert got["paper"] == "1/3" and not got["partial"]
+    assert got["paper"] == "1/3 (ours)" and not got["partial"]
     for spec in catalogue.specs("a", "full")[1:]:
         write_run(tmp_path / "runs", spec)
-    assert judge(entry, _ctx(tmp_path, catalogue)).status == "failed"  # 0/3 vs 1/3
+    got = judge(entry, _ctx(tmp_path, catalogue))
+    assert (got.status, got.ours) == ("held", "0/3")  # judged: 0 of 3 flagged, at most 1
 
 
 def test_runs_without_the_needed_attacks_are_counted_across_arms(tmp_path):
@@ -349,7 +344,7 @@ def test_an_arms_checkpoint_policy_picks_its_record(tmp_path):
     assert judge(entry, _ctx(tmp_path, catalogue)).status == "not run"
     write_run(tmp_path / "runs", spec, policy="best_pgd10_fosc_ok")
     got = judge(entry, _ctx(tmp_path, catalogue))
-    assert (got.status, got.ours) == ("failed", "0/1")  # judged: 0/1 is outside [0.025, 1]
+    assert (got.status, got.ours) == ("held", "0/1")  # judged: 0 of 1 flagged, at most 1
 
 
 def test_an_arm_named_twice_counts_its_seeds_once(tmp_path):
@@ -386,7 +381,7 @@ def test_judge_all_keeps_the_order_and_judged_takes_a_paper_override(tmp_path):
                 "instability_rate",
                 arm="a",
                 expected={"k": 1, "n": 1},
-                test={"name": "clopper_pearson"},
+                test={"name": "fisher_exact"},
             ),
         ],
     )
@@ -476,7 +471,7 @@ def test_subsets_split_runs_by_the_rule_and_drop_undecided_ones(tmp_path):
         ),
         (
             "instability_rate",
-            {"arm": "a", "expected": {"k": 7, "n": 10}, "test": {"name": "clopper_pearson"}},
+            {"arm": "a", "expected": {"k": 7, "n": 10}, "test": {"name": "fisher_exact"}},
             "7/10",
         ),
         (

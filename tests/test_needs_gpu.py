@@ -46,7 +46,7 @@ def test_run_claim_refuses_cuda_runs_before_training_any(tmp_path, no_cuda):
         "set": {"device": "cuda", "evaluation.attacks": ["pgd10", "square"]}, "seeds": 2}}}}
     folder = claims_folder(tmp_path, arms, [claim(
         "table_9.rate", "instability_rate", arm="gpu", values_from="ours",
-        expected={"k": 0, "n": 2}, test={"name": "clopper_pearson"})])
+        expected={"k": 0, "n": 2}, test={"name": "fisher_exact"})])
     result = runner.invoke(app, ["run-claim", "all", "--tier", "instant", "--claims-dir",
                                  str(folder), "--runs-dir", str(tmp_path / "runs"), "--quiet"])
     _one_line_exit_3(result, "2 run(s) to train ask for device: cuda")

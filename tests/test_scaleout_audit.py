@@ -36,7 +36,7 @@ def _claims(tmp_path: Path, tier: str = "instant") -> Path:
     arms = {"tiny": {"label": "tiny digits", "tiers": {tier: {"set": TINY, "seeds": 2}}}}
     return claims_folder(tmp_path, arms, [claim(
         "table_9.rate", "instability_rate", arm="tiny", values_from="ours",
-        expected={"k": 0, "n": 2}, test={"name": "clopper_pearson"})])
+        expected={"k": 0, "n": 2}, test={"name": "fisher_exact"})])
 
 
 def _specs(folder: Path, tier: str = "instant"):

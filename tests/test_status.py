@@ -28,7 +28,7 @@ def fleet(tmp_path):
     arms = {"tiny": {"label": "tiny digits", "tiers": {"instant": {"set": SET, "seeds": 4}}}}
     folder = claims_folder(tmp_path, arms, [claim(
         "table_9.rate", "instability_rate", arm="tiny", values_from="ours",
-        expected={"k": 0, "n": 4}, test={"name": "clopper_pearson"})])
+        expected={"k": 0, "n": 4}, test={"name": "fisher_exact"})])
     catalogue, runs = load_catalogue(folder), tmp_path / "runs"
     done, running, failed, pending = catalogue.specs("tiny", "instant")
     write_run(runs, done)
@@ -99,7 +99,7 @@ def test_without_a_tier_only_launched_tiers_show(tmp_path):
                                                 "full": full}}}
     folder = claims_folder(tmp_path, arms, [claim(
         "table_9.rate", "instability_rate", arm="tiny", values_from="ours",
-        expected={"k": 0, "n": 1}, test={"name": "clopper_pearson"})])
+        expected={"k": 0, "n": 1}, test={"name": "fisher_exact"})])
     catalogue, runs = load_catalogue(folder), tmp_path / "runs"
     assert status.collect(catalogue, catalogue.select(), runs) == []
     write_run(runs, catalogue.specs("tiny", "full")[0])
@@ -136,7 +136,7 @@ def test_runs_held_on_other_hosts_cost_one_squeue(tmp_path, monkeypatch, batch_f
     arms = {"tiny": {"label": "tiny digits", "tiers": {"instant": {"set": SET, "seeds": 3}}}}
     folder = claims_folder(tmp_path, arms, [claim(
         "table_9.rate", "instability_rate", arm="tiny", values_from="ours",
-        expected={"k": 0, "n": 3}, test={"name": "clopper_pearson"})])
+        expected={"k": 0, "n": 3}, test={"name": "fisher_exact"})])
     catalogue, runs = load_catalogue(folder), tmp_path / "runs"
     for task, spec in enumerate(catalogue.specs("tiny", "instant")):
         _plant(write_run(runs, spec, status="running"), host="node-b", job_id=f"700_{task}")

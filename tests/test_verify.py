@@ -8,17 +8,16 @@ import math
 
 import numpy as np
 import pytest
-from claimsutil import add_probe, arm, claim, claims_folder, write_run
+from claimsutil import add_probe, arm, claim, claims_folder, own_count, write_run
 from hypothesis import given
 from hypothesis import strategies as st
 from scipy import stats
-from statsmodels.stats.contingency_tables import Table
 
 from trades_repro.claims import load_catalogue
 from trades_repro.runclaim import is_evaluated
 from trades_repro.verify import Context, Evidence, judge
 
-RATE = {"test": {"name": "clopper_pearson"}}
+RATE = {"test": {"name": "fisher_exact"}}
 
 
 def _judge(tmp_path, arms, claims, *, allow_partial=False, runs=None):
@@ -39,20 +38,24 @@ def _rejudge(tmp_path, catalogue, claim_id, allow_partial=False):
     return judge(catalogue.by_id[claim_id], ctx)
 
 
-@pytest.mark.parametrize(("paper_k", "ours_k", "status"), [(7, 7, "held"), (0, 8, "failed"),
-                                                            (10, 8, "held"), (10, 5, "failed")])
-def test_rate_claim_against_the_papers_exact_interval(tmp_path, paper_k, ours_k, status):
+@pytest.mark.parametrize(("paper_k", "ours_k", "status"), [
+    (7, 7, "held"), (0, 8, "failed"), (10, 8, "held"), (10, 5, "failed"),
+    (1, 0, "held"), (9, 10, "held"),  # neighbours of 0/n and n/n: outside the paper's interval
+])
+def test_rate_claim_compares_both_counts_with_fishers_exact_test(tmp_path, paper_k, ours_k,
+                                                                 status):
     c = claim("table_9.rate", "instability_rate", arm="a", expected={"k": paper_k, "n": 10},
               **RATE)
     catalogue, _ = _judge(tmp_path, {"a": arm()}, [c])
     _fill(tmp_path, catalogue, "a", ours_k)
     j = _rejudge(tmp_path, catalogue, "table_9.rate")
-    paper_ci = stats.binomtest(paper_k, 10).proportion_ci(0.95, method="exact")
+    ours_ci = stats.binomtest(ours_k, 10).proportion_ci(0.95, method="exact")
+    fisher = stats.fisher_exact([[ours_k, 10 - ours_k], [paper_k, 10 - paper_k]])
     assert j.status == status
     assert j.ours == f"{ours_k}/10"
-    assert j.interval == pytest.approx((paper_ci.low, paper_ci.high))
-    assert (paper_ci.low <= ours_k / 10 <= paper_ci.high) == (status == "held")
-    assert j.p_value == pytest.approx(stats.binomtest(ours_k, 10, paper_k / 10).pvalue)
+    assert j.interval == pytest.approx((ours_ci.low, ours_ci.high))
+    assert (fisher.pvalue >= 0.05) == (status == "held")
+    assert j.p_value == pytest.approx(fisher.pvalue)  # the p shown is the one that decided
 
 
 def test_nothing_run_is_not_run_and_too_few_seeds_is_incomplete(tmp_path):
@@ -65,11 +68,13 @@ def test_nothing_run_is_not_run_and_too_few_seeds_is_incomplete(tmp_path):
     assert (j.status, j.n_found, j.n_required) == ("incomplete", 3, 10)
     assert "3 of 10" in j.detail
     partial = _rejudge(tmp_path, catalogue, "table_9.rate", allow_partial=True)
-    assert partial.partial and partial.status == "held" and partial.ours == "2/3"
+    # judged on the 3 found, which no count could tell from 7/10 (0/3: p = 0.07)
+    assert partial.partial and partial.status == "undetermined" and partial.ours == "2/3"
+    assert "smallest attainable p 0.0699" in partial.detail
 
 
 def test_runs_are_found_by_digest_never_by_folder_name(tmp_path):
-    c = claim("table_9.rate", "instability_rate", arm="a", expected={"k": 1, "n": 1}, **RATE)
+    c = own_count("table_9.rate", "a", 1, 1)
     catalogue, _ = _judge(tmp_path, {"a": arm(seeds=1)}, [c])
     (spec,) = catalogue.specs("a", "full")
     other = spec.model_copy(update={"seed": 99})
@@ -91,7 +96,7 @@ def test_runs_without_the_rules_attacks_are_not_evidence_yet(tmp_path):
 def test_a_record_of_another_square_budget_is_never_the_runs_own(tmp_path):
     """A 1,000-query Square probe added later, with more attacks, must not replace the
     arm's own Square-5000 record (it used to: the record with the most attacks won)."""
-    c = claim("table_9.rate", "instability_rate", arm="a", expected={"k": 0, "n": 1}, **RATE)
+    c = own_count("table_9.rate", "a", 0, 1)  # the Square-5000 record's 0 of 1 flagged holds
     catalogue, _ = _judge(tmp_path, {"a": arm(seeds=1)}, [c])
     run = write_run(tmp_path / "runs", catalogue.specs("a", "full")[0], square=0.38)
     own = add_probe(run, 1000, square=0.10, extra=("apgd-ce",))  # flagged, if taken
@@ -124,15 +129,26 @@ def _trend_setup(tmp_path, flagged: list[int], test: str):
     return _rejudge(tmp_path, catalogue, "table_9.trend")
 
 
+def _mantel(counts):
+    """Mantel's M = √(N − 1)·r over the N runs, r the Pearson correlation of the arm's score
+    (1, 2, …) with flagged (0/1) (Agresti, Categorical Data Analysis §3.4.6), computed here
+    from the runs, not through statsmodels; one-sided p = P(Z ≥ M)."""
+    x = np.concatenate([np.full(n, g + 1.0) for g, (_, n) in enumerate(counts)])
+    y = np.concatenate([np.r_[np.ones(k), np.zeros(n - k)] for k, n in counts])
+    m = np.sqrt(len(x) - 1) * np.corrcoef(x, y)[0, 1]
+    return m, stats.norm.sf(m)
+
+
 @pytest.mark.parametrize(("flagged", "status"), [([0, 5, 10], "held"), ([10, 5, 0], "failed"),
-                                                 ([4, 5, 6], "failed")])
-def test_ordinal_trend_against_statsmodels(tmp_path, flagged, status):
+                                                 ([4, 5, 6], "failed"), ([0, 3, 3], "held"),
+                                                 ([0, 1, 3], "held")])
+def test_ordinal_trend_is_mantels_m_on_the_observed_counts(tmp_path, flagged, status):
+    """0/10 and 10/10 arms included: statsmodels' Table adds 0.5 to empty cells unless told
+    not to, which made 0/10, 3/10, 3/10 fail (p 0.083 instead of 0.0496)."""
     j = _trend_setup(tmp_path, flagged, "linear_by_linear")
-    table = np.array([[10 - k, k] for k in flagged], dtype=float)
-    z = Table(table).test_ordinal_association(row_scores=np.array([1.0, 2, 3]),
-                                              col_scores=np.array([0.0, 1])).zscore
+    z, p = _mantel([(k, 10) for k in flagged])
     assert j.status == status
-    assert j.p_value == pytest.approx(stats.norm.sf(z))
+    assert (j.statistic, j.p_value) == (pytest.approx(z, rel=1e-9), pytest.approx(p, rel=1e-9))
 
 
 @pytest.mark.parametrize(("flagged", "status"), [([1, 9], "held"), ([9, 1], "failed")])
@@ -195,7 +211,7 @@ def test_a_subset_with_no_runs_is_undetermined(tmp_path):
                                               ([0.01, 0.01, 0.01, 0.2, 0.2], "failed")])
 def test_self_healing_event_present_and_absent(tmp_path, fosc, status):
     c = claim("table_9.heal", "event", arms=["a"], event={"name": "self_healing", "within": 3},
-              test={"name": "rate_at_least", "min_rate": 0.5})
+              test={"name": "rate_at_least", "min_rate": 0.5, "min_runs": 1})
     catalogue, _ = _judge(tmp_path, {"a": arm(seeds=2)}, [c])
     for spec in catalogue.specs("a", "full"):
         write_run(tmp_path / "runs", spec, fosc=fosc)
@@ -207,7 +223,7 @@ def test_self_healing_event_present_and_absent(tmp_path, fosc, status):
 def test_fosc_spike_compares_flagged_with_regular_runs(tmp_path):
     c = claim("table_9.spike", "event", arms=["a"], subset="flagged",
               event={"name": "fosc_spike", "ratio": 3, "pgd10_max_change": 0.02},
-              test={"name": "rate_at_least", "min_rate": 1.0})
+              test={"name": "rate_at_least", "min_rate": 1.0, "min_runs": 1})
     catalogue, _ = _judge(tmp_path, {"a": arm(seeds=2)}, [c])
     flagged, regular = catalogue.specs("a", "full")
     write_run(tmp_path / "runs", flagged, square=0.2, fosc=[0.01, 0.01, 0.05, 0.01])
@@ -259,10 +275,10 @@ def test_report_markdown_plots_event_evidence_and_junit_marks_failures(tmp_path)
     from trades_repro.report import write_junit, write_markdown
 
     c = claim("table_9.heal", "event", arms=["a"], event={"name": "self_healing", "within": 3},
-              test={"name": "rate_at_least", "min_rate": 0.5})
-    rate = claim("table_9.rate", "instability_rate", arm="a", expected={"k": 0, "n": 2}, **RATE)
-    catalogue, _ = _judge(tmp_path, {"a": arm(seeds=2)}, [c, rate])
-    for spec in catalogue.specs("a", "full"):
+              test={"name": "rate_at_least", "min_rate": 0.5, "min_runs": 1})
+    rate = claim("table_9.rate", "instability_rate", arm="a", expected={"k": 0, "n": 6}, **RATE)
+    catalogue, _ = _judge(tmp_path, {"a": arm(seeds=6)}, [c, rate])
+    for spec in catalogue.specs("a", "full"):  # 6/6 flagged against 0/6: Fisher p = 0.002
         write_run(tmp_path / "runs", spec, square=0.2, fosc=[0.01, 0.2, 0.01])
     ctx = Context(catalogue, Evidence(tmp_path / "runs"), "full")
     judged = [judge(e, ctx) for e in catalogue.entries]
@@ -271,7 +287,9 @@ def test_report_markdown_plots_event_evidence_and_junit_marks_failures(tmp_path)
     report.parent.mkdir()
     write_markdown(report, judged, catalogue.titles, tier="full", runs_dir=tmp_path / "runs")
     text = report.read_text()
-    assert "| `table_9.rate` | 0/2 | 2/2 |" in text and "**failed**" in text
+    p = stats.fisher_exact([[6, 0], [0, 6]]).pvalue
+    assert (f"| `table_9.rate` | 0/6 | 6/6 | Fisher exact (two-sided) against the paper's "
+            f"count, held unless p < 0.05 | p = {p:.3g} | **failed** |") in text
     assert (report.parent / "report_table_9.heal.png").stat().st_size > 1000
     assert "(report_table_9.heal.png)" in text
     write_junit(tmp_path / "j.xml", judged, tier="full")

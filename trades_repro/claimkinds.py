@@ -82,9 +82,21 @@ class WelchTest(_Frozen):
     alpha: Alpha = 0.05  # held unless the means differ at this level
 
 
-class ClopperPearsonTest(_Frozen):
-    name: Literal["clopper_pearson"]
-    confidence: Annotated[float, Field(gt=0.5, lt=1)] = 0.95
+class FisherExactTest(_Frozen):
+    """Our k/n against the paper's K/N, both samples: held unless the two-sided Fisher exact
+    test gives p < alpha ("ours inside the paper's exact interval" took ours as exact). Where
+    no count of ours could reach p < alpha (3 runs against 3: p ≥ 0.1), undetermined."""
+
+    name: Literal["fisher_exact"]
+    alpha: Alpha = 0.05
+
+
+class CountAtMost(_Frozen):
+    """Our own expectation (values_from: ours) of a count, exact: held iff at most `k` of our
+    runs are flagged. A paper's count is a sample, so only `fisher_exact` compares with it."""
+
+    name: Literal["count_at_most"]
+    k: Annotated[int, Field(ge=0)]
 
 
 class TrendTest(_Frozen):
@@ -92,9 +104,17 @@ class TrendTest(_Frozen):
     alpha: Alpha = 0.05
 
 
+# An event's share is decided on at least this many judged runs (those its subset and event
+# leave), fewer is undetermined: the paper's smallest samples (Tables 4, 5: n = 3) and the
+# study's flagged-cell floor (FLAGGED_CELL_SEEDS); on 1 or 2 runs one run decides alone.
+MIN_EVENT_RUNS = 3
+MinRuns = Annotated[int, Field(ge=1)]
+
+
 class RateAtLeast(_Frozen):
     name: Literal["rate_at_least"]
     min_rate: Annotated[float, Field(gt=0, le=1)]  # share of judged runs showing the event
+    min_runs: MinRuns = MIN_EVENT_RUNS  # judged runs needed to decide (fewer: undetermined)
 
     def holds(self, rate: float) -> bool:
         return rate >= self.min_rate
@@ -106,6 +126,7 @@ class RateAtLeast(_Frozen):
 class RateAtMost(_Frozen):
     name: Literal["rate_at_most"]
     max_rate: Annotated[float, Field(ge=0, lt=1)]  # share of judged runs showing the event
+    min_runs: MinRuns = MIN_EVENT_RUNS  # judged runs needed to decide (fewer: undetermined)
 
     def holds(self, rate: float) -> bool:
         return rate <= self.max_rate
@@ -174,6 +195,8 @@ class TableCell(_Claim):
     def _welch_needs_spread(self) -> TableCell:
         if self.test.name == "welch" and (self.expected.sd is None or self.expected.n is None):
             raise ValueError("a Welch test needs the paper's sd and n in 'expected'")
+        if self.test.name == "welch" and self.expected.n < 2:  # Welch's df divides by n − 1
+            raise ValueError("a Welch test needs the paper's n >= 2 in 'expected'")
         return self
 
 
@@ -181,7 +204,14 @@ class InstabilityRate(_Claim):
     kind: Literal["instability_rate"]
     arm: str
     expected: Rate
-    test: ClopperPearsonTest
+    test: Annotated[FisherExactTest | CountAtMost, Field(discriminator="name")]
+
+    @model_validator(mode="after")
+    def _exact_counts_are_ours(self) -> InstabilityRate:
+        if self.test.name == "count_at_most" and self.values_from != "ours":
+            raise ValueError("test count_at_most bounds our own count (values_from: ours); "
+                             "a paper's count is a sample: use fisher_exact")
+        return self
 
     def arm_names(self) -> tuple[str, ...]:
         return (self.arm,)

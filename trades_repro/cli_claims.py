@@ -104,23 +104,31 @@ def verify(
 ) -> None:
     """Judge claims against the evidence in RUNS_DIR.
 
-    Exit 0 every judged claim held, 1 one failed, 2 bad input, 3 none failed but some could
-    not be decided (undetermined), or no evidence: not one claim could be judged."""
+    Exit 0 every judged claim held (claims not run are not judged), 1 one failed, 2 bad
+    input, 3 none failed but some could not be decided (undetermined, or incomplete without
+    --allow-partial), no claim has the tier, or no evidence: not one claim could be judged."""
+    from trades_repro.errors import Inconclusive
+
     _folder_option("--runs-dir", runs_dir, writes=False)
     _file_option("--report", report)
     _file_option("--junit", junit)
     judgements, titles = _judge(patterns, _tier(tier), runs_dir, claims_dir, allow_partial)
+    if not judgements:  # nothing judged is not "every claim held"
+        raise Inconclusive(f"no claim in {claims_dir} has the '{tier}' tier: nothing judged")
     _report(judgements, titles, tier, runs_dir, report, junit)
     _exit_for(judgements)
 
 
 def _exit_for(judgements, run_failed: bool = False, elsewhere=()) -> None:
-    """1 when a claim (or a run) failed; 3 when none did but some claims are undetermined,
-    or wait for runs another launch (`elsewhere`) is training."""
+    """1 when a claim (or a run) failed; 3 when none did but some claims are undetermined or
+    incomplete (judged only with --allow-partial: found, but not decided), or wait for runs
+    another launch (`elsewhere`) is training. Claims not run are not judged."""
     from trades_repro.errors import Inconclusive
 
     if run_failed or any(j.status == "failed" for j in judgements):
         raise typer.Exit(EXIT_FAILED)
+    if not judgements:
+        raise Inconclusive("no claim was selected at this tier: nothing judged")
     if elsewhere and any(j.status != "held" for j in judgements):
         raise Inconclusive(f"{len(elsewhere)} run(s) are being trained by another launch "
                            f"({_who(elsewhere)}); follow them with `trades-repro status`")
@@ -131,6 +139,10 @@ def _exit_for(judgements, run_failed: bool = False, elsewhere=()) -> None:
     if judgements and all(j.status in ("not run", "incomplete") for j in judgements):
         raise Inconclusive(f"no evidence: none of the {len(judgements)} claim(s) could be "
                            "judged (not run or incomplete); run-claim trains what they need")
+    incomplete = [j.id for j in judgements if j.status == "incomplete"]
+    if incomplete:
+        raise Inconclusive(f"{len(incomplete)} claim(s) incomplete (seeds missing; "
+                           f"--allow-partial judges them): {', '.join(incomplete[:5])}")
 
 
 def _who(runs) -> str:

@@ -6,6 +6,7 @@ or 'incomplete'), computes our value, runs the claim's test from `stats` and say
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Callable
 from typing import Any
@@ -37,6 +38,20 @@ from trades_repro.verify import (
     subset,
 )
 
+# Tolerances are inclusive, and accuracies are k/10000: 0.5563 − 0.5363 is
+# 0.020000000000000018 in binary, so |diff| ≤ tol gets the same slack as verdict._EXACT.
+SLACK = 1e-12
+
+
+def _within(diff: float, tolerance: float) -> bool:
+    return abs(diff) <= tolerance + SLACK
+
+
+def _not_finite(values: list[float], what: str) -> str | None:
+    """A detail for an undetermined verdict when a value is NaN or infinite, else None."""
+    bad = sum(not math.isfinite(v) for v in values)
+    return f"{bad} of {len(values)} runs' {what} not finite: no test applies" if bad else None
+
 
 def needs_of(claim: Any) -> frozenset[str]:
     """The evaluation results (attacks, "clean", "landscape") a claim's judge reads."""
@@ -67,12 +82,14 @@ def table_cell(entry: Entry, ctx: Context) -> Judgement:
     if not values:
         return judged(entry, ctx, "undetermined", **common, detail=(
             f"no {claim.subset} run with '{claim.metric}' among {len(found[claim.arm])}"))
+    if why := _not_finite(values, claim.metric):
+        return judged(entry, ctx, "undetermined", **common, detail=why)
     mean, sd = stats.mean_sd(values)
     ours = fmt_cell(mean, sd if len(values) > 1 else None, len(values))
     expected = claim.expected
     if claim.test.name == "tolerance":
         diff = mean - expected.mean
-        held = abs(diff) <= claim.test.abs
+        held = _within(diff, claim.test.abs)
         return judged(entry, ctx, "held" if held else "failed", ours=ours, statistic=diff,
                      test=f"|ours − paper| ≤ {claim.test.abs:g}",
                      detail=f"difference {diff:+.4f}", **common)
@@ -81,9 +98,12 @@ def table_cell(entry: Entry, ctx: Context) -> Judgement:
                      detail="a Welch test needs at least 2 of our runs")
     result = stats.welch_from_stats((expected.mean, expected.sd, expected.n), (mean, sd,
                                                                               len(values)))
+    test = f"Welch t-test, held unless p < {claim.test.alpha:g}"
+    if math.isnan(result.p_value):
+        return judged(entry, ctx, "undetermined", ours=ours, test=test, **common,
+                     detail="the Welch test is undefined on these summaries (p is NaN)")
     held = result.p_value >= claim.test.alpha
-    return judged(entry, ctx, "held" if held else "failed", ours=ours, **common,
-                 test=f"Welch t-test, held unless p < {claim.test.alpha:g}",
+    return judged(entry, ctx, "held" if held else "failed", ours=ours, **common, test=test,
                  statistic=result.statistic, p_value=result.p_value,
                  detail=f"difference {mean - expected.mean:+.4f}")
 
@@ -98,18 +118,30 @@ def instability_rate(entry: Entry, ctx: Context) -> Judgement:
         return judged(entry, ctx, "undetermined", n_found=len(flags),
                      detail=f"rule {claim.rule} needs attacks some runs lack")
     k, n = sum(flags), len(flags)
-    low, high = stats.clopper_pearson(claim.expected.k, claim.expected.n, claim.test.confidence)
-    held = low <= k / n <= high
-    ours_low, ours_high = stats.clopper_pearson(k, n, claim.test.confidence)
-    test = stats.binomial_test(k, n, claim.expected.k / claim.expected.n)
-    return judged(entry, ctx, "held" if held else "failed", ours=fmt_rate(k, n),
-                 test=f"ours inside the paper's exact {claim.test.confidence:.0%} interval",
-                 statistic=k / n, p_value=test.p_value, interval=(low, high),
-                 n_required=len(ctx.catalogue.specs(claim.arm, ctx.tier)), n_found=n,
-                 partial=ctx.allow_partial,
-                 detail=f"our exact interval [{ours_low:.3f}, {ours_high:.3f}]; "
-                        f"p from the exact binomial test against {claim.expected.k}/"
-                        f"{claim.expected.n}")
+    common = dict(ours=fmt_rate(k, n), statistic=k / n, n_found=n, partial=ctx.allow_partial,
+                  n_required=len(ctx.catalogue.specs(claim.arm, ctx.tier)))
+    if claim.test.name == "count_at_most":
+        return judged(entry, ctx, "held" if k <= claim.test.k else "failed", **common,
+                     test=f"at most {claim.test.k} of our runs flagged (our own count)",
+                     detail=f"{k} of {n} flagged")
+    paper, alpha = (claim.expected.k, claim.expected.n), claim.test.alpha
+    result = stats.fisher_two_sided((k, n), paper)  # both rates are samples
+    confidence = 1 - alpha
+    ours_ci = stats.clopper_pearson(k, n, confidence)
+    paper_ci = stats.clopper_pearson(*paper, confidence)
+    intervals = (f"exact {confidence:.0%} intervals: ours [{ours_ci[0]:.3f}, "
+                 f"{ours_ci[1]:.3f}], the paper's {paper[0]}/{paper[1]} "
+                 f"[{paper_ci[0]:.3f}, {paper_ci[1]:.3f}]")
+    test = f"{result.name} against the paper's count, held unless p < {alpha:g}"
+    floor = min(stats.fisher_two_sided((j, n), paper).p_value for j in range(n + 1))
+    if floor >= alpha:  # a claim no outcome could fail says nothing: more seeds decide
+        return judged(entry, ctx, "undetermined", **common, test=test, p_value=result.p_value,
+                     interval=ours_ci, detail=f"no count of {n} runs could differ from "
+                     f"{paper[0]}/{paper[1]} at {alpha:g} (smallest attainable p "
+                     f"{floor:.3g}): more seeds decide; {intervals}")
+    held = result.p_value >= alpha
+    return judged(entry, ctx, "held" if held else "failed", **common, test=test,
+                 p_value=result.p_value, interval=ours_ci, detail=intervals)
 
 
 def trend(entry: Entry, ctx: Context) -> Judgement:
@@ -131,9 +163,14 @@ def trend(entry: Entry, ctx: Context) -> Judgement:
         if any(len(v) < 2 for v in values):
             return judged(entry, ctx, "undetermined", detail="each group needs 2 evaluated "
                           f"runs; found {', '.join(map(str, map(len, values)))}")
+        if why := _not_finite([x for v in values for x in v], claim.measure):
+            return judged(entry, ctx, "undetermined", detail=why)
         ours = ", ".join(fmt_cell(*stats.mean_sd(v)) for v in values)
         low, high = values if claim.direction == "increasing" else values[::-1]
         result = stats.welch_greater(high, low)
+        if math.isnan(result.p_value):
+            return judged(entry, ctx, "undetermined", ours=ours,
+                          detail="the Welch test is undefined on these values (p is NaN)")
     significant = result.p_value < claim.test.alpha
     held = significant if claim.direction == "increasing" else not significant
     what = ("a rise along the arms" if claim.direction == "increasing"
@@ -180,12 +217,16 @@ def event(entry: Entry, ctx: Context) -> Judgement:
     outcomes = [(r, _event_outcome(claim.event, r, reference)) for r in runs]
     traces = dict(t for r in runs if steps for t in [_step_trace(claim.event, r)] if t)
     k, n = sum(o.happened for _, o in outcomes), len(outcomes)
-    held = claim.test.holds(k / n)
     lines = "; ".join(f"{r.label}: {'yes' if o.happened else 'no'} ({o.detail})"
                       for r, o in outcomes[:6])
-    return judged(entry, ctx, "held" if held else "failed", ours=f"{k}/{n} runs",
+    status = "held" if claim.test.holds(k / n) else "failed"
+    if n < claim.test.min_runs:  # a share of one or two runs is one run's say
+        status, lines = "undetermined", (f"judged among {n} run(s) with {what}; a share "
+                                         f"needs at least {claim.test.min_runs}: {lines}")
+    return judged(entry, ctx, status, ours=f"{k}/{n} runs",
                  test=f"share of runs with the event {claim.test.describe()}",
-                 statistic=k / n, interval=stats.clopper_pearson(k, n), n_found=n,
+                 statistic=k / n, interval=stats.clopper_pearson(k, n),
+                 n_found=sum(len(found[a]) for a in claim.arms),
                  n_required=sum(len(ctx.catalogue.specs(a, ctx.tier)) for a in claim.arms),
                  partial=ctx.allow_partial, detail=lines,
                  series={} if breakdown else {r.label: r.fosc() for r in runs}, steps=traces,
@@ -319,10 +360,13 @@ def healing(entry: Entry, ctx: Context) -> Judgement:
             "no baseline run was flagged: nothing to heal" if not unstable
             else "no regular baseline run to compare clean accuracy with"))
     still = sum(bool(fixed[s].flagged(claim.rule)) for s in unstable)
-    fixed_clean = stats.mean_sd([fixed[s].metric("clean") for s in unstable])[0]
+    cleans = [fixed[s].metric("clean") for s in unstable]
+    if why := _not_finite(cleans + regular, "clean accuracy"):
+        return judged(entry, ctx, "undetermined", n_found=len(base) + len(fixed), detail=why)
+    fixed_clean = stats.mean_sd(cleans)[0]
     regular_clean = stats.mean_sd(regular)[0]
     diff = fixed_clean - regular_clean
-    held = still <= claim.test.max_fixed_flagged and abs(diff) <= claim.test.clean_tolerance
+    held = still <= claim.test.max_fixed_flagged and _within(diff, claim.test.clean_tolerance)
     return judged(entry, ctx, "held" if held else "failed", partial=ctx.allow_partial,
                  ours=f"{still}/{len(unstable)} fixed flagged; clean {diff:+.4f} vs regular",
                  test=f"fixed flagged ≤ {claim.test.max_fixed_flagged}, |clean − regular| ≤ "
