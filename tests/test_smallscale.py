@@ -215,6 +215,42 @@ def test_directions_use_fisher_for_two_levels(evidence):
     assert rows["beta"].test.p_value == pytest.approx(1 / 11)  # 3/6 vs 0/6: C(6,3)/C(12,3)
 
 
+def _holm_by_hand(p_values):
+    """Holm's step-down adjustment: the i-th smallest of m p-values times m − i (from 0),
+    made non-decreasing in that order and capped at 1."""
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    adjusted, running = [0.0] * len(p_values), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def test_holm_adjusts_as_holms_step_down_rule():
+    p = [0.01, 0.04, 0.03, 0.2, 0.005]
+    assert sst.holm(p) == pytest.approx(_holm_by_hand(p), rel=1e-12)
+    assert sst.holm([]) == []
+
+
+def test_the_reports_direction_tests_carry_holm_p_over_their_family(evidence, tmp_path):
+    """17 one-sided tests at 0.05 in the study report show a rise by chance alone now and
+    then: each carries its Holm-adjusted p over every one of them, and the text says how
+    many there are."""
+    runs = sst.load_runs(evidence)
+    found, eps = sst.family(runs)
+    tests = [d for rows in found.values() for d in rows] + list(eps.values())
+    assert len(tests) == 2 and all(d.holm_p is not None for d in tests)
+    want = _holm_by_hand([d.test.p_value for d in tests])
+    assert [d.holm_p for d in tests] == pytest.approx(want, rel=1e-12)
+    assert want == pytest.approx([2 / 11, 2 / 11])  # 1/11 twice (Fisher, 3/6 vs 0/6)
+    out = tmp_path / "report.md"
+    sr.write_report(evidence, out)
+    text = out.read_text()
+    assert "| flagged k/n per level | test | statistic | one-sided p | Holm p |" in text
+    assert "| Fisher exact (one-sided) | inf | 0.0909 | 0.182 |" in text
+    assert text.count("adjusted over the family of all 2 tests of a rise") == 2
+
+
 def test_runs_pool_per_dataset_and_eps_and_a_larger_eps_is_tested_for_more_flags(tmp_path):
     for eps, square in ((0.3, 0.30), (0.1, 0.43)):  # flagged only at the larger ε
         sweep = Sweep(base="digits.yaml", grid={"method.beta": [1, 6]}, seeds=2,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -214,6 +214,7 @@ class Direction:
     order: tuple  # the factor's levels in the claimed increasing-risk order
     counts: tuple[tuple[int, int], ...]  # (k, n) per level, pooled over the other factors
     test: stats.TestResult
+    holm_p: float | None = None  # its p adjusted over the report's family (`family`)
 
 
 DIRECTIONS = {  # factor -> levels in the paper's increasing-risk order
@@ -273,6 +274,32 @@ def _direction(runs: list[RunSummary], factor: str) -> Direction | None:
     test = (stats.fisher_increasing(counts[0], counts[-1]) if len(levels) == 2
             else stats.linear_by_linear_increasing(counts))
     return Direction(factor, tuple(levels), counts, test)
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm-adjusted p-values, in the same order
+    (`statsmodels.stats.multitest.multipletests(..., method="holm")`)."""
+    from statsmodels.stats.multitest import multipletests
+
+    return [float(p) for p in multipletests(p_values, method="holm")[1]] if p_values else []
+
+
+Family = tuple[dict[tuple[str, float], list[Direction]], dict[str, Direction]]
+
+
+def family(runs: list[RunSummary]) -> Family:
+    """`directions` and `eps_directions`, the report's one-sided tests of a rise, as one
+    family: each Direction carries its Holm-adjusted p over all of them, since a report that
+    prints many tests at 0.05 shows some rise by chance alone."""
+    found, eps = directions(runs), eps_directions(runs)
+    tests = [d for rows in found.values() for d in rows] + list(eps.values())
+    adjusted = dict(zip(map(id, tests), holm([d.test.p_value for d in tests]), strict=True))
+
+    def fix(d: Direction) -> Direction:
+        return replace(d, holm_p=adjusted[id(d)])
+
+    return ({g: [fix(d) for d in rows] for g, rows in found.items()},
+            {data: fix(d) for data, d in eps.items()})
 
 
 @dataclass(frozen=True)
