@@ -212,9 +212,24 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 
 @contextmanager
 def _attack_mode(model: nn.Module, x: Tensor) -> Iterator[None]:
-    """Eval mode and full precision for the attack; each submodule's mode restored after."""
+    """Eval mode and full precision for the attack; each submodule's mode restored after.
+
+    The parameters stop requiring gradients for the attack (and start again after): an
+    attack needs only the input's gradient. Eager autograd would skip the weights' anyway,
+    but a torch.compile'd model's backward (AOTAutograd) computes the gradient of every
+    input that requires one, so each attack step also computed every weight's gradient
+    (measured on CPU with the aot_eager backend: TPGD-10 on ResNet-18, batch 32, 6.0 s →
+    4.3 s, x_adv bit-identical).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
     with eval_mode(model), torch.autocast(x.device.type, enabled=False):
-        yield
+        try:
+            for p in params:
+                p.requires_grad_(False)
+            yield
+        finally:
+            for p in params:
+                p.requires_grad_(True)
 
 
 def _sign_ascent(
