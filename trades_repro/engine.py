@@ -105,7 +105,7 @@ class Session:
     device: torch.device
     splits: datalib.Splits
     net: nn.Module  # the plain module: its state_dict is what checkpoints hold
-    model: nn.Module  # `net`, or its torch.compile wrapper
+    model: nn.Module  # `net`, or its torch.compile wrapper (`DynamicBatch`)
     optimizer: torch.optim.Optimizer
     awp: TradesAWP | None
     data_gen: torch.Generator  # batch order and augmentation (CPU)
@@ -233,17 +233,28 @@ def backend_flags(performance) -> Any:
 
 
 def compiled(net: nn.Module, spec: ExperimentSpec) -> nn.Module:
-    """`net`, or with `performance.compile` its torch.compile wrapper.
+    """`net`, or with `performance.compile` its torch.compile wrapper, batch dimension dynamic.
 
-    `dynamic=None` is dynamo's automatic mode: a graph is compiled for the first shapes it
-    sees, and a dimension that later changes (the batch: a short last batch, validation's
-    batches) is recompiled once as symbolic, after which every batch size reuses it. With
-    validation inputs in the same memory format as training's, that is a handful of graphs
-    (3 measured on CPU for train, attack and no-grad forwards), far under dynamo's
-    recompile limit of 8, past which it would silently run eager. `dynamic=True` would
-    make every dimension symbolic, spatial ones too: slower to compile and to run.
+    `DynamicBatch` marks each input's batch dimension dynamic, so each mode (train, attack
+    with gradients, no-grad forward) compiles one graph that a short last batch reuses: 3
+    graphs, where dynamo's automatic mode alone (`dynamic=None`) compiled 6, each mode again
+    when the batch first changed (CPU, eager backend), near its limit of 8 past which a frame
+    silently runs eager. `dynamic=True` would make the spatial dimensions symbolic too.
     """
-    return torch.compile(net, dynamic=None) if spec.performance.compile else net
+    return DynamicBatch(torch.compile(net, dynamic=None)) if spec.performance.compile else net
+
+
+class DynamicBatch(nn.Module):
+    """A compiled module called with dimension 0 of its input marked dynamic (`maybe_`: a
+    batch of one may still specialise, without an error). The eager path is not wrapped."""
+
+    def __init__(self, compiled_net: nn.Module) -> None:
+        super().__init__()
+        self.compiled = compiled_net
+
+    def forward(self, x: Tensor) -> Tensor:
+        torch._dynamo.maybe_mark_dynamic(x, 0)
+        return self.compiled(x)
 
 
 def _build(spec: ExperimentSpec, splits: datalib.Splits) -> nn.Module:
