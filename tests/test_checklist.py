@@ -5,12 +5,16 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from _evalutil import EPS, Saturated, digits_test, prototype_linear
 from safetensors.torch import save_file
+from torch import nn
 from typer.testing import CliRunner
 
+from trades_repro import numerics
 from trades_repro.checklist import run_checklist
 from trades_repro.cli import app
+from trades_repro.errors import BadInput
 from trades_repro.evaluate import EvalSettings
 from trades_repro.spec import LandscapeSpec
 
@@ -18,10 +22,23 @@ N = 60
 ITEMS = ["pgd100x5", "margin_loss", "fgsm", "eps_sweep", "noise", "square_only"]
 
 
-def _settings() -> EvalSettings:
+def _settings(batch_size: int = 500) -> EvalSettings:
     return EvalSettings(dataset="digits", n_examples=N, eps=EPS, step_size=EPS / 4, steps=10,
-                        random_start=True, batch_size=500, seed=0, square_queries=5000,
+                        random_start=True, batch_size=batch_size, seed=0, square_queries=5000,
                         device="cpu", landscape=LandscapeSpec(radius=EPS, steps=5))
+
+
+class Watched(nn.Module):
+    """A model that notes each forward's batch size and the backend flags in force."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net, self.batches, self.flags = net, [], []
+
+    def forward(self, x):
+        self.batches.append(len(x))
+        self.flags.append(numerics.current())
+        return self.net(x)
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +47,36 @@ def rows():
     regular = run_checklist(prototype_linear(), x, y, _settings())
     saturated = run_checklist(Saturated(prototype_linear()), x, y, _settings())
     return {r.item: r for r in regular}, {r.item: r for r in saturated}
+
+
+def test_the_checklist_runs_in_evaluation_batches_under_the_evaluation_numerics(rows):
+    """Batches of the settings' batch size (unbatched, PGD-100x5 was one 5N batch: 23 GB at
+    CIFAR n=1000), under `numerics.evaluation()` whatever the caller left on (TF32 on a GPU
+    would score another model than the fp32 PGD-10 in the same record); the PGD items give
+    the unbatched numbers, their random starts drawn for the whole set."""
+    x, y = digits_test(N)
+    watched = Watched(prototype_linear())
+    with numerics.pinned(tf32=True, deterministic=False):  # torch's default TF32 cuDNN
+        batched = {r.item: r for r in run_checklist(watched, x, y, _settings(batch_size=16))}
+    assert max(watched.batches) == 16
+    evaluation = {"tf32_matmul": False, "tf32_cudnn": False, "cudnn_deterministic": True,
+                  "cudnn_benchmark": False}
+    assert all(flags == evaluation for flags in watched.flags)
+    regular, _ = rows  # the same model, batch 500: every set in one batch
+    for item in ("pgd100x5", "fgsm", "eps_sweep", "noise"):
+        assert batched[item].numbers == regular[item].numbers, item
+        assert batched[item].status == regular[item].status, item
+    assert batched["margin_loss"].status == regular["margin_loss"].status  # APGD: per batch
+
+
+def test_the_checklist_running_out_of_gpu_memory_names_the_eval_batch_option():
+    class Exhausted(nn.Module):
+        def forward(self, x):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    x, y = digits_test(8)
+    with pytest.raises(BadInput, match="--eval-batch 8"):
+        run_checklist(Exhausted(), x, y, _settings(batch_size=16))
 
 
 def test_a_regular_model_passes_every_item_it_can_check(rows):

@@ -3,7 +3,7 @@
 Each item compares two ways of attacking the same examples and says ``pass`` or ``warn``
 with its numbers and its cost in seconds:
 
-* ``pgd100x5``: PGD-10 vs PGD-100 with 5 restarts (all restarts in one batch);
+* ``pgd100x5``: PGD-10 vs PGD-100 with 5 restarts (the 5N images attacked in batches);
 * ``margin_loss``: APGD on CE vs APGD on the DLR margin loss (pyautoattack, 100 iterations);
 * ``fgsm``: FGSM (one step of ε) vs PGD-10 — one step beating ten is a red flag;
 * ``eps_sweep``: PGD-10 accuracy as ε grows (×½ … ×16, capped at 1) must fall towards 0;
@@ -13,6 +13,15 @@ with its numbers and its cost in seconds:
 Comparisons are paired and count an image as robust only if it is also right clean; "A beats
 B" means A leaves fewer images robust with the exact McNemar p < 0.05 (scipy). Fig. 1's
 landscape is in the evaluation record already.
+
+Like `evaluate`, the checklist runs under the evaluation numerics (`numerics.evaluation()`:
+fp32, TF32 off, deterministic cuDNN; autocast off) and in batches of the settings'
+`batch_size` (`evalbatch`), a CUDA out-of-memory error becoming one line that names
+``--eval-batch``: unbatched, PGD-100x5 on 1,000 CIFAR images was one batch of 5,000 (about
+23 GB; 94 GB at TinyImageNet's 64x64). The PGD items draw their random starts once for the
+whole set and slice them per batch, so their results do not depend on the batch;
+pyautoattack's APGD (``margin_loss``) draws per batch, as AutoAttack does, and the settings'
+key holds the batch.
 """
 
 from __future__ import annotations
@@ -25,8 +34,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from trades_repro import store
+from trades_repro import numerics, store
 from trades_repro.attacks import pgd
+from trades_repro.evalbatch import out_of_memory_hint
 from trades_repro.preflight import capture_checks
 from trades_repro.records import ChecklistRow, CheckpointEval, EvalSettings
 from trades_repro.verdict import discordant, mcnemar_exact
@@ -44,9 +54,16 @@ def run_checklist(model: nn.Module, x: Tensor, y: Tensor, s: EvalSettings,
     """Every item on `x` ``[N, ...]``, `y` ``[N]`` under settings `s`; see the module doc."""
     model.float().eval()
     x, y = x.to(s.device), y.to(s.device)
-    with torch.no_grad():
-        clean = model(x).argmax(1) == y
-    base = _robust(model, _pgd(model, x, y, s, s.eps, s.steps), y, clean)
+    with (numerics.evaluation(), torch.autocast(torch.device(s.device).type, enabled=False),
+          out_of_memory_hint(s.batch_size)):
+        return _items(model, x, y, s, record, folder, report)
+
+
+def _items(model: nn.Module, x: Tensor, y: Tensor, s: EvalSettings,
+           record: CheckpointEval | None, folder: Path | None,
+           report: Callable[[str], None]) -> list[ChecklistRow]:
+    clean = _predicted(model, x, s) == y
+    base = _robust(model, _pgd(model, x, y, s, s.eps, s.steps), y, clean, s)
     items = [lambda: _restarts(model, x, y, s, clean, base),
              lambda: _margin_loss(model, x, y, s, clean),
              lambda: _fgsm(model, x, y, s, clean, base),
@@ -65,15 +82,29 @@ def run_checklist(model: nn.Module, x: Tensor, y: Tensor, s: EvalSettings,
 
 def _pgd(model: nn.Module, x: Tensor, y: Tensor, s: EvalSettings, eps: float, steps: int,
          step_size: float | None = None, random_start: bool = True) -> Tensor:
+    """PGD on `x` in batches of `s.batch_size`, its random starts drawn for all of `x` at
+    once (as one call of `pgd` would draw them) and sliced: the batch changes no result."""
     generator = torch.Generator(device=s.device).manual_seed(s.seed)
     alpha = step_size if step_size is not None else eps * s.step_size / s.eps  # PGD-10's α/ε
-    return pgd(model, x, y, eps=eps, step_size=alpha, steps=steps, random_start=random_start,
-               generator=generator)
+    noise = (torch.rand(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+             if random_start else None)
+    out = []
+    for start in range(0, len(y), s.batch_size):
+        part = slice(start, start + s.batch_size)
+        out.append(pgd(model, x[part], y[part], eps=eps, step_size=alpha, steps=steps,
+                       random_start=random_start,
+                       noise=None if noise is None else noise[part]))
+    return torch.cat(out)
 
 
-def _robust(model: nn.Module, x_adv: Tensor, y: Tensor, clean: Tensor) -> Tensor:
+def _predicted(model: nn.Module, x: Tensor, s: EvalSettings) -> Tensor:
     with torch.no_grad():
-        return clean & (model(x_adv).argmax(1) == y)
+        return torch.cat([model(part).argmax(1) for part in x.split(s.batch_size)])
+
+
+def _robust(model: nn.Module, x_adv: Tensor, y: Tensor, clean: Tensor,
+            s: EvalSettings) -> Tensor:
+    return clean & (_predicted(model, x_adv, s) == y)
 
 
 def _compare(item: str, stronger: str, weak: Tensor, strong: Tensor) -> ChecklistRow:
@@ -92,11 +123,12 @@ def _compare(item: str, stronger: str, weak: Tensor, strong: Tensor) -> Checklis
 
 
 def _restarts(model, x, y, s, clean, base) -> ChecklistRow:
-    """PGD-100 × 5 restarts as one batch of 5N images; robust only if every restart fails."""
+    """PGD-100 × 5 restarts on the 5N images of `x` repeated (attacked in batches; the
+    starts drawn for all 5N at once); robust only if every restart fails."""
     reps = (RESTARTS,) + (1,) * (x.dim() - 1)
     x_adv = _pgd(model, x.repeat(reps), y.repeat(RESTARTS), s, s.eps, LONG_STEPS,
                  step_size=s.eps / 40)  # 100 steps of ε/40 cross the box 2.5 times, as PGD-10's
-    hits = _robust(model, x_adv, y.repeat(RESTARTS), clean.repeat(RESTARTS))
+    hits = _robust(model, x_adv, y.repeat(RESTARTS), clean.repeat(RESTARTS), s)
     return _compare("pgd100x5", "PGD-100x5", base, hits.view(RESTARTS, -1).all(0))
 
 
@@ -108,13 +140,15 @@ def _margin_loss(model, x, y, s, clean) -> ChecklistRow:
         attack = APGDAttack(model, n_iter=100, eps=s.eps, seed=s.seed, loss=loss,
                             device=s.device)
         with capture_checks(f"apgd-{loss}"):  # its zero-gradient warnings: recorded elsewhere
-            results[loss] = _robust(model, attack.perturb(x, y), y, clean)
+            x_adv = torch.cat([attack.perturb(xb, yb) for xb, yb in
+                               zip(x.split(s.batch_size), y.split(s.batch_size), strict=True)])
+        results[loss] = _robust(model, x_adv, y, clean, s)
     return _compare("margin_loss", "APGD-DLR (margin)", results["ce"], results["dlr"])
 
 
 def _fgsm(model, x, y, s, clean, base) -> ChecklistRow:
     fgsm = _robust(model, _pgd(model, x, y, s, s.eps, 1, step_size=s.eps, random_start=False),
-                   y, clean)
+                   y, clean, s)
     return _compare("fgsm", "FGSM", base, fgsm)
 
 
@@ -123,13 +157,13 @@ def _noise(model, x, y, s, clean, base) -> ChecklistRow:
     reps = (NOISE_DRAWS,) + (1,) * (x.dim() - 1)
     noise = (torch.rand(x.repeat(reps).shape, generator=generator, device=s.device) * 2 - 1)
     hits = _robust(model, (x.repeat(reps) + s.eps * noise).clamp(0, 1), y.repeat(NOISE_DRAWS),
-                   clean.repeat(NOISE_DRAWS))
+                   clean.repeat(NOISE_DRAWS), s)
     return _compare("noise", "uniform noise", base, hits.view(NOISE_DRAWS, -1).all(0))
 
 
 def _sweep(model, x, y, s, clean, folder, record) -> ChecklistRow:
     radii = sorted({min(1.0, f * s.eps) for f in EPS_FACTORS})
-    accs = [_robust(model, _pgd(model, x, y, s, r, s.steps), y, clean).float().mean().item()
+    accs = [_robust(model, _pgd(model, x, y, s, r, s.steps), y, clean, s).float().mean().item()
             for r in radii]
     rises = max((b - a for a, b in zip(accs, accs[1:], strict=False)), default=0.0)
     ok = accs[-1] <= SWEEP_LIMIT and rises <= SWEEP_SLACK
