@@ -44,7 +44,10 @@ def lint(session: nox.Session) -> None:
 @nox.session(python=False)
 def gpu(session: nox.Session) -> None:
     """The GPU smoke test (tests marked gpu; never in CI): train with every knob, SIGKILL,
-    resume, evaluate, diagnose; its record goes to benchmarks/results/ with the device named."""
+    resume, evaluate, diagnose; its record goes to benchmarks/results/ with the device named.
+    On a lent GPU, `benchmarks/gpu_session.sh` runs it first of its time-boxed steps; here,
+    `DRY=1 bash benchmarks/gpu_session.sh` rehearses them after CPU pre-checks of the real
+    specs (benchmarks/gpu_precheck.py)."""
     session.run("python", "-m", "pytest", "-m", "gpu", "-v", "-s", *session.posargs)
 
 

@@ -10,9 +10,12 @@ real Fashion-MNIST, the gate's fp32 run, found trained when `--runs-dir` is the 
 then pyautoattack's ``standard`` cascade (APGD-CE, APGD-T, FAB-T, Square at 5,000 queries)
 and Square alone (the masking verdict's second attack) run on the same test images at each
 batch size, called the way `trades_repro.evaluate` calls them (`device=` and `eps=`
-explicit). Ratios are against AutoAttack's own default batch (250 in
-`run_standard_evaluation`). ``cifar`` (ResNet-18 on CIFAR-shaped synthetic images) has
-CIFAR's cost per forward, but its model is barely robust, so the cascade ends early.
+explicit) and under the same numerics (`numerics.evaluation()`: fp32, TF32 off, deterministic
+cuDNN; recorded as `attack_flags`). Ratios are against AutoAttack's own default batch (250 in
+`run_standard_evaluation`). A model still to train has its first five steps taken first
+(`common.probe`): a diverging recipe stops the script with one line (exit 3). ``cifar``
+(ResNet-18 on CIFAR-shaped synthetic images) has CIFAR's cost per forward, but its model is
+barely robust, so the cascade ends early.
 """
 
 from __future__ import annotations
@@ -24,10 +27,20 @@ import time
 from pathlib import Path
 
 import torch
-from common import exit_code, fashion_resnet, header, provenance, write_record
+from common import (
+    DIVERGED,
+    Diverged,
+    exit_code,
+    fashion_resnet,
+    header,
+    probe,
+    provenance,
+    write_record,
+)
 from rich.console import Console
 from rich.table import Table
 
+from trades_repro import numerics, store
 from trades_repro.checkpoints import build_arch, load_state_dict, load_weights
 from trades_repro.data import load_splits, to_float
 from trades_repro.spec import ExperimentSpec, parse_spec
@@ -77,9 +90,13 @@ def workload_spec(name: str, device: str, epochs: int, *, quick: bool = False,
 
 
 def workload(spec: ExperimentSpec, n: int, device: str, runs_dir: Path | None = None):
-    """Train `spec` (or find it trained in `runs_dir`), and its first `n` test images."""
+    """Train `spec` (or find it trained in `runs_dir`), and its first `n` test images;
+    `Diverged` if its first steps are unstable (`common.probe`)."""
     with tempfile.TemporaryDirectory() as scratch:
-        run = train(spec, runs_dir or Path(scratch), progress=False).run_dir
+        runs = runs_dir or Path(scratch)
+        if not store.is_finished(store.run_dir_for(spec, runs)):
+            probe(f"the {spec.name} workload", spec)
+        run = train(spec, runs, progress=False).run_dir
         tensors = load_state_dict(run / "best.safetensors")
     splits = load_splits(spec.data, spec.seed)
     net = build_arch(spec.model, spec.data.dataset, splits.shape, splits.num_classes)
@@ -96,23 +113,30 @@ def throughput(net, x, y, batch_size: int, attack: str, device: str,
     adversary.verbose = False
     if attack == "square":
         adversary.attacks_to_run = ["square"]
-    started = time.perf_counter()
-    _, y_adv = adversary.run_standard_evaluation(x, y, batch_size=batch_size)
-    seconds = time.perf_counter() - started
+    with numerics.evaluation(), torch.autocast(torch.device(device).type, enabled=False):
+        started = time.perf_counter()  # as `evaluate` runs it: fp32, deterministic cuDNN
+        _, y_adv = adversary.run_standard_evaluation(x, y, batch_size=batch_size)
+        seconds = time.perf_counter() - started
     robust = (y_adv.cpu() == y.cpu()).float().mean().item()
     return {"images_per_s": len(y) / seconds, "seconds": seconds, "robust_acc": robust}
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> dict | int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     console = Console(width=110)
     spec = workload_spec(args.workload, args.device, args.epochs, quick=args.quick,
                          root=args.data_root)
-    net, x, y, eps = workload(spec, args.n, args.device, args.runs_dir)
+    try:
+        net, x, y, eps = workload(spec, args.n, args.device, args.runs_dir)
+    except Diverged as err:
+        print(f"bench_autoattack.py: {err}", file=sys.stderr)
+        return DIVERGED
     record = provenance(torch.device(args.device), {
         "threads": args.threads, "n": args.n, "eps": eps, "train_epochs": args.epochs,
         "workload": args.workload})
+    with numerics.evaluation() as flags:
+        record["attack_flags"] = flags
     header(console, record)
     path = write_record("autoattack", record, **({"out_dir": args.out_dir} if args.out_dir
                                                  else {}))

@@ -8,7 +8,8 @@ once; this says whether that pays. For each level c, c worker processes (separat
 local executor starts them) each build a real run of the instant-tier digits spec (or, with
 `--model resnet18`, ResNet-18 on CIFAR-shaped synthetic data: 32×32×3, 10 classes), wait at a
 barrier until all are built (imports and data loading are not what is measured), then train
-`--epochs` epochs through `train.run_epoch` (the engine's epoch: steps, validation, `last.pt`).
+`--epochs` epochs through `train.run_epoch` (the engine's epoch: steps, validation, `last.pt`)
+under the run's training numerics (`numerics.training`, as `train` sets them).
 
     aggregate images/s = (c × epochs × training images) / (last worker end − first start)
     speed-up(c) = aggregate(c) / aggregate(1)
@@ -35,6 +36,7 @@ from common import ROOT, cifar_shaped, exit_code, header, provenance, summary, w
 from rich.console import Console
 from rich.table import Table
 
+from trades_repro import numerics
 from trades_repro.spec import ExperimentSpec
 
 DIGITS = {"data": {"train_subset": 1024}, "monitor": {"sgcs": False}}  # 16 steps/epoch
@@ -65,10 +67,11 @@ def worker(args: argparse.Namespace) -> None:
         while not Path(args.barrier, "go").exists():
             time.sleep(0.01)
         start = time.time()
-        for epoch in range(1, args.epochs + 1):
-            run_epoch(session, epoch)
-        if args.device == "cuda":
-            torch.cuda.synchronize()
+        with numerics.training(spec.performance):  # as `train` does: fp32 unless the spec
+            for epoch in range(1, args.epochs + 1):  # says (torch's default is TF32 cuDNN)
+                run_epoch(session, epoch)
+            if args.device == "cuda":
+                torch.cuda.synchronize()
         end = time.time()
     images = args.epochs * len(session.splits.train.labels)
     print(json.dumps({"start": start, "end": end, "images": images}))
@@ -135,6 +138,8 @@ def main(argv: list[str] | None = None) -> None:
     record = {**provenance(device, {"model": args.model, "epochs": args.epochs,
                                     "levels": levels, "repeats": args.repeats,
                                     "worker_threads": 1 if args.device == "cpu" else None})}
+    with numerics.training(spec_for(args.model, args.device, 0).performance) as flags:
+        record["training_flags"] = flags  # what each worker trains under
     header(console, record)
     path = write_record("concurrency", record,
                         **({"out_dir": args.out_dir} if args.out_dir else {}))

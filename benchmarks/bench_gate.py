@@ -24,9 +24,14 @@ sampling alone, and 0.06 is twice that. The second seed's difference is printed 
 knob's: a knob that moves the figures further than another seed does changes more than
 rounding.
 
+Before any run, fp32's first five steps are taken on the device (`common.probe`): a recipe
+whose loss is not finite or explodes there stops the gate with one line (exit 3), in
+seconds rather than after an epoch.
+
 Exit status: 0 every knob passed; 1 a knob failed (or its run failed); 2 bad arguments;
 3 inconclusive: fp32 itself ends at chance or at the ceiling on both figures, where
-agreement proves nothing; 4 our own failure (an unexpected error, traceback printed).
+agreement proves nothing, or diverged in its first steps; 4 our own failure (an unexpected
+error, traceback printed).
 The record (`results/gate-<device>-<time>.json`) is rewritten after every run, so a call
 stopped by its time box still leaves the runs it finished.
 """
@@ -42,7 +47,17 @@ from pathlib import Path
 
 import torch
 from bench_train_paths import KNOBS, with_performance
-from common import cifar_shaped, exit_code, fashion_resnet, header, provenance, write_record
+from common import (
+    DIVERGED,
+    Diverged,
+    cifar_shaped,
+    exit_code,
+    fashion_resnet,
+    header,
+    probe,
+    provenance,
+    write_record,
+)
 from rich.console import Console
 from rich.table import Table
 
@@ -211,6 +226,14 @@ def main(argv: list[str] | None = None) -> int:
     def save(figures: dict) -> None:
         write_record("gate", {**record, "figures": figures}, path=path)
 
+    try:
+        record["fp32_first_losses"] = probe(f"the gate's {args.workload} fp32 run",
+                                            specs[FP32])
+    except Diverged as err:
+        write_record("gate", {**record, "diverged": str(err), "exit_status": DIVERGED},
+                     path=path)
+        print(f"bench_gate.py: {err}", file=sys.stderr)
+        return DIVERGED
     with tempfile.TemporaryDirectory() as scratch:
         figures = run_all(specs, args.runs_dir or Path(scratch), save)
     verdicts = judge(figures, args.knobs, args.tolerance) if FP32 in figures and \

@@ -19,7 +19,10 @@ taking turns step by step (order rotated), each step timed with `time.perf_count
 loss is read every step, so no lazy work is left). Tables show medians over rounds of
 images/s over official's images/s (and, for knobs, over exact's). Before timing, one step
 from identical weights, batch and RNG stream checks that exact's x_adv is official's bit
-for bit and the losses agree. A JSON record goes to `benchmarks/results/`.
+for bit and the losses agree; that first step is timed per path on its own (a compiled
+path's compilation is in it, `first_step_s`). A JSON record goes to `benchmarks/results/`,
+rewritten after every stage (`partial: true` until the end), so a call stopped by its time
+box keeps the stages it finished.
 """
 
 from __future__ import annotations
@@ -229,6 +232,8 @@ class Result:
     ips: dict[str, list[float]]  # images/s per round
     ratio: dict[str, list[float]]  # images/s over official's, per round
     vs_exact: dict[str, list[float]]  # images/s over exact's, per round
+    first_step_s: dict[str, float]  # that first step's seconds: a compiled path's compile
+    warmup_s: dict[str, float]  # the untimed warm-up steps' seconds, per path
 
 
 def prepared(w: Workload, model: nn.Module, path: Variant) -> tuple:
@@ -241,10 +246,18 @@ def prepared(w: Workload, model: nn.Module, path: Variant) -> tuple:
     return compiled(net, path.spec), optimizer, _seeded(w)
 
 
-def first_step_losses(w: Workload, model: nn.Module, steps: dict[str, Variant]) -> dict:
+def first_step_losses(w: Workload, model: nn.Module, steps: dict[str, Variant],
+                      note: Callable[[str, float, float], None] = lambda *a: None) -> dict:
+    """Each path's loss on its first step; `note(name, loss, seconds)` after each (that
+    step holds a compiled path's compilation, so its seconds are the compile's cost)."""
     x, y = w.batches[0]
-    return {name: path.step(*_args(prepared(w, model, path), x, y))
-            for name, path in steps.items()}
+    losses = {}
+    for name, path in steps.items():
+        run = prepared(w, model, path)
+        started = time.perf_counter()
+        losses[name] = path.step(*_args(run, x, y))  # float(loss): nothing left pending
+        note(name, losses[name], round(time.perf_counter() - started, 3))
+    return losses
 
 
 def _args(run: tuple, x: Tensor, y: Tensor) -> tuple:
@@ -265,21 +278,45 @@ def _seeded(w: Workload) -> torch.Generator:
     return torch.Generator(device=w.device).manual_seed(w.spec.seed)
 
 
-def benchmark(w: Workload, *, rounds: int, warmup: int, knobs: list[str]) -> Result:
+def benchmark(w: Workload, *, rounds: int, warmup: int, knobs: list[str],
+              save: Callable[[dict], None] = lambda partial: None) -> Result:
     """Correctness check, `warmup` steps per path, then `rounds` timed passes over w.batches.
 
     Within a round the paths take turns batch by batch; each keeps its own model, optimiser and
-    generator throughout, so each trains exactly as it would alone.
+    generator throughout, so each trains exactly as it would alone. `save` gets the figures
+    so far after every stage (each path's first step, the x_adv check, each path's warm-up,
+    each round): a call stopped by its time box keeps them.
     """
     model = initial_model(w)
     steps = paths(w.spec, knobs)
-    first = first_step_losses(w, model, steps)
+    partial: dict = {"name": w.name, "partial": True, "stage": "first step",
+                     "first_step_loss": {}, "first_step_s": {}, "warmup_s": {}}
+
+    def note(name: str, loss: float, seconds: float) -> None:
+        partial["first_step_loss"][name], partial["first_step_s"][name] = loss, seconds
+        save(partial)
+        print(f"{w.name}: {name}'s first step took {seconds:.1f} s", flush=True)
+
+    first = first_step_losses(w, model, steps, note)
     equal = x_adv_equal(w, model)
+    partial.update(stage="warm-up", x_adv_equal=equal)
+    save(partial)
     runs = {name: prepared(w, model, path) for name, path in steps.items()}
     for name, path in steps.items():
-        _timed(path.step, *runs[name], w.batches[:warmup])
-    ips = _rounds({n: p.step for n, p in steps.items()}, runs, w.batches, rounds)
-    return Result(w, first, equal, ips, _over(ips, BASELINE), _over(ips, EXACT))
+        partial["warmup_s"][name] = round(_timed(path.step, *runs[name],
+                                                 w.batches[:warmup]), 3)
+        save(partial)
+        print(f"{w.name}: {name}'s {warmup} warm-up steps took "
+              f"{partial['warmup_s'][name]:.1f} s", flush=True)
+
+    def each_round(ips: dict[str, list[float]]) -> None:
+        partial.update(stage=f"round {len(ips[BASELINE])} of {rounds} done",
+                       images_per_s_so_far=ips)
+        save(partial)
+
+    ips = _rounds({n: p.step for n, p in steps.items()}, runs, w.batches, rounds, each_round)
+    return Result(w, first, equal, ips, _over(ips, BASELINE), _over(ips, EXACT),
+                  partial["first_step_s"], partial["warmup_s"])
 
 
 def _over(ips: dict[str, list[float]], base: str) -> dict[str, list[float]]:
@@ -287,9 +324,10 @@ def _over(ips: dict[str, list[float]], base: str) -> dict[str, list[float]]:
 
 
 def _rounds(steps: dict[str, StepFn], runs: dict[str, tuple], drawn: list[Batch],
-            rounds: int) -> dict[str, list[float]]:
+            rounds: int, done: Callable[[dict], None] = lambda ips: None
+            ) -> dict[str, list[float]]:
     """Images/s of each path in each round; paths take turns batch by batch, order rotated,
-    so that a change of load on the cores hits all of them alike."""
+    so that a change of load on the cores hits all of them alike. `done(ips)` after each."""
     ips: dict[str, list[float]] = {name: [] for name in steps}
     images, names = sum(len(y) for _, y in drawn), list(steps)
     for r in range(rounds):
@@ -300,6 +338,7 @@ def _rounds(steps: dict[str, StepFn], runs: dict[str, tuple], drawn: list[Batch]
                 seconds[name] += _timed(steps[name], *runs[name], [batch])
         for name in names:
             ips[name].append(images / seconds[name])
+        done(ips)
     return ips
 
 
@@ -321,11 +360,12 @@ def report(console: Console, res: Result) -> dict:
     console.print(f"\n[bold]{w.name}[/bold]: {w.spec.model.arch}, batch {len(x)} x "
                   f"{'x'.join(map(str, w.shape))}, TPGD-{a.steps}, {len(w.batches)} steps "
                   f"x {len(res.ips[BASELINE])} rounds per path")
-    table = Table("path", "first-step loss", "|Δ| vs official", "images/s",
+    table = Table("path", "first-step loss", "|Δ| vs official", "first step s", "images/s",
                   "ratio vs official", "range", "ratio vs exact")
     for name, ips in res.ips.items():
         loss, r = res.first_loss[name], summary(res.ratio[name])
         table.add_row(name, f"{loss:.7f}", f"{abs(loss - res.first_loss[BASELINE]):.1e}",
+                      f"{res.first_step_s[name]:.1f}",
                       f"{statistics.median(ips):.1f}", f"{r['median']:.2f}",
                       f"{r['min']:.2f}–{r['max']:.2f}",
                       f"{statistics.median(res.vs_exact[name]):.2f}")
@@ -335,7 +375,8 @@ def report(console: Console, res: Result) -> dict:
     return {"name": w.name, "arch": w.spec.model.arch, "batch": len(x), "shape": w.shape,
             "tpgd_steps": a.steps, "steps_per_round": len(w.batches),
             "rounds": len(res.ips[BASELINE]), "x_adv_equal": res.x_adv_equal,
-            "first_step_loss": res.first_loss,
+            "first_step_loss": res.first_loss, "first_step_s": res.first_step_s,
+            "warmup_s": res.warmup_s,
             "images_per_s": {n: summary(v) for n, v in res.ips.items()},
             "ratio_vs_official": {n: summary(v) for n, v in res.ratio.items()},
             "ratio_vs_exact": {n: summary(v) for n, v in res.vs_exact.items()}}
@@ -380,7 +421,9 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     console = Console(width=110)
     record = provenance(device, {"threads": args.threads, "quick": args.quick,
-                                 "knobs": args.knobs, "workloads": args.workloads})
+                                 "knobs": args.knobs, "workloads": args.workloads,
+                                 "resnet_batch": args.resnet_batch,
+                                 "resnet_classes": args.resnet_classes})
     header(console, record)
     start = time.perf_counter()
     runs = []
@@ -392,11 +435,19 @@ def main(argv: list[str] | None = None) -> dict:
         runs.append((resnet_workload(args.resnet_steps, args.resnet_batch,
                                      classes=args.resnet_classes).to(device),
                      args.warmup if device.type == "cuda" else 0))
-    record["workloads"] = [report(console, benchmark(w, rounds=args.rounds, warmup=warmup,
-                                                     knobs=args.knobs)) for w, warmup in runs]
+    record["workloads"] = []
+    path = write_record("train_paths", {**record, "partial": True},
+                        **({"out_dir": args.out_dir} if args.out_dir else {}))
+
+    def save(partial: dict) -> None:  # after every stage: a time-out keeps what finished
+        write_record("train_paths", {**record, "partial": True,
+                                     "workloads": [*record["workloads"], partial]}, path=path)
+
+    for w, warmup in runs:
+        res = benchmark(w, rounds=args.rounds, warmup=warmup, knobs=args.knobs, save=save)
+        record["workloads"].append(report(console, res))
     record["wall_time_s"] = round(time.perf_counter() - start, 1)
-    path = write_record("train_paths", record, **({"out_dir": args.out_dir}
-                                                    if args.out_dir else {}))
+    write_record("train_paths", {**record, "partial": False}, path=path)
     console.print(f"\nwall time: {record['wall_time_s']:.0f} s; record: {path}")
     return record
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -174,6 +175,7 @@ def test_gate_stops_when_fp32_fails(tmp_path, monkeypatch):
 def test_gate_main_writes_its_record_and_exit_status(tmp_path, monkeypatch):
     runs = iter([FP32, _run(0.66, 0.42), _run(0.69, 0.41)])
     monkeypatch.setattr(gate, "figures_of", lambda spec, runs_dir: next(runs))
+    monkeypatch.setattr(gate, "probe", lambda name, spec: [2.3, 2.2])
     status = gate.main(["--device", "cpu", "--quick", "--out-dir", str(tmp_path)])
     assert status == 0
     (path,) = tmp_path.glob("gate-cpu-*.json")
@@ -181,6 +183,7 @@ def test_gate_main_writes_its_record_and_exit_status(tmp_path, monkeypatch):
     assert record["exit_status"] == 0 and record["verdicts"]["channels_last"]["passed"]
     assert set(record["specs"]) == {gate.FP32, gate.SEED1, "channels_last"}
     assert record["flags"]["workload"] == "fashion"
+    assert record["fp32_first_losses"] == [2.3, 2.2]  # fp32's first steps, probed first
 
 
 @pytest.mark.parametrize("argv", [["--knobs", "warp"], ["--epochs", "1"], ["--epochs", "0"],
@@ -320,6 +323,7 @@ def test_autoattack_record_holds_every_batch_size_measured(tmp_path, monkeypatch
 def test_an_unexpected_error_in_the_gate_is_exit_4_not_a_failed_knob(tmp_path, monkeypatch,
                                                                        capsys):
     monkeypatch.setattr(gate, "figures_of", lambda spec, runs_dir: FP32)
+    monkeypatch.setattr(gate, "probe", lambda name, spec: [2.3, 2.2])
     monkeypatch.setattr(gate, "judge", lambda *a: 1 / 0)  # a bug after the runs
     status = common.exit_code(gate.main, ["--device", "cpu", "--quick", "--out-dir",
                                           str(tmp_path)])
@@ -356,3 +360,220 @@ def test_a_benchmark_that_crashes_exits_4(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 4, done.stderr[-2000:]
     assert "our own failure" in done.stderr
+
+
+# ------------------------------------------------------- what a lent GPU will run, checked here
+
+precheck = _load("gpu_precheck")
+
+
+@pytest.mark.parametrize("losses", [[2.5, 3.8, 10.7, 15.1, float("nan")], [2.5, 2.4, 5.1],
+                                    [2.5, float("inf")], [float("nan")]])
+def test_a_nan_or_exploding_first_loss_is_diverged_in_one_line(losses):
+    with pytest.raises(common.Diverged) as err:
+        common.check_stable("fashion fp32", losses)
+    assert "\n" not in str(err.value) and "fashion fp32" in str(err.value)
+    common.check_stable("stable", [2.51, 2.27, 2.25, 2.12, 2.04])
+    common.check_stable("at the limit", [2.0, 4.0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(precheck.WORKLOADS))
+def test_every_gpu_workload_takes_its_first_steps_finite_and_not_exploding(name, request):
+    """The session's own specs (ResNet-18 and all), five steps at batch 32 on a CPU, as
+    `gpu_precheck.py` runs them: the gate's fashion ResNet-18 at the spec's lr 0.1 was NaN
+    by step 5 (and 2.7x its first loss at step 2), which cost a GPU session its gate and its
+    AutoAttack figure."""
+    root = request.getfixturevalue("debian_fashion_mnist") if "fashion" in name else None
+    spec = precheck.WORKLOADS[name](root)
+    assert spec.model.arch == "resnet18" and spec.device == "cpu"
+    figures = precheck.stable(name, spec, steps=5, batch=32)  # Diverged otherwise
+    assert len(figures["losses"]) == 5
+
+
+def test_the_gpu_workloads_are_the_specs_the_session_trains(tmp_path):
+    gate_fp32 = gate.gate_specs("fashion", "cpu", [], 3, quick=False, root=tmp_path)[gate.FP32]
+    assert precheck.WORKLOADS["gate_fashion_fp32"](tmp_path).digest() == gate_fp32.digest()
+    assert precheck.WORKLOADS["concurrency_resnet18"](None).digest() == \
+        concurrency.spec_for("resnet18", "cpu", 0).digest()
+    smoke = precheck.WORKLOADS["smoke"](None)
+    assert smoke.performance.compile and smoke.evaluation.square_queries <= 1000
+    assert gate_fp32.optim.lr == 0.01  # lr 0.1 diverges on this set (see common.fashion_resnet)
+
+
+def test_gate_stops_in_one_line_when_fp32_diverges_in_its_first_steps(tmp_path, monkeypatch,
+                                                                      capsys):
+    def diverged(name, spec):
+        raise gate.Diverged(f"{name}: the training loss diverged in its first 5 steps")
+
+    trained = []
+    monkeypatch.setattr(gate, "probe", diverged)
+    monkeypatch.setattr(gate, "figures_of", lambda spec, runs: trained.append(spec) or FP32)
+    status = common.exit_code(gate.main, ["--device", "cpu", "--quick", "--out-dir",
+                                          str(tmp_path)])
+    assert status == 3 and not trained  # no run trained: seconds, not the time box
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "diverged in its first 5 steps" in err
+    (path,) = tmp_path.glob("gate-cpu-*.json")
+    assert "diverged" in json.loads(path.read_text())
+
+
+def test_the_gate_probes_its_fp32_run_through_the_engine(monkeypatch):
+    """`probe` takes the spec's first steps (`first_losses`), then judges them."""
+    monkeypatch.setattr(sys.modules["common"], "first_losses",
+                        lambda spec, steps: [2.5, float("nan")])
+    with pytest.raises(sys.modules["common"].Diverged):
+        gate.probe("fp32", gate.gate_specs("cifar", "cpu", [], 2, quick=True)[gate.FP32])
+
+
+def test_first_losses_are_the_steps_train_takes(tmp_path):
+    from factories import digits
+
+    from trades_repro.train import train
+
+    raw = digits(data={"train_subset": 128}, optim={"epochs": 1, "batch_size": 64},
+                 monitor={"batch_metrics": True})
+    spec = parse_spec(raw)
+    losses = common.first_losses(spec, 2)
+    run = train(spec, tmp_path, progress=False).run_dir
+    logged = [json.loads(line)["loss"]
+              for line in (run / store.BATCHES_FILE).read_text().splitlines()]
+    assert losses == pytest.approx(logged, rel=1e-6) and len(losses) == 2
+    assert len(common.first_losses(spec, 1, batch_size=32)) == 1
+
+
+def test_autoattack_stops_in_one_line_when_its_workload_diverges(tmp_path, monkeypatch,
+                                                                 capsys):
+    def diverged(name, spec):
+        raise autoattack.Diverged(f"{name}: the training loss diverged")
+
+    monkeypatch.setattr(autoattack, "probe", diverged)
+    monkeypatch.setattr(autoattack, "train", lambda *a, **k: 1 / 0)  # never reached
+    status = common.exit_code(autoattack.main, ["--quick", "--runs-dir", str(tmp_path),
+                                                "--out-dir", str(tmp_path)])
+    assert status == 3 and capsys.readouterr().err.count("\n") == 1
+
+
+def test_autoattack_is_timed_under_the_evaluation_numerics(monkeypatch):
+    """As `evaluate` runs it: TF32 off and deterministic cuDNN (torch's default is TF32
+    cuDNN on, which on a GPU would time other kernels than an evaluation uses)."""
+    import pyautoattack
+
+    from trades_repro import numerics
+
+    seen = []
+
+    class Fake:
+        def __init__(self, model, **kwargs):
+            self.attacks_to_run = []
+
+        def run_standard_evaluation(self, x, y, batch_size):
+            seen.append(numerics.current())
+            return x, y
+
+    monkeypatch.setattr(pyautoattack, "AutoAttack", Fake)
+    with numerics.pinned(tf32=True, deterministic=False):  # what torch would leave on
+        autoattack.throughput(None, torch.zeros(2, 1), torch.zeros(2), 2, "standard", "cpu",
+                              0.1)
+    assert seen == [{"tf32_matmul": False, "tf32_cudnn": False, "cudnn_deterministic": True,
+                     "cudnn_benchmark": False}]
+
+
+def test_a_concurrency_worker_trains_under_the_runs_training_numerics(tmp_path, monkeypatch,
+                                                                      capsys):
+    """As `train` does: the spec's flags (fp32: TF32 off), not torch's defaults (TF32 cuDNN
+    on), which made a GPU figure one of TF32 training while run-claim trains in fp32."""
+    import trades_repro.train as training
+    from trades_repro import numerics
+
+    seen = []
+    monkeypatch.setattr(training, "run_epoch", lambda session, epoch: seen.append(
+        numerics.current()))
+    (tmp_path / "go").touch()
+    with numerics.pinned(tf32=True, deterministic=False):  # torch's default TF32 cuDNN
+        concurrency.worker(concurrency.parse(["--worker", "--barrier", str(tmp_path),
+                                              "--epochs", "2"]))
+    assert seen == [{"tf32_matmul": False, "tf32_cudnn": False, "cudnn_deterministic": False,
+                     "cudnn_benchmark": False}] * 2
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["images"] == 2 * 1024
+
+
+def test_train_paths_saves_a_partial_record_after_every_stage(tmp_path, monkeypatch):
+    """A call stopped by its time box (here: an error in the x_adv check) keeps each path's
+    first step (loss and seconds: a compiled path's compile) in a record marked partial."""
+    def stopped(w, model):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "x_adv_equal", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--quick", "--workloads", "digits", "--out-dir", str(tmp_path)])
+    (path,) = tmp_path.glob("train_paths-cpu-*.json")
+    saved = json.loads(path.read_text())
+    (partial,) = saved["workloads"]
+    assert saved["partial"] and partial["partial"] and partial["stage"] == "first step"
+    assert set(partial["first_step_s"]) == {"official", "exact", "channels_last"}
+    assert all(s > 0 for s in partial["first_step_s"].values())
+
+
+def test_train_paths_record_times_each_paths_first_step(tmp_path):
+    record = bench.main(["--quick", "--workloads", "digits", "--rounds", "1", "--out-dir",
+                         str(tmp_path)])
+    (path,) = tmp_path.glob("train_paths-cpu-*.json")
+    saved = json.loads(path.read_text())
+    assert not saved["partial"] and saved["workloads"] == json.loads(json.dumps(
+        record["workloads"]))
+    (figures,) = saved["workloads"]
+    assert set(figures["first_step_s"]) == set(figures["warmup_s"]) == {
+        "official", "exact", "channels_last"}
+
+
+def _session(tmp_path, env: dict, *steps: str):
+    import subprocess
+
+    return subprocess.run(["bash", str(BENCHMARKS / "gpu_session.sh"), *steps],
+                          capture_output=True, text=True, timeout=120,
+                          env={"PATH": "/usr/bin:/bin", "OUT": str(tmp_path / "out"), **env})
+
+
+def test_gpu_session_plans_one_device_call(tmp_path):
+    """15 minutes of device time hold one call (<= 600 s, after a ~90 s start): every step
+    and its kill grace within 540 s, the smoke test (issue 20) first; on the CPU the
+    rehearsal runs the pre-checks before the small versions."""
+    plan = _session(tmp_path, {"PLAN": "1"}).stdout.splitlines()
+    steps = [line.split()[0] for line in plan[:-1]]
+    assert steps == ["smoke", "gate", "concurrency", "autoattack", "train_paths"]
+    assert plan[-1] == "grace 5 per step; session 540 s"
+    dry = _session(tmp_path, {"PLAN": "1", "DRY": "1"}).stdout.splitlines()
+    assert dry[0].startswith("precheck ") and len(dry) == len(plan) + 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_gpu_session_boxes_each_step_and_goes_on_past_a_failure_or_a_time_out(tmp_path):
+    """A failed smoke and a hanging gate end their own steps only; what the smoke left
+    unused goes to the gate; each step's log is under $OUT as it runs, and the archive
+    holds them all."""
+    import tarfile
+
+    stub = tmp_path / "py"
+    stub.write_text("#!/bin/bash\ncase \"$*\" in\n  *test_gpu*) echo failing; exit 1 ;;\n"
+                    "  *bench_gate*) echo hanging; sleep 60 ;;\n  *) echo \"ran $*\" ;;\nesac\n")
+    stub.chmod(0o755)
+    boxes = {f"{s}_S": "1" for s in ("SMOKE", "GATE", "CONCURRENCY", "AUTOATTACK",
+                                      "TRAIN_PATHS")}
+    done = _session(tmp_path, {"PY": str(stub), **boxes})
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "out"
+    summary = (out / "gpu_session.txt").read_text()
+    assert "smoke: exit 1" in summary and "gate: exit 124" in summary
+    for later in ("concurrency", "autoattack", "train_paths"):
+        assert f"{later}: exit 0" in summary
+        assert "bench_" in (out / f"{later}.log").read_text()
+    # the gate's box: its own 1 s + the smoke's unused second and grace (5 s), less the
+    # second the smoke may have taken
+    (after, box), = re.findall(r"gate: exit 124 after (\d+) s \(box (\d+) s\)", summary)
+    assert int(box) >= 6 and abs(int(after) - int(box)) <= 1
+    assert f"stopped by its {box} s time box" in (out / "gate.log").read_text()
+    with tarfile.open(out / "gpu_session.tgz") as archive:
+        names = {n.lstrip("./") for n in archive.getnames()}
+    assert {"smoke.log", "gate.log", "train_paths.log", "gpu_session.txt"} <= names
+    assert len(list(out.iterdir())) <= 8  # the device returns at most eight files
