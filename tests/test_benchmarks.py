@@ -128,6 +128,14 @@ def test_gate_is_inconclusive_without_an_informative_fp32(fp32):
     assert gate.exit_status({}, {}, ["bf16"]) == 3
 
 
+def test_one_informative_fp32_figure_is_enough():
+    """fp32 is informative when one of its figures is off chance and below the ceiling (its
+    PGD-10 at chance, its clean accuracy not): the gate then judges, it is not inconclusive."""
+    fp32 = {"clean": 0.80, "pgd10": 0.05, "seconds": 1.0, "epochs": []}
+    figures = {gate.FP32: fp32, "bf16": dict(fp32)}
+    assert gate.exit_status(figures, gate.judge(figures, ["bf16"], 0.06), ["bf16"]) == 0
+
+
 @pytest.mark.parametrize("workload", ["fashion", "cifar"])
 @pytest.mark.parametrize("quick", [True, False])
 def test_gate_runs_differ_only_in_the_knob_or_the_seed(workload, quick):

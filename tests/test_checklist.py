@@ -119,3 +119,17 @@ def test_diagnose_checklist_records_rows_with_their_cost(tmp_path):
     assert [r["item"] for r in record["checklist"]] == ITEMS
     assert record["checklist"][-1]["status"] != "n/a"  # Square ran: its images are counted
     assert list((tmp_path / "out").glob("checklist_eps_*.png"))
+
+
+def test_every_attack_item_of_the_checklist_attacks():
+    """pgd100x5, fgsm and noise were only ever asked to pass on a regular model: a step size
+    or noise scale of 0 passed too. Each must leave fewer images robust than clean, and on a
+    linear model PGD-100x5 and FGSM must be at least as strong as PGD-10."""
+    x, y = digits_test(N)
+    net = prototype_linear()
+    clean = (net(x).argmax(1) == y).float().mean().item()
+    rows = {r.item: r for r in run_checklist(net, x, y, _settings())}
+    for item in ("pgd100x5", "fgsm", "noise"):
+        assert rows[item].numbers["strong_accuracy"] < clean, item
+    for item in ("pgd100x5", "fgsm"):
+        assert rows[item].numbers["strong_accuracy"] <= rows[item].numbers["weak_accuracy"], item

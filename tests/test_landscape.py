@@ -84,3 +84,18 @@ def test_saved_files_are_a_loadable_grid_and_a_png(tmp_path):
                         generator=torch.Generator().manual_seed(0))
     assert save_landscape(land, tmp_path, "again", "title") == ("again.npy", "again.png")
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporaries
+
+
+def test_landscape_result_uses_the_first_n_images_the_radius_and_the_seed():
+    """What it reports is the surface of its own inputs: the first `n_images`, the spec's
+    radius, its seed (not 0, which a hard-coded seed would also give)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    x = torch.rand(6, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    y = torch.arange(6) % 3
+    spec = LandscapeSpec(radius=0.3, steps=5, n_images=2)
+    got = landscape_result(net, x, y, spec, seed=7, device="cpu", checkpoint="b", folder=None)
+    want = loss_surface(net, x[:2], y[:2], radius=0.3, steps=5,
+                        generator=torch.Generator().manual_seed(7))
+    assert got.roughness == want.roughness
+    assert (got.loss_min, got.loss_max) == (float(want.surface.min()), float(want.surface.max()))

@@ -140,3 +140,18 @@ def test_train_refuses_a_run_another_process_holds(tmp_path):
     _plant(run_dir_for(load_spec(spec_file), runs))
     result = CliRunner().invoke(app, ["train", str(spec_file), "--runs-dir", str(runs)])
     assert_one_line_error(result, "being trained by")
+
+
+def test_a_second_taker_that_saw_the_same_stale_lock_does_not_take_it_again(tmp_path):
+    """The race of two takers, made deterministic: both read the same stale holder; only the
+    first may take the lock, and a take-over in progress elsewhere stops a third (the threaded
+    race test almost never reaches this code: the first taker's live pid turns others away)."""
+    stale = replace(runlock.Holder.me(), token="theirs", pid=_dead_pid())
+    (tmp_path / runlock.LOCK_FILE).write_text(json.dumps(asdict(stale)))
+    first, second = runlock.Holder.me(), runlock.Holder.me()
+    assert runlock._take_over(tmp_path, stale, first, "gone")
+    assert not runlock._take_over(tmp_path, stale, second, "gone")
+    assert runlock.read(tmp_path).token == first.token
+    (tmp_path / runlock.TAKEOVER_FILE).write_text("{}")
+    assert not runlock._take_over(tmp_path, runlock.read(tmp_path), second, "gone")
+    assert runlock.read(tmp_path).token == first.token

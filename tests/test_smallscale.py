@@ -494,3 +494,29 @@ def test_export_replaces_evidence_files_whole_never_in_place(evidence, tmp_path)
     assert target.stat().st_ino != before
     assert target.read_bytes() == (run / "metrics.jsonl").read_bytes()
     assert not list((tmp_path / "ev").rglob("*.tmp"))
+
+
+# What the committed evidence says of each cpu-tier claim (README, docs/small_scale.md):
+# tests/claims/test_small_scale.py skips them at CI's instant tier, and `verify` in .ci/run
+# accepts any exit up to 1, so a judge change that flips one of them would pass unseen.
+CPU_OUTCOMES = {
+    "small_scale.fashion.risky_cell_flagged": "held",
+    "small_scale.fashion.trend.risky_vs_safe": "failed",
+    "small_scale.fashion.fosc_spike": "held",
+    "small_scale.fashion.sgcs_falls_with_fosc": "failed",
+    "small_scale.fashion.healing": "failed",
+    "small_scale.fashion.spike_lasts_one_epoch": "failed",
+    "small_scale.fashion.landscape_rougher_when_flagged": "held",
+    "small_scale.fashion.kl_norm_spikes_with_w": "failed",
+    "small_scale.fashion.cosine_drops_at_norm_spikes": "failed",
+}
+
+
+def test_the_committed_evidence_judges_the_cpu_claims_as_reported():
+    from trades_repro.claims import load_catalogue
+    from trades_repro.verify import Context, Evidence, judge_all
+
+    catalogue = load_catalogue(ROOT / "claims")
+    entries = [e for e in catalogue.entries if e.artefact == "small_scale"]
+    judged = judge_all(entries, Context(catalogue, Evidence(ROOT / "evidence" / "cpu"), "cpu"))
+    assert {j.id: j.status for j in judged} == CPU_OUTCOMES
