@@ -124,7 +124,8 @@ FULL = (
         "tests/test_mut_diagnose.py", "tests/test_defaults_pinned.py", "tests/test_cli.py",
         "tests/test_exit_codes.py"), CLI_HELPERS),
     # The claims and verification code: what decides whether a paper claim held.
-    Group("judges", _src("judges"), ("tests/test_mut_judges.py", "tests/test_verify.py")),
+    Group("judges", _src("judges"), ("tests/test_mut_judges.py", "tests/test_verify.py",
+                                     "tests/test_stats_audit.py")),
     Group("verify", _src("verify"), (
         "tests/test_mut_verify.py", "tests/test_verify.py", "tests/test_corrupt_evidence.py")),
     Group("claims", _src("claims", "claimkinds"), (

@@ -904,6 +904,10 @@ def test_verify_exit_codes_follow_the_worst_judgement(capsys):
         cli_claims._exit_for(_judged("held", "not run", "incomplete"))
     assert str(caught.value) == ("1 claim(s) incomplete (seeds missing; --allow-partial "
                                  "judges them): c2")
+    with pytest.raises(Inconclusive) as caught:  # the first five named
+        cli_claims._exit_for(_judged("held", *["incomplete"] * 6))
+    assert str(caught.value) == ("6 claim(s) incomplete (seeds missing; --allow-partial "
+                                 "judges them): c1, c2, c3, c4, c5")
     with pytest.raises(Inconclusive) as caught:  # no claim at this tier: nothing judged
         cli_claims._exit_for([])
     assert str(caught.value) == "no claim was selected at this tier: nothing judged"
