@@ -9,6 +9,7 @@ numbers from scipy/statsmodels called directly on the same values, never through
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -349,6 +350,42 @@ def test_a_rate_next_to_the_papers_is_held_where_its_interval_stopped_short(tmp_
     assert not _exact(*paper)[0] <= ours[0] / ours[1] <= _exact(*paper)[1]
     got = _rate(tmp_path, *paper, *ours)
     assert (got["status"], got["p_value"]) == ("held", 1.0)
+
+
+@pytest.mark.parametrize("at_floor", [True, False])
+def test_a_rate_whose_smallest_attainable_p_is_alpha_is_undetermined(tmp_path, at_floor):
+    """Paper 4/5 against 5 runs: 0/5 is as far as a count of ours can differ, p = 0.0476.
+    At α equal to it no count could fail (held unless p < α); a bit above it 0/5 fails."""
+    floor = min(stats.fisher_exact([[j, 5 - j], [4, 1]]).pvalue for j in range(6))
+    p = stats.fisher_exact([[0, 5], [4, 1]]).pvalue
+    assert floor == p and 0.04 < p < 0.05
+    alpha = float(p) if at_floor else float(np.nextafter(p, 1))
+    ours, paper = _exact(0, 5, 1 - alpha), _exact(4, 5, 1 - alpha)
+    intervals = (
+        f"exact {1 - alpha:.0%} intervals: ours [{ours[0]:.3f}, {ours[1]:.3f}], "
+        f"the paper's 4/5 [{paper[0]:.3f}, {paper[1]:.3f}]"
+    )
+    undecidable = (
+        f"no count of 5 runs could differ from 4/5 at {alpha:g} (smallest "
+        f"attainable p {p:.3g}): more seeds decide; {intervals}"
+    )
+    _assert_same(
+        _rate(tmp_path, 4, 5, 0, 5, alpha),
+        _expect(
+            "table_9.rate",
+            "instability_rate",
+            "undetermined" if at_floor else "failed",
+            "4/5",
+            ours="0/5",
+            test=f"Fisher exact (two-sided) against the paper's count, held unless p < {alpha:g}",
+            statistic=0.0,
+            p_value=p,
+            interval=ours,
+            n_required=5,
+            n_found=5,
+            detail=undecidable if at_floor else intervals,
+        ),
+    )
 
 
 def test_a_rate_with_an_undecided_run_is_undetermined(tmp_path):
@@ -909,18 +946,80 @@ def test_a_nan_p_from_a_welch_cell_is_undetermined_not_held(tmp_path, monkeypatc
     monkeypatch.setattr(stats_module, "welch_from_stats", _nan_test("Welch t-test"))
     catalogue = _cell(tmp_path, (0.85, 0.86), {"name": "welch"},
                       expected={"mean": 0.90, "sd": 0.01, "n": 5})
-    got = _judge(tmp_path, catalogue, "table_9.cell")
-    assert (got["status"], got["p_value"], got["detail"]) == (
-        "undetermined", None, "the Welch test is undefined on these summaries (p is NaN)")
+    _assert_same(
+        _judge(tmp_path, catalogue, "table_9.cell"),
+        _expect(
+            "table_9.cell",
+            "table_cell",
+            "undetermined",
+            "0.9000 ± 0.0100 (n = 5)",
+            ours="0.8550 ± 0.0071 (n = 2)",
+            test="Welch t-test, held unless p < 0.05",
+            n_required=2,
+            n_found=2,
+            detail="the Welch test is undefined on these summaries (p is NaN)",
+        ),
+    )
 
 
 @pytest.mark.parametrize("direction", ["increasing", "not_decreasing"])
 def test_a_nan_p_from_a_metric_trend_is_undetermined_not_held(tmp_path, monkeypatch,
                                                               direction):
     monkeypatch.setattr(stats_module, "welch_greater", _nan_test("Welch t-test (one-sided)"))
-    got = _metric_trend(tmp_path, (0.5, 0.55), (0.7, 0.75), direction)
-    assert (got["status"], got["p_value"], got["detail"]) == (
-        "undetermined", None, "the Welch test is undefined on these values (p is NaN)")
+    _assert_same(
+        _metric_trend(tmp_path, (0.5, 0.55), (0.7, 0.75), direction),
+        _expect(
+            "table_9.trend",
+            "trend",
+            "undetermined",
+            direction,
+            ours="0.5250 ± 0.0354, 0.7250 ± 0.0354",
+            detail="the Welch test is undefined on these values (p is NaN)",
+        ),
+    )
+
+
+def test_a_non_finite_metric_leaves_a_cell_undetermined_with_its_counts(tmp_path):
+    c = _cell_claim(_tolerance(0.5), metric="roughness")
+    catalogue = _catalogue(tmp_path, {"a": arm(seeds=4)}, [c])
+    _runs(tmp_path, catalogue, "a", *({"roughness": v} for v in (0.5, math.inf, math.nan)))
+    _assert_same(
+        _judge(tmp_path, catalogue, "table_9.cell", partial=True),
+        _expect(
+            "table_9.cell",
+            "table_cell",
+            "undetermined",
+            "0.5000",
+            n_required=4,
+            n_found=3,
+            partial=True,
+            detail="2 of 3 runs' roughness not finite: no test applies",
+        ),
+    )
+
+
+def test_a_non_finite_metric_leaves_a_metric_trend_undetermined(tmp_path):
+    arms = {"lo": arm(seeds=2), "hi": arm(seeds=2, **{"method.beta": 2})}
+    c = claim(
+        "table_9.trend",
+        "trend",
+        arms=["lo", "hi"],
+        measure="roughness",
+        test={"name": "welch_one_sided"},
+    )
+    catalogue = _catalogue(tmp_path, arms, [c])
+    _runs(tmp_path, catalogue, "lo", {"roughness": 0.5}, {"roughness": math.nan})
+    _runs(tmp_path, catalogue, "hi", {"roughness": 0.7}, {"roughness": 0.75})
+    _assert_same(
+        _judge(tmp_path, catalogue, "table_9.trend"),
+        _expect(
+            "table_9.trend",
+            "trend",
+            "undetermined",
+            "increasing",
+            detail="1 of 4 runs' roughness not finite: no test applies",
+        ),
+    )
 
 
 # --------------------------------------------------------------------------------- healing
@@ -1045,6 +1144,37 @@ def test_healing_waits_for_clean_accuracy(tmp_path):
     assert (got["status"], got["detail"]) == (
         "incomplete", "incomplete (3 of 4 seeds) with clean, pgd10, square evaluated (1 finished "
         "without)")
+
+
+def test_a_non_finite_clean_accuracy_leaves_healing_undetermined(tmp_path):
+    """A fixed run's clean accuracy read as NaN from its eval.json: no difference to judge."""
+    arms = {"base": arm(seeds=3), "fixed": arm(seeds=3, **{"healing.enabled": True})}
+    c = claim(
+        "table_9.fix",
+        "healing",
+        arms={"baseline": "base", "fixed": "fixed"},
+        rule=V1,
+        test={"name": "healing", "clean_tolerance": 0.25},
+    )
+    catalogue = _catalogue(tmp_path, arms, [c])
+    _runs(tmp_path, catalogue, "base", *BASE[1:])  # seed 0 flagged, seeds 1 and 2 regular
+    fixed = _runs(tmp_path, catalogue, "fixed", *[{"clean": 0.75, **REGULAR}] * 3)
+    path = fixed[0] / "eval.json"
+    evals = json.loads(path.read_text())
+    for record in evals["checkpoints"].values():
+        record["clean"]["accuracy"] = math.nan
+    path.write_text(json.dumps(evals))
+    _assert_same(
+        _judge(tmp_path, catalogue, "table_9.fix"),
+        _expect(
+            "table_9.fix",
+            "healing",
+            "undetermined",
+            "fixed not flagged, clean as regular",
+            n_found=6,
+            detail="1 of 3 runs' clean accuracy not finite: no test applies",
+        ),
+    )
 
 
 def test_healing_regular_runs_are_those_the_rule_clears(tmp_path):

@@ -299,6 +299,21 @@ def test_a_tolerance_met_to_the_last_bit_holds(tmp_path):
     assert _judge(tmp_path / "more", catalogue, "table_9.clean").status == "failed"
 
 
+@pytest.mark.parametrize(("diff", "status"), [
+    (0.25 + 1e-12, "held"),  # |ours − paper| = tol + 1e-12 to the bit: the slack is inclusive
+    (np.nextafter(0.25 + 1e-12, 1), "failed"),  # one ulp past it
+])
+def test_a_tolerance_is_inclusive_up_to_its_slack_of_1e_12(tmp_path, diff, status):
+    ours = 0.5 - float(diff)
+    assert abs(ours - 0.5) == diff  # exact: no rounding between the run and the verdict
+    c = claim("table_9.rough", "table_cell", arm="a", metric="roughness",
+              test={"name": "tolerance", "abs": 0.25}, expected={"mean": 0.5})
+    catalogue = _catalogue(tmp_path, {"a": arm(seeds=1)}, [c])
+    _runs(tmp_path, catalogue, "a", {"roughness": ours})
+    got = _judge(tmp_path, catalogue, "table_9.rough")
+    assert (got.status, got.statistic) == (status, -diff)
+
+
 def test_a_healing_clean_tolerance_met_to_the_last_bit_holds(tmp_path):
     assert abs(0.70 - 0.72) > 0.02
     arms = {"base": arm(seeds=2), "fixed": arm(seeds=2, **{"healing.enabled": True})}
