@@ -443,7 +443,8 @@ def test_study_sweep_dry_run_counts_each_files_runs_by_state_and_runs_nothing(tm
         [done.digest(), failed.digest()])
 
 
-@pytest.mark.parametrize("args", [["--square-queries", "0"], ["--shard", "1/1"]])
+@pytest.mark.parametrize("args", [["--square-queries", "0"], ["--square-queries", "1000001"],
+                                  ["--shard", "1/1"]])
 def test_study_probe_refuses_bad_input_in_one_line(tmp_path, args):
     from factories import assert_one_line_error
 
@@ -471,6 +472,10 @@ def test_report_refuses_a_missing_runs_dir_and_keeps_the_report_without_evidence
     missing = runner.invoke(app, ["study", "report", "--runs-dir", str(tmp_path / "typo"),
                                   "--evidence", str(tmp_path / "ev"), "--out", str(out)])
     assert_one_line_error(missing, "--runs-dir", "typo", "not a folder")
+    mistyped = runner.invoke(app, ["study", "report", "--evidence", str(tmp_path / "ev"),
+                                   "--out", str(out)])  # a typo is not "no evidence" (3)
+    assert_one_line_error(mistyped, "--evidence", "not a folder")
+    (tmp_path / "ev").mkdir()
     empty = runner.invoke(app, ["study", "report", "--evidence", str(tmp_path / "ev"),
                                 "--out", str(out)])
     assert empty.exit_code == 3, empty.output
@@ -520,3 +525,63 @@ def test_the_committed_evidence_judges_the_cpu_claims_as_reported():
     entries = [e for e in catalogue.entries if e.artefact == "small_scale"]
     judged = judge_all(entries, Context(catalogue, Evidence(ROOT / "evidence" / "cpu"), "cpu"))
     assert {j.id: j.status for j in judged} == CPU_OUTCOMES
+
+
+def test_study_probe_refuses_a_missing_runs_dir_and_says_when_nothing_was_probed(tmp_path):
+    """A mistyped --runs-dir probed nothing and exited 0; so did a folder without one run
+    finished and evaluated."""
+    from factories import assert_one_line_error
+
+    sweep = str(ROOT / "spec/sweeps/digits_eps0p3.yaml")
+    typo = runner.invoke(app, ["study", "probe", sweep, "--runs-dir", str(tmp_path / "typo")])
+    assert_one_line_error(typo, "--runs-dir", "not a folder")
+    assert not (tmp_path / "typo").exists()
+    nothing = runner.invoke(app, ["study", "probe", sweep, "--runs-dir", str(tmp_path)])
+    assert nothing.exit_code == 3, nothing.output
+    assert "nothing probed" in nothing.output
+
+
+def test_study_sweep_refuses_a_shard_in_a_dry_run(tmp_path):
+    """The dry run listed every shard's runs as if they were this launch's."""
+    from factories import assert_one_line_error
+
+    result = runner.invoke(app, ["study", "sweep", str(ROOT / "spec/sweeps/digits_eps0p3.yaml"),
+                                 "--dry-run", "--shard", "1/2", "--runs-dir", str(tmp_path)])
+    assert_one_line_error(result, "--shard 1/2 with --dry-run")
+
+
+@pytest.mark.parametrize("retry", [False, True])
+def test_study_sweep_retries_failed_runs_only_when_asked(tmp_path, monkeypatch, retry):
+    """Its error told users to pass --retry-failed, which study sweep did not have."""
+    import trades_repro.runclaim as rc
+
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(f"base: {ROOT / 'spec' / 'digits.yaml'}\nseeds: 1\n")
+    calls = []
+    monkeypatch.setattr(rc, "execute", lambda runs, runs_dir, **kw: calls.append(kw) or [])
+    result = runner.invoke(app, ["study", "sweep", str(sweep), "--runs-dir",
+                                 str(tmp_path / "runs"), *(["--retry-failed"] if retry else [])])
+    assert result.exit_code == 0, result.output
+    assert [kw["retry_failed"] for kw in calls] == [retry]
+
+
+def test_export_refuses_a_file_where_a_runs_evidence_folder_belongs(evidence, tmp_path):
+    from factories import assert_one_line_error
+
+    target = tmp_path / "ev"
+    target.mkdir()
+    digest = next(p.name for p in evidence.iterdir() if p.is_dir())
+    (target / digest).write_text("junk")
+    result = runner.invoke(app, ["study", "report", "--runs-dir", str(evidence), "--evidence",
+                                 str(target), "--out", str(tmp_path / "r.md")])
+    assert_one_line_error(result, f"{target / digest} is a file")
+
+
+def test_a_planned_study_run_names_who_has_it(tmp_path, monkeypatch):
+    """Two sweeps at once said "being trained by ; left to it": the holder was dropped."""
+    import trades_repro.runclaim as rc
+
+    spec = ss.sweep_specs([ROOT / "spec/sweeps/digits_eps0p3.yaml"])[0]
+    monkeypatch.setattr(rc, "assess", lambda *a, **k: ("running", "vm pid 12"))
+    run = ss.planned(spec, "label", tmp_path)
+    assert (run.state, run.elsewhere) == ("running", "vm pid 12")

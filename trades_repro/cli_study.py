@@ -18,7 +18,8 @@ from trades_repro.cli import (
     _user_errors,
     app,
 )
-from trades_repro.errors import BadInput
+from trades_repro.errors import BadInput, Inconclusive
+from trades_repro.spec import MAX_SQUARE_QUERIES
 
 study_app = typer.Typer(help="The CPU study of when TRADES overestimates robustness "
                         "(docs/small_scale.md).", no_args_is_help=True)
@@ -38,6 +39,8 @@ def study_sweep(
     dry_run: Annotated[bool, typer.Option(
         help="Print each file's runs by state (done, to evaluate, resume or train, failed); "
         "run nothing.")] = False,
+    retry_failed: Annotated[bool, typer.Option(
+        help="Train again the runs that failed before (failed.json).")] = False,
 ) -> None:
     """Train and evaluate the sweeps' runs (finished skipped, partial resumed).
 
@@ -49,6 +52,9 @@ def study_sweep(
 
     _folder_option("--runs-dir", runs_dir, writes=not dry_run)
     k_of_n = _shard(shard)  # refused in a dry run too, as the real run would
+    if dry_run and k_of_n != (0, 1):  # it would show every shard's runs as this one's
+        raise BadInput(f"--shard {shard} with --dry-run: the dry run shows every run of the "
+                       "sweeps; leave --shard to the launches")
     if dry_run:
         for path, counts in ss.progress(sweeps, runs_dir):
             states = ", ".join(f"{counts[k]} {k}" for k in get_args(State) if counts.get(k))
@@ -64,7 +70,7 @@ def study_sweep(
         return
     _set_threads(None, None)
     _exit_if_failed(ss.run_sweeps(sweeps, runs_dir, shard=k_of_n,
-                                  report=_progress(False)))
+                                  report=_progress(False), retry_failed=retry_failed))
 
 
 def _shard(shard: str) -> tuple[int, int]:
@@ -89,14 +95,21 @@ def study_probe(
     """Square alone at another query budget on every finished, evaluated run of the sweeps.
 
     Kept as a record of its own (the report's Square-1000 columns)."""
-    from trades_repro.smallscale import probe_square
+    from trades_repro.smallscale import probe_square, sweep_specs
 
-    if square_queries < 1:
-        raise BadInput(f"--square-queries {square_queries}: must be at least 1")
-    _folder_option("--runs-dir", runs_dir)
+    if not 1 <= square_queries <= MAX_SQUARE_QUERIES:  # the spec's own bound, named here
+        raise BadInput(f"--square-queries {square_queries}: must be from 1 to "
+                       f"{MAX_SQUARE_QUERIES:,}")
+    _folder_option("--runs-dir", runs_dir, writes=False)
+    sweep_specs(sweeps)  # a bad sweep file is named before the folder
+    if not runs_dir.is_dir():  # a mistyped folder probed nothing and exited 0
+        raise BadInput(f"--runs-dir {runs_dir}: not a folder")
     _set_threads(None, None)
     n = probe_square(sweeps, runs_dir, queries=square_queries, shard=_shard(shard),
                      report=_progress(False))
+    if n == 0:
+        raise Inconclusive(f"no finished, evaluated run of the sweeps in {runs_dir}: nothing "
+                           "probed")
     typer.echo(f"probed {n} run(s) with Square at {square_queries} queries")
 
 
@@ -120,6 +133,8 @@ def study_report(
     if runs_dir is not None and not runs_dir.is_dir():
         raise BadInput(f"--runs-dir {runs_dir}: not a folder")
     _folder_option("--evidence", evidence, writes=runs_dir is not None)
+    if runs_dir is None and not evidence.is_dir():  # a mistyped path is not "no evidence"
+        raise BadInput(f"--evidence {evidence}: not a folder")
     _file_option("--out", out)
     if runs_dir is not None:
         typer.echo(f"exported {export(runs_dir, evidence)} run(s) from {runs_dir}")

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from trades_repro import store
+from trades_repro.errors import BadInput
 from trades_repro.smallscale_stats import PROBE_QUERIES, load_runs, policies_of
 from trades_repro.spec import ExperimentSpec, SpecError
 from trades_repro.sweep import load_sweep
@@ -79,8 +80,9 @@ def rekey(runs_dir: Path, report: Report = lambda line: None) -> int:
 
 
 def run_sweeps(files: list[Path], runs_dir: Path, *, shard: tuple[int, int] = (0, 1),
-               report: Report = lambda line: None) -> list[str]:
-    """Train and evaluate shard `k` of `n` of the sweeps' runs; returns the failures."""
+               report: Report = lambda line: None, retry_failed: bool = False) -> list[str]:
+    """Train and evaluate shard `k` of `n` of the sweeps' runs (runs that failed before only
+    with `retry_failed`); returns the failures."""
     from trades_repro.runclaim import execute
 
     k, n = shard
@@ -91,7 +93,7 @@ def run_sweeps(files: list[Path], runs_dir: Path, *, shard: tuple[int, int] = (0
     while (spec := next_spec(specs, runs_dir, tried)) is not None:
         tried.add(spec.digest())
         failures += execute([planned(spec, cell_label(spec), runs_dir)], runs_dir,
-                            report=report, progress=False)
+                            report=report, progress=False, retry_failed=retry_failed)
     return [f"{run.digest}: {error}" for run, error in failures]
 
 
@@ -147,10 +149,11 @@ def cell_of(spec: ExperimentSpec, healed: bool | None = None) -> tuple:
 def planned(spec: ExperimentSpec, label: str, runs_dir: Path):
     """The spec as a `runclaim.PlannedRun` under `label`, read at its study policies, with
     its state in `runs_dir`."""
-    from trades_repro.runclaim import PlannedRun, run_state
+    from trades_repro.runclaim import PlannedRun, assess
 
     policies = policies_of(spec)
-    return PlannedRun(spec, (label,), run_state(spec, runs_dir, policies), policies)
+    state, elsewhere = assess(spec, runs_dir, policies)  # who has it, when another launch does
+    return PlannedRun(spec, (label,), state, policies, elsewhere)
 
 
 def progress(files: list[Path], runs_dir: Path) -> list[tuple[Path, dict[str, int]]]:
@@ -206,6 +209,8 @@ def export(runs_dir: Path, evidence_dir: Path) -> int:
         if evals is None or not any(r.complete for r in evals.checkpoints.values()):
             continue  # not evaluated yet, or an evaluation still under way
         target = evidence_dir / digest
+        if target.exists() and not target.is_dir():
+            raise BadInput(f"{target} is a file, not a run's evidence folder: move it aside")
         target.mkdir(parents=True, exist_ok=True)
         for name in EVIDENCE_FILES + OPTIONAL_EVIDENCE:
             source = folder / name

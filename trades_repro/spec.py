@@ -72,6 +72,7 @@ ImageCount = Annotated[int, Strict(), Field(gt=0, le=10**7)]
 # models.SmallCNN's smallest input (two stride-2 convs leave a 2x2 map); here so that a spec
 # asking for less fails at validation, not when the run builds its network (models imports it)
 SMALL_CNN_MIN_SIZE = 8
+MAX_SQUARE_QUERIES = 10**6  # the evaluation's Square budget (study probe checks it too)
 
 
 class _Frozen(BaseModel):
@@ -251,8 +252,8 @@ class EvalSpec(_Frozen):
     attacks: tuple[AttackName, ...] = (
         "pgd10", "apgd-ce", "apgd-t", "fab-t", "square", "autoattack"
     )  # Table 1's columns
-    # AutoAttack's standard Square budget; 10**6 is 200 times it (a typo beyond)
-    square_queries: Annotated[int, Strict(), Field(gt=0, le=10**6)] = 5000
+    # AutoAttack's standard Square budget; MAX_SQUARE_QUERIES is 200 times it (a typo beyond)
+    square_queries: Annotated[int, Strict(), Field(gt=0, le=MAX_SQUARE_QUERIES)] = 5000
     seed: Seed = 0  # AutoAttack's and PGD's random starts
     landscape: LandscapeSpec = LandscapeSpec()
 
