@@ -585,3 +585,29 @@ def test_a_planned_study_run_names_who_has_it(tmp_path, monkeypatch):
     monkeypatch.setattr(rc, "assess", lambda *a, **k: ("running", "vm pid 12"))
     run = ss.planned(spec, "label", tmp_path)
     assert (run.state, run.elsewhere) == ("running", "vm pid 12")
+
+
+def test_a_second_probe_leaves_a_run_being_evaluated_to_the_first(tmp_path, monkeypatch):
+    """It stopped at the first locked eval.json with exit 2 and a hint about --out."""
+    import trades_repro.diagnose as diagnose
+    from trades_repro.evalfile import EvalFileBusy
+
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(f"base: {ROOT / 'spec' / 'digits.yaml'}\nseeds: 2\n"
+                     "set: {evaluation.attacks: [pgd10, square]}\n")
+    busy, free = ss.sweep_specs([sweep])
+    for spec in (busy, free):
+        write_run(tmp_path / "runs", spec)
+    probed = []
+
+    def evaluate_run(run_dir, **kw):
+        if run_dir.name == busy.digest():
+            raise EvalFileBusy(f"{run_dir}/eval.json: being written by pid 7", "pid 7")
+        probed.append(run_dir.name)
+
+    monkeypatch.setattr(diagnose, "evaluate_run", evaluate_run)
+    result = runner.invoke(app, ["study", "probe", str(sweep), "--runs-dir",
+                                 str(tmp_path / "runs")])
+    assert result.exit_code == 0, result.output
+    assert "being evaluated by pid 7; left to it" in result.output
+    assert "probed 1 run(s)" in result.output and probed == [free.digest()]

@@ -30,6 +30,14 @@ class EvalFileError(BadInput):
     """An `eval.json` that cannot be read, or is being written by another process."""
 
 
+class EvalFileBusy(EvalFileError):
+    """An `eval.json` another process is writing (`locked`): `holder` says who."""
+
+    def __init__(self, message: str, holder: str) -> None:
+        super().__init__(message)
+        self.holder = holder
+
+
 def read_eval(path: Path) -> EvalFile | None:
     """The file's records keyed by their evaluation key (version 1 files re-keyed). Records
     are filed under the run folder's digest: its spec.json must still be that digest's."""
@@ -84,8 +92,8 @@ def locked(path: Path) -> Iterator[None]:
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
-            raise EvalFileError(f"{path}: being written by {holder}; wait for it to finish "
-                                "(or give another --out)") from None
+            raise EvalFileBusy(f"{path}: being written by {holder}; wait for it to finish "
+                               "(or give another --out)", holder) from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()}")

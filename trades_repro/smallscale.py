@@ -176,6 +176,7 @@ def probe_square(files: list[Path], runs_dir: Path, *, queries: int = PROBE_QUER
     of `n`), as a record of its own beside the run's Square-5000 one; returns how many runs
     were probed (already probed ones are skipped inside `evaluate_run`)."""
     from trades_repro.diagnose import evaluate_run
+    from trades_repro.evalfile import EvalFileBusy
     from trades_repro.runclaim import run_state
 
     k, n = shard
@@ -184,8 +185,12 @@ def probe_square(files: list[Path], runs_dir: Path, *, queries: int = PROBE_QUER
         if i % n != k or run_state(spec, runs_dir, policies_of(spec)) != "done":
             continue
         report(f"Square-{queries}: {cell_label(spec)} seed {spec.seed}")
-        evaluate_run(store.run_dir_for(spec, runs_dir), attacks=("square",),
-                     square_queries=queries, policies=policies_of(spec))
+        try:
+            evaluate_run(store.run_dir_for(spec, runs_dir), attacks=("square",),
+                         square_queries=queries, policies=policies_of(spec))
+        except EvalFileBusy as busy:  # a second probe at once shares the work, as sweeps do
+            report(f"  being evaluated by {busy.holder}; left to it")
+            continue
         probed += 1
     return probed
 
