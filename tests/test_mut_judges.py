@@ -1025,10 +1025,11 @@ def test_a_non_finite_metric_leaves_a_metric_trend_undetermined(tmp_path):
 # --------------------------------------------------------------------------------- healing
 
 
-def _healing(tmp_path, base, fixed, *, rule=V1, partial=False, **test):
+def _healing_catalogue(tmp_path, seeds, *, rule=V1, **test):
+    """A healing claim `table_9.fix` over arms `base` and `fixed` (Algorithm 1) of `seeds`."""
     arms = {
-        "base": arm(seeds=len(base)),
-        "fixed": arm(seeds=len(base), **{"healing.enabled": True}),
+        "base": arm(seeds=seeds),
+        "fixed": arm(seeds=seeds, **{"healing.enabled": True}),
     }
     c = claim(
         "table_9.fix",
@@ -1037,7 +1038,20 @@ def _healing(tmp_path, base, fixed, *, rule=V1, partial=False, **test):
         rule=rule,
         test={"name": "healing", "clean_tolerance": 0.25, **test},
     )
-    catalogue = _catalogue(tmp_path, arms, [c])
+    return _catalogue(tmp_path, arms, [c])
+
+
+def _edit_clean(run, edit):
+    """Apply `edit` to each checkpoint record's `clean` entry in the run's eval.json."""
+    path = run / "eval.json"
+    evals = json.loads(path.read_text())
+    for record in evals["checkpoints"].values():
+        record["clean"] = edit(record["clean"])
+    path.write_text(json.dumps(evals))
+
+
+def _healing(tmp_path, base, fixed, *, rule=V1, partial=False, **test):
+    catalogue = _healing_catalogue(tmp_path, len(base), rule=rule, **test)
     _runs(tmp_path, catalogue, "base", *base)
     _runs(tmp_path, catalogue, "fixed", *fixed)
     return _judge(tmp_path, catalogue, "table_9.fix", partial)
@@ -1124,22 +1138,10 @@ def test_healing_compares_only_seeds_present_in_both_arms(tmp_path):
 
 
 def test_healing_waits_for_clean_accuracy(tmp_path):
-    arms = {"base": arm(seeds=2), "fixed": arm(seeds=2, **{"healing.enabled": True})}
-    c = claim(
-        "table_9.fix",
-        "healing",
-        arms={"baseline": "base", "fixed": "fixed"},
-        rule=V1,
-        test={"name": "healing", "clean_tolerance": 0.25},
-    )
-    catalogue = _catalogue(tmp_path, arms, [c])
+    catalogue = _healing_catalogue(tmp_path, 2)
     _runs(tmp_path, catalogue, "base", {"clean": 0.9, **FLAGGED}, {"clean": 0.75, **REGULAR})
     fixed = _runs(tmp_path, catalogue, "fixed", {"clean": 0.75}, {"clean": 0.75})
-    path = fixed[0] / "eval.json"
-    evals = json.loads(path.read_text())
-    for record in evals["checkpoints"].values():
-        record["clean"] = None
-    path.write_text(json.dumps(evals))
+    _edit_clean(fixed[0], lambda clean: None)
     got = _judge(tmp_path, catalogue, "table_9.fix")
     assert (got["status"], got["detail"]) == (
         "incomplete", "incomplete (3 of 4 seeds) with clean, pgd10, square evaluated (1 finished "
@@ -1148,22 +1150,10 @@ def test_healing_waits_for_clean_accuracy(tmp_path):
 
 def test_a_non_finite_clean_accuracy_leaves_healing_undetermined(tmp_path):
     """A fixed run's clean accuracy read as NaN from its eval.json: no difference to judge."""
-    arms = {"base": arm(seeds=3), "fixed": arm(seeds=3, **{"healing.enabled": True})}
-    c = claim(
-        "table_9.fix",
-        "healing",
-        arms={"baseline": "base", "fixed": "fixed"},
-        rule=V1,
-        test={"name": "healing", "clean_tolerance": 0.25},
-    )
-    catalogue = _catalogue(tmp_path, arms, [c])
+    catalogue = _healing_catalogue(tmp_path, 3)
     _runs(tmp_path, catalogue, "base", *BASE[1:])  # seed 0 flagged, seeds 1 and 2 regular
     fixed = _runs(tmp_path, catalogue, "fixed", *[{"clean": 0.75, **REGULAR}] * 3)
-    path = fixed[0] / "eval.json"
-    evals = json.loads(path.read_text())
-    for record in evals["checkpoints"].values():
-        record["clean"]["accuracy"] = math.nan
-    path.write_text(json.dumps(evals))
+    _edit_clean(fixed[0], lambda clean: {**clean, "accuracy": math.nan})
     _assert_same(
         _judge(tmp_path, catalogue, "table_9.fix"),
         _expect(
