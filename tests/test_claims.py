@@ -392,3 +392,18 @@ def test_every_claims_file_has_its_test_module():
     files = {p.stem for p in (ROOT / "claims").glob("*.yaml")} - {"arms"}
     modules = {p.stem.removeprefix("test_") for p in (ROOT / "tests" / "claims").glob("test_*.py")}
     assert files == modules
+
+
+@pytest.mark.parametrize(("fields", "needle"), [
+    ({"kind": "property", "test": {"name": "pytest", "node": "tests/test_metrics.py::test_x",
+                                   "shows": "proof"}}, "shows"),
+    ({"kind": "instability_rate", "arm": "a", "rule": "pgd10_minus_square_v1",
+      "values_from": "ours", "verbatim": None, "expected": {"k": 0, "n": 2},
+      "test": {"name": "count_at_most", "k": -1}}, "k"),
+])
+def test_this_sessions_claim_fields_refuse_nonsense_in_one_line(tmp_path, fields, needle):
+    bad = {k: v for k, v in {**claim("table_9.n", "property"), **fields}.items()
+           if v is not None}
+    folder = claims_folder(tmp_path, {"a": arm(seeds=2)}, [bad])
+    result = runner.invoke(app, ["claims", "list", "--claims-dir", str(folder)])
+    assert_one_line_error(result, "table_9.yaml", "table_9.n", needle)
