@@ -11,19 +11,26 @@ then pyautoattack's ``standard`` cascade (APGD-CE, APGD-T, FAB-T, Square at 5,00
 and Square alone (the masking verdict's second attack) run on the same test images at each
 batch size, called the way `trades_repro.evaluate` calls them (`device=` and `eps=`
 explicit) and under the same numerics (`numerics.evaluation()`: fp32, TF32 off, deterministic
-cuDNN; recorded as `attack_flags`). Ratios are against AutoAttack's own default batch (250 in
-`run_standard_evaluation`). A model still to train has its first five steps taken first
-(`common.probe`): a diverging recipe stops the script with one line (exit 3). ``cifar``
-(ResNet-18 on CIFAR-shaped synthetic images) has CIFAR's cost per forward, but its model is
-barely robust, so the cascade ends early.
+cuDNN; recorded as `attack_flags`; `--tf32` measures TF32 instead, as `evaluate --tf32` runs).
+Ratios are against AutoAttack's own default batch (250 in `run_standard_evaluation`), which
+is always measured too (batch sizes run in ascending order). Progress goes to stderr as it happens: training, each attack and
+batch size started, and pyautoattack's own line after each attack of the cascade, whose
+cumulative seconds the record keeps (`stages`). A model still to train has its first five
+steps taken first (`common.probe`): a diverging recipe stops the script with one line (exit
+3). ``cifar`` (ResNet-18 on CIFAR-shaped synthetic images) has CIFAR's cost per forward, but
+its model is barely robust, so the cascade ends early.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import re
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -43,6 +50,7 @@ from rich.table import Table
 from trades_repro import numerics, store
 from trades_repro.checkpoints import build_arch, load_state_dict, load_weights
 from trades_repro.data import load_splits, to_float
+from trades_repro.preflight import AUTOATTACK_LOGGER
 from trades_repro.spec import ExperimentSpec, parse_spec
 from trades_repro.train import train
 
@@ -96,6 +104,9 @@ def workload(spec: ExperimentSpec, n: int, device: str, runs_dir: Path | None = 
         runs = runs_dir or Path(scratch)
         if not store.is_finished(store.run_dir_for(spec, runs)):
             probe(f"the {spec.name} workload", spec)
+            progress(f"training the {spec.name} workload ({spec.optim.epochs} epochs) ...")
+        else:
+            progress(f"the {spec.name} workload is trained in {runs}")
         run = train(spec, runs, progress=False).run_dir
         tensors = load_state_dict(run / "best.safetensors")
     splits = load_splits(spec.data, spec.seed)
@@ -106,19 +117,59 @@ def workload(spec: ExperimentSpec, n: int, device: str, runs_dir: Path | None = 
 
 
 def throughput(net, x, y, batch_size: int, attack: str, device: str,
-               eps: float) -> dict[str, float]:
+               eps: float, tf32: bool = False) -> dict:
     from pyautoattack import AutoAttack
 
     adversary = AutoAttack(net, device=device, eps=eps, seed=0, version="standard")
-    adversary.verbose = False
     if attack == "square":
         adversary.attacks_to_run = ["square"]
-    with numerics.evaluation(), torch.autocast(torch.device(device).type, enabled=False):
+    with (numerics.evaluation(tf32=tf32), torch.autocast(torch.device(device).type, enabled=False),
+          _stages() as stages):
         started = time.perf_counter()  # as `evaluate` runs it: fp32, deterministic cuDNN
         _, y_adv = adversary.run_standard_evaluation(x, y, batch_size=batch_size)
         seconds = time.perf_counter() - started
     robust = (y_adv.cpu() == y.cpu()).float().mean().item()
-    return {"images_per_s": len(y) / seconds, "seconds": seconds, "robust_acc": robust}
+    return {"images_per_s": len(y) / seconds, "seconds": seconds, "robust_acc": robust,
+            "stages": stages}
+
+
+# pyautoattack (verbose) logs this after each attack of its cascade
+_STAGE = re.compile(r"robust accuracy after (\S+): ([\d.]+)% \(total time ([\d.]+) s\)")
+
+
+class _StageHandler(logging.Handler):
+    """Echo pyautoattack's per-attack lines to stderr and keep (attack, robust accuracy,
+    cumulative seconds) from them."""
+
+    def __init__(self, stages: list[dict]) -> None:
+        super().__init__(logging.DEBUG)
+        self.stages = stages
+
+    def emit(self, record: logging.LogRecord) -> None:
+        line = record.getMessage()
+        found = _STAGE.search(line)
+        if found:
+            self.stages.append({"attack": found[1].lower(), "robust_acc": float(found[2]) / 100,
+                                "cumulative_s": float(found[3])})
+            print(f"  {line}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def _stages() -> Iterator[list[dict]]:
+    logger = logging.getLogger(AUTOATTACK_LOGGER)
+    stages: list[dict] = []
+    handler = _StageHandler(stages)
+    level, logger.level = logger.level, logging.DEBUG
+    logger.addHandler(handler)
+    try:
+        yield stages
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> dict | int:
@@ -134,8 +185,8 @@ def main(argv: list[str] | None = None) -> dict | int:
         return DIVERGED
     record = provenance(torch.device(args.device), {
         "threads": args.threads, "n": args.n, "eps": eps, "train_epochs": args.epochs,
-        "workload": args.workload})
-    with numerics.evaluation() as flags:
+        "workload": args.workload, "tf32": args.tf32})
+    with numerics.evaluation(tf32=args.tf32) as flags:
         record["attack_flags"] = flags
     header(console, record)
     path = write_record("autoattack", record, **({"out_dir": args.out_dir} if args.out_dir
@@ -162,7 +213,10 @@ def sweep(console: Console, record: dict, path: Path, args: argparse.Namespace,
     for attack in args.attacks:
         figures[attack] = {}
         for b in args.sizes:
-            figures[attack][b] = throughput(net, x, y, b, attack, args.device, eps)
+            progress(f"{attack} AutoAttack on {args.n} images at batch {b} ...")
+            figures[attack][b] = throughput(net, x, y, b, attack, args.device, eps,
+                                            tf32=args.tf32)
+            progress(f"{attack} at batch {b}: {figures[attack][b]['seconds']:.1f} s")
             record["figures"] = {a: {str(k): f for k, f in v.items()}
                                  for a, v in figures.items()}
             write_record("autoattack", record, path=path)
@@ -187,6 +241,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Fashion-MNIST's IDX folder (fashion workload)")
     parser.add_argument("--attacks", default="standard,square",
                         help="standard (the cascade) and/or square (alone)")
+    parser.add_argument("--tf32", action="store_true",
+                        help="attack with TF32 matmul and convolutions (evaluate --tf32)")
     parser.add_argument("--out-dir", type=Path, default=None)
     args = parser.parse_args(argv)
     sizes = {int(b) for b in args.batch_sizes.split(",")}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import re
 import sys
 from pathlib import Path
@@ -313,19 +314,43 @@ def test_autoattack_record_holds_every_batch_size_measured(tmp_path, monkeypatch
     monkeypatch.setattr(autoattack, "workload", lambda spec, n, device, runs_dir=None: (
         None, None, None, 0.1))
     rates = {4: 1.0, 16: 4.0, 250: 2.0}
-    monkeypatch.setattr(autoattack, "throughput", lambda net, x, y, b, attack, device, eps: {
-        "images_per_s": rates[b], "seconds": 16 / rates[b], "robust_acc": 0.5})
+    asked = []
+    monkeypatch.setattr(autoattack, "throughput",
+                        lambda net, x, y, b, attack, device, eps, tf32=False: asked.append(
+                            (b, tf32)) or {"images_per_s": rates[b], "seconds": 16 / rates[b],
+                                           "robust_acc": 0.5})
     writes = []
     real = autoattack.write_record
     monkeypatch.setattr(autoattack, "write_record", lambda *a, **k: writes.append(1) or
                         real(*a, **k))
-    record = autoattack.main(["--quick", "--attacks", "standard", "--out-dir", str(tmp_path)])
+    record = autoattack.main(["--quick", "--attacks", "standard", "--tf32", "--out-dir",
+                              str(tmp_path)])
     (path,) = tmp_path.glob("autoattack-cpu-*.json")
     saved = json.loads(path.read_text())
+    assert asked == [(4, True), (16, True), (250, True)]
+    assert saved["flags"]["tf32"] is True and saved["attack_flags"]["tf32_matmul"] is True
     assert set(saved["figures"]["standard"]) == {"4", "16", "250"}
     assert saved["fastest_standard_batch"] == 16 == record["fastest_standard_batch"]
     assert saved["seconds_per_10000"]["standard"] == pytest.approx(2500.0)
     assert len(writes) == 1 + 3 + 1  # at start, after each batch size, at the end
+
+
+def test_autoattack_keeps_each_cascade_stage_and_echoes_it(capsys):
+    logger = logging.getLogger(autoattack.AUTOATTACK_LOGGER)
+    level = logger.level
+    with autoattack._stages() as stages:
+        logger.debug("using standard version including apgd-ce, square.")
+        logger.debug("robust accuracy after APGD-CE: 54.40% (total time 12.5 s)")
+        logger.debug("apgd-t - 1/1 - 3 out of 136 successfully perturbed")
+        logger.debug("robust accuracy after SQUARE: 52.00% (total time 75.7 s)")
+    assert stages == [{"attack": "apgd-ce", "robust_acc": pytest.approx(0.544),
+                       "cumulative_s": 12.5},
+                      {"attack": "square", "robust_acc": pytest.approx(0.52),
+                       "cumulative_s": 75.7}]
+    err = capsys.readouterr().err
+    assert "after APGD-CE: 54.40%" in err and "successfully perturbed" not in err
+    assert logger.level == level and not any(isinstance(h, autoattack._StageHandler)
+                                             for h in logger.handlers)
 
 
 def test_an_unexpected_error_in_the_gate_is_exit_4_not_a_failed_knob(tmp_path, monkeypatch,
