@@ -2,24 +2,25 @@
 
     python benchmarks/bench_autoattack.py [--quick] [--n 64] [--batch-sizes 8,16,32,64]
         [--threads 1] [--device cpu|cuda] [--workload digits|fashion|cifar]
-        [--runs-dir DIR] [--data-root DIR]
+        [--runs-dir DIR] [--data-root DIR] [--attacks standard,square] [--tf32]
 
 The workload must stay robust, or the cascade stops after APGD-CE and measures nothing: a
 TRADES model is trained first (digits: a small CNN, ~20 s on a CPU; fashion: ResNet-18 on
-real Fashion-MNIST, the gate's fp32 run, found trained when `--runs-dir` is the gate's),
-then pyautoattack's ``standard`` cascade (APGD-CE, APGD-T, FAB-T, Square at 5,000 queries)
-and Square alone (the masking verdict's second attack) run on the same test images at each
-batch size, called the way `trades_repro.evaluate` calls them (`device=` and `eps=`
-explicit) and under the same numerics (`numerics.evaluation()`: fp32, TF32 off, deterministic
-cuDNN; recorded as `attack_flags`; `--tf32` measures TF32 instead, as `evaluate --tf32` runs).
+real Fashion-MNIST, the gate's fp32 run, found trained when `--runs-dir` is the gate's), then
+pyautoattack's ``standard`` cascade (APGD-CE, APGD-T, FAB-T, Square at 5,000 queries) and
+Square alone (the masking verdict's second attack) run on the same test images at each batch
+size, called the way `trades_repro.evaluate` calls them (`device=` and `eps=` explicit) and
+under the same numerics (`numerics.evaluation()`: fp32, TF32 off, deterministic cuDNN;
+recorded as `attack_flags`; `--tf32` measures TF32 instead, as `evaluate --tf32` runs).
 Ratios are against AutoAttack's own default batch (250 in `run_standard_evaluation`), which
-is always measured too (batch sizes run in ascending order). Progress goes to stderr as it happens: training, each attack and
-batch size started, and pyautoattack's own line after each attack of the cascade, whose
-cumulative seconds the record keeps (`stages`). A model still to train has its first five
-steps taken first (`common.probe`): a diverging recipe stops the script with one line (exit
-3). ``cifar`` (ResNet-18 on CIFAR-shaped synthetic images) has CIFAR's cost per forward, but
-its model is barely robust, so the cascade ends early.
-"""
+is always measured too. Batch sizes run largest first: on a GPU that is the figure that
+matters, and a time-boxed call keeps it when the box closes on the baseline. Progress goes to
+stderr as it happens: training, each attack and batch size started, and pyautoattack's own
+line after each attack of the cascade, whose cumulative seconds the record keeps (`stages`).
+A model still to train has its first five steps taken first (`common.probe`): a diverging
+recipe stops the script with one line (exit 3). ``cifar`` (ResNet-18 on CIFAR-shaped
+synthetic images) has CIFAR's cost per forward, but its model is barely robust, so the
+cascade ends early."""
 
 from __future__ import annotations
 
@@ -249,7 +250,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.epochs = DEFAULT_EPOCHS[args.workload]
     if args.quick:
         args.n, args.epochs, sizes = 16, 5, {4, 16}
-    args.sizes = sorted(sizes | {AA_DEFAULT_BATCH})
+    args.sizes = sorted(sizes | {AA_DEFAULT_BATCH}, reverse=True)  # largest first
     args.attacks = args.attacks.split(",")
     return args
 
@@ -257,7 +258,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _table(console: Console, attack: str, rows: dict[int, dict], n: int, eps: float) -> None:
     base = rows[AA_DEFAULT_BATCH]["images_per_s"]
     table = Table("batch", "images/s", f"ratio vs {AA_DEFAULT_BATCH}", "robust acc", "seconds")
-    for size, f in rows.items():
+    for size, f in sorted(rows.items()):
         table.add_row(str(size), f"{f['images_per_s']:.2f}", f"{f['images_per_s'] / base:.2f}",
                       f"{f['robust_acc']:.3f}", f"{f['seconds']:.1f}")
     console.print(f"\n[bold]{attack}[/bold] AutoAttack, L-inf eps {eps:.4f}, {n} images")

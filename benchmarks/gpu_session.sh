@@ -10,22 +10,28 @@
 # Device time: 15 minutes a session, the machine's start (~90 s) and any idle time included,
 # at most 600 s a command, and no fresh machine starts with under 4 minutes left. So there
 # is one call: ~90 s start + ~10 s install + this script (SESSION_S, 540 s) + transfers
-# ≈ 660 s, then give the machine back at once. Steps, by what the open issues need most:
-#   smoke        225 s  tests/test_gpu.py: ResNet-18 with every knob, SIGKILL + resume,
-#                       evaluate, diagnose on CUDA (issue 20); 3 cold inductor graphs
+# ≈ 660 s, then give the machine back at once. Steps, by what the open issues need most
+# (the H200 session of 2026-11-28 measured the gate, concurrency and train_paths steps and
+# passed the smoke: benchmarks/results/gpu_session-h200-20261128.md; they stay by name):
+#   autoattack       240 s  bench_autoattack.py: the standard cascade on 1,000 images at
+#                           batch 1,000, then at the default 250 (fp32), on the gate's
+#                           Fashion-MNIST ResNet-18 (trained here first: ~20 s) (17)
+#   autoattack_tf32  150 s  the same with TF32 (evaluate --tf32) (17)
+#   smoke            135 s  tests/test_gpu.py: ResNet-18 with every knob, SIGKILL + resume,
+#                           evaluate, diagnose on CUDA (issue 20's regression check)
+# and by name only:
 #   gate         135 s  bench_gate.py: bf16 and all knobs vs fp32 on real Fashion-MNIST (17)
 #   concurrency   85 s  bench_concurrency.py: 1 vs 2 vs 4 ResNet-18 runs on the GPU (18)
-#   autoattack    35 s  bench_autoattack.py: the standard cascade on 250 images at batch 250,
-#                       on the gate's fp32 ResNet-18 (trained here if the gate did not get
-#                       to it) (17)
 #   train_paths   35 s  bench_train_paths.py: every knob without, then with compile (17)
 #   precheck           (DRY only) gpu_precheck.py: the real specs' first steps and compiled
 #                       graphs on this CPU, which the small rehearsal models cannot show
 # A step's box is its own plus whatever the steps before it left unused (the later steps'
-# own boxes stay reserved), so time the smoke does not need goes to the gate, and so on.
-# Each box ends its step with SIGTERM, SIGKILL 5 s later (GRACE, reserved per step);
-# `SMOKE_S=300` (GATE_S, CONCURRENCY_S, AUTOATTACK_S, TRAIN_PATHS_S, PRECHECK_S) sets a box,
-# `SESSION_S` the whole (default: the boxes' sum).
+# own boxes stay reserved), so time one step does not need goes to the next, and so on.
+# Each box ends its step with SIGTERM, SIGKILL 5 s later (GRACE, reserved per step). The
+# autoattack steps' boxes are expected to close during the batch-250 baseline, after the
+# batch-1,000 figure is in the record. `AUTOATTACK_S=300` (AUTOATTACK_TF32_S, SMOKE_S,
+# GATE_S, CONCURRENCY_S, TRAIN_PATHS_S, PRECHECK_S) sets a box, `SESSION_S` the whole
+# (default: the boxes' sum).
 # Steps run one at a time: two compiling processes would share the 16 cores.
 #
 # Before the device call, here (once):
@@ -45,26 +51,31 @@ set -u
 DRY=${DRY:-0}
 PY=${PY:-python3}
 GRACE=5
-declare -A BOX=([precheck]=300 [smoke]=225 [gate]=135 [concurrency]=85 [autoattack]=35
-                [train_paths]=35)
+declare -A BOX=([precheck]=300 [autoattack]=240 [autoattack_tf32]=150 [smoke]=135
+                [gate]=135 [concurrency]=85 [train_paths]=35)
 STEPS=("$@")
 if [ ${#STEPS[@]} = 0 ]; then
-  STEPS=(smoke gate concurrency autoattack train_paths)
+  STEPS=(autoattack autoattack_tf32 smoke)
   [ "$DRY" = 1 ] && STEPS=(precheck "${STEPS[@]}")
 fi
 for name in "${STEPS[@]}"; do
   if [ -z "${BOX[$name]+set}" ]; then
-    echo "gpu_session: unknown step '$name' (of: smoke gate concurrency autoattack" \
-         "train_paths precheck)" >&2
+    echo "gpu_session: unknown step '$name' (of: autoattack autoattack_tf32 smoke gate" \
+         "concurrency train_paths precheck)" >&2
     exit 2
   fi
 done
+if [ ${#STEPS[@]} -gt 6 ]; then  # a log per step, the summary and the archive: 8 files back
+  echo "gpu_session: at most 6 steps in one call (the device returns 8 files), not" \
+       "${#STEPS[@]}" >&2
+  exit 2
+fi
 if [ "$DRY" = 1 ]; then  # a 2-core CPU at tiny sizes: three times each box (not precheck's)
-  for name in smoke gate concurrency autoattack train_paths; do
+  for name in autoattack autoattack_tf32 smoke gate concurrency train_paths; do
     BOX[$name]=$((BOX[$name] * 3))
   done
 fi
-for name in "${!BOX[@]}"; do  # SMOKE_S=300 ... TRAIN_PATHS_S=60: a box of your own
+for name in "${!BOX[@]}"; do  # AUTOATTACK_S=300 ... TRAIN_PATHS_S=60: a box of your own
   own=${name^^}_S
   [ -n "${!own:-}" ] && BOX[$name]=${!own}
 done
@@ -84,7 +95,7 @@ else
 fi
 WORK=$(mktemp -d)  # records and the smoke's logs: archived
 OWN_RUNS=$([ -z "${RUNS:-}" ] && echo 1)
-RUNS=${RUNS:-$(mktemp -d)}  # trained runs (weights): shared by gate and autoattack
+RUNS=${RUNS:-$(mktemp -d)}  # trained runs (weights): shared by gate and the autoattack steps
 DATA=.gpu/fashion-mnist  # from gpu_pack.py; this machine's copy otherwise
 [ -d "$DATA" ] || DATA=/usr/share/datasets/fashion-mnist
 SUMMARY="$OUT/$NAME.txt"
@@ -149,11 +160,16 @@ run_concurrency() {
   step concurrency "$1" "$PY" benchmarks/bench_concurrency.py "${sizes[@]}" --out-dir "$WORK"
 }
 
-run_autoattack() {  # attacks the gate's fp32 model when the gate ran first (same digest)
-  local sizes=(--n 250 --batch-sizes 250 --attacks standard)
-  [ "$DRY" = 1 ] && sizes=(--quick)
-  step autoattack "$1" "$PY" benchmarks/bench_autoattack.py --device "$DEVICE" \
-    --workload fashion --runs-dir "$RUNS" --data-root "$DATA" "${sizes[@]}" --out-dir "$WORK"
+run_autoattack() {  # the gate's fp32 model (same digest): trained by whichever step is first
+  local sizes=(--n 1000 --batch-sizes 1000 --attacks standard) name=${2:-autoattack}
+  [ "$DRY" = 1 ] && sizes=(--quick --attacks standard)
+  step "$name" "$1" "$PY" benchmarks/bench_autoattack.py --device "$DEVICE" \
+    --workload fashion --runs-dir "$RUNS" --data-root "$DATA" "${sizes[@]}" "${@:3}" \
+    --out-dir "$WORK"
+}
+
+run_autoattack_tf32() {
+  run_autoattack "$1" autoattack_tf32 --tf32
 }
 
 run_train_paths() {  # all_eager first: a compile that outlasts the box leaves the rest
