@@ -384,9 +384,30 @@ def test_report_regenerates_and_keeps_the_conclusion(evidence, tmp_path):
     assert "| digits | 0.1 | 15 | 3/12 |" not in text  # healed runs stay out of the pooling
     assert "| digits | 0.1 | 4 | 0 | 12 | 3/12 | [0.05, 0.57] |" in text
     assert (tmp_path / "docs" / "small_scale" / "margin_vs_eps.png").is_file()
+    assert "Left out" not in text and "warning" not in result.output
     out.write_text(text.replace(sr.PLACEHOLDER, "Ours: it holds."))
     sr.write_report(evidence, out)
     assert "Ours: it holds." in out.read_text()
+
+
+def test_report_names_evidence_an_export_stopped_short_of(tmp_path):
+    """An export killed between a run's files leaves a folder without eval.json: the report
+    used to drop that run without a word. It names it, in the report and on stderr."""
+    evidence = tmp_path / "evidence"
+    kept, cut, unevaluated = _specs(betas=(1,), batches=(32,), seeds=3)
+    write_run(evidence, kept, pgd10=0.45, square=0.30)
+    (write_run(evidence, cut, pgd10=0.45, square=0.30) / "eval.json").unlink()
+    (write_run(evidence, unevaluated, pgd10=0.45, square=0.30) / "provenance.json").unlink()
+    assert [r.digest for r in sst.load_runs(evidence)] == [kept.digest()]
+    out = tmp_path / "report.md"
+    result = runner.invoke(app, ["study", "report", "--evidence", str(evidence),
+                                 "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    names = sorted([cut.digest(), unevaluated.digest()])
+    assert sst.left_out(evidence, sst.load_runs(evidence)) == names
+    line = next(x for x in out.read_text().splitlines() if x.startswith("Left out: 2 "))
+    assert all(n in line for n in names) and kept.digest() not in line
+    assert "warning: Left out: 2 evidence folder(s)" in result.stderr
 
 
 def test_a_square_probe_is_read_beside_the_runs_own_square(tmp_path):

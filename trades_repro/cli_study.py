@@ -138,5 +138,6 @@ def study_report(
     _file_option("--out", out)
     if runs_dir is not None:
         typer.echo(f"exported {export(runs_dir, evidence)} run(s) from {runs_dir}")
-    typer.echo(str(write_report(evidence, out)))
+    typer.echo(str(write_report(evidence, out,
+                                warn=lambda line: typer.echo(f"warning: {line}", err=True))))
 

@@ -107,6 +107,21 @@ def load_runs(evidence_dir: Path) -> list[RunSummary]:
     return sorted((r for r in runs if r is not None), key=lambda r: (r.cell, r.seed))
 
 
+def left_out(evidence_dir: Path, runs: list[RunSummary]) -> list[str]:
+    """The evidence folders of grid runs (not App. G's arm) that `load_runs` could not use:
+    an export stopped midway (no provenance.json or eval.json yet), a run whose evaluation
+    is incomplete or lacks PGD-10 or Square, or one that logged no FOSC."""
+    from trades_repro.spec import parse_spec
+
+    used = {r.digest for r in runs}
+    missing = []
+    for spec_file in sorted(evidence_dir.glob(f"*/{store.SPEC_FILE}")):
+        spec = parse_spec(store.read_json(spec_file), source=str(spec_file))
+        if not spec.monitor.batch_metrics and spec.digest() not in used:
+            missing.append(spec_file.parent.name)
+    return missing
+
+
 def summarize(evidence, spec: ExperimentSpec) -> RunSummary | None:
     """The spec's run in `evidence` (a `verify.Evidence`), read at Algorithm 1's checkpoint
     when it has one; None unless it was evaluated with PGD-10 and Square and logged FOSC."""
