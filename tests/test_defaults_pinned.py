@@ -343,6 +343,7 @@ def test_cli_diagnose_passes_the_standard_defaults(tmp_path, diagnoses):
         "save_adversarial": False,
         "checklist": False,
         "eval_batch": None,
+        "tf32": False,  # the pinned fp32 unless --tf32
     }
     assert callable(report)
 
@@ -437,6 +438,7 @@ def test_cli_evaluate_leaves_every_setting_to_the_runs_spec(tmp_path, monkeypatc
         "save_adversarial": False,
         "eval_batch": None,
         "square_queries": None,
+        "tf32": False,  # the pinned fp32 unless --tf32
     }  # None: the spec's, AutoAttack's standard 5000
 
 

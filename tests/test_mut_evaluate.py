@@ -310,11 +310,12 @@ def test_another_key_starts_afresh(monkeypatch):
         attacks=("pgd10",), previous=first, identity=("ck/net.safetensors", "c" * 64, [])
     )
     assert world.calls == [("pgd10", False)] and another_file.sha256 == "c" * 64
-    # an unset model fingerprint is left out: keys made before it existed still resume
-    text = f"{'c' * 64}|{_settings().model_dump_json(exclude={'model_fingerprint'})}"
+    # an unset model fingerprint and tf32 False are left out: keys made before they existed
+    # still resume
+    text = f"{'c' * 64}|{_settings().model_dump_json(exclude={'model_fingerprint', 'tf32'})}"
     assert another_file.key == hashlib.sha256(text.encode()).hexdigest()[:16]
     fingerprinted = _settings().model_copy(update={"model_fingerprint": "f" * 64})
-    text = f"{'c' * 64}|{fingerprinted.model_dump_json()}"
+    text = f"{'c' * 64}|{fingerprinted.model_dump_json(exclude={'tf32'})}"
     expected = hashlib.sha256(text.encode()).hexdigest()[:16]
     assert ev.settings_key("c" * 64, fingerprinted) == expected
 

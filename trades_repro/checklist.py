@@ -15,7 +15,8 @@ B" means A leaves fewer images robust with the exact McNemar p < 0.05 (scipy). F
 landscape is in the evaluation record already.
 
 Like `evaluate`, the checklist runs under the evaluation numerics (`numerics.evaluation()`:
-fp32, TF32 off, deterministic cuDNN; autocast off) and in batches of the settings'
+fp32, TF32 off unless the settings' ``tf32`` asks, as its record's attacks ran; deterministic
+cuDNN; autocast off) and in batches of the settings'
 `batch_size` (`evalbatch`), a CUDA out-of-memory error becoming one line that names
 ``--eval-batch``: unbatched, PGD-100x5 on 1,000 CIFAR images was one batch of 5,000 (about
 23 GB; 94 GB at TinyImageNet's 64x64). The PGD items draw their random starts once for the
@@ -54,7 +55,8 @@ def run_checklist(model: nn.Module, x: Tensor, y: Tensor, s: EvalSettings,
     """Every item on `x` ``[N, ...]``, `y` ``[N]`` under settings `s`; see the module doc."""
     model.float().eval()
     x, y = x.to(s.device), y.to(s.device)
-    with (numerics.evaluation(), torch.autocast(torch.device(s.device).type, enabled=False),
+    with (numerics.evaluation(tf32=s.tf32),
+          torch.autocast(torch.device(s.device).type, enabled=False),
           out_of_memory_hint(s.batch_size)):
         return _items(model, x, y, s, record, folder, report)
 

@@ -337,6 +337,9 @@ SeedOption = Annotated[int | None, typer.Option(
     help="Seed of PGD's and AutoAttack's random starts (default: the spec's, or 0).")]
 SaveAdvOption = Annotated[bool, typer.Option(
     "--save-adversarial", help="Keep each attack's adversarial examples (.safetensors).")]
+Tf32Option = Annotated[bool, typer.Option(
+    "--tf32", help="TF32 for the attacks on Ampere and later GPUs: faster, different "
+    "rounding; kept as a separate record that claims never use; no effect on a CPU.")]
 
 
 @app.command()
@@ -352,6 +355,7 @@ def evaluate(
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
     seed: SeedOption = None,
     save_adversarial: SaveAdvOption = False,
+    tf32: Tf32Option = False,
     threads: ThreadsOption = None,
     eval_batch: EvalBatchOption = None,
     quiet: Annotated[bool, typer.Option(help="No progress lines.")] = False,
@@ -370,7 +374,7 @@ def evaluate(
     records = evaluate_run(run_dir, attacks=chosen, n_examples=n_examples, device=device,
                            seed=seed, save_adversarial=save_adversarial,
                            eval_batch=eval_batch, square_queries=square_queries,
-                           report=_progress(quiet))
+                           tf32=tf32, report=_progress(quiet))
     for record in records:
         _print_record(Console(), f"{record.checkpoint} ({', '.join(record.policies)})", record)
     typer.echo(str(run_dir / "eval.json"))
@@ -408,6 +412,7 @@ def diagnose(
         "eps sweep, noise, Square-only images); its rows do not change the exit code.")]
     = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON, no table.")] = False,
+    tf32: Tf32Option = False,
     threads: ThreadsOption = None,
     eval_batch: EvalBatchOption = None,
     quiet: Annotated[bool, typer.Option(help="No progress lines.")] = False,
@@ -431,7 +436,7 @@ def diagnose(
         attacks=parse_attacks(attacks) if attacks else None, device=device,
         data_root=data_root, square_queries=square_queries, seed=seed or 0, out=out,
         save_adversarial=save_adversarial, checklist=checklist, eval_batch=eval_batch,
-        download=download, report=_progress(quiet or json_output))
+        download=download, tf32=tf32, report=_progress(quiet or json_output))
     if json_output:
         typer.echo(record.model_dump_json(indent=2))
     else:

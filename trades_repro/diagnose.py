@@ -120,19 +120,20 @@ def evaluate_run(run_dir: Path, *, attacks: tuple[str, ...] | None = None,
                  n_examples: int | None = None, device: str | None = None,
                  seed: int | None = None, save_adversarial: bool = False,
                  policies: Iterable[str] | None = None, eval_batch: int | None = None,
-                 square_queries: int | None = None,
+                 square_queries: int | None = None, tf32: bool = False,
                  report: Report = lambda line: None) -> list[CheckpointEval]:
     """Evaluate the run's selected checkpoint(s) into ``run_dir/eval.json`` (resumable).
 
     `policies` limits it to those checkpoint policies' files (None: every policy's). Returns
     this evaluation's records, one per distinct policy checkpoint; records of other settings
-    already in the file are kept.
+    already in the file are kept. `tf32` runs the attacks with TF32 kernels: a record of its
+    own, never the run's own evaluation (`evalfile.made_with`).
     """
     spec = _run_spec(run_dir, attacks, n_examples, seed, eval_batch, square_queries)
     _require_finished(run_dir)
     splits = load_splits(spec.data, spec.seed, train=False)  # only the split it scores
     settings = _settings(spec, splits, resolve_device(device or spec.device),
-                         spec.model.model_dump_json())
+                         spec.model.model_dump_json(), tf32)
     x, y = _examples(splits, settings.n_examples)
     path = run_dir / store.EVAL_FILE
     done = []
@@ -179,13 +180,14 @@ def diagnose(checkpoint: Path, *, dataset: str, arch: str | None = None,
              data_root: str | None = None, square_queries: int = 5000, seed: int = 0,
              out: Path | None = None, save_adversarial: bool = False,
              checklist: bool = False, eval_batch: int | None = None, download: bool = False,
-             report: Report = lambda line: None) -> CheckpointEval:
+             tf32: bool = False, report: Report = lambda line: None) -> CheckpointEval:
     """Evaluate any classifier checkpoint on `dataset`'s test set; see `DIAGNOSE_DEFAULTS`.
 
     PGD-10 uses α = ε/4 (the paper's 2/255 over 8/255). With `out`, `eval.json`, the
     landscape files and (with `save_adversarial`) each attack's adversarial examples are
     written there and a stopped diagnosis resumes; without, nothing is written. With
-    `checklist`, the masking checklist runs afterwards on the same examples.
+    `checklist`, the masking checklist runs afterwards on the same examples. `tf32` runs the
+    attacks (and the checklist) with TF32 kernels, under a key of its own.
     """
     if (arch is None) == (factory is None):
         raise EvaluationError("give exactly one of --model ARCH or --factory module:function")
@@ -200,7 +202,7 @@ def diagnose(checkpoint: Path, *, dataset: str, arch: str | None = None,
     tensors = load_state_dict(checkpoint)  # a bad file fails before the data is read
     splits = load_splits(spec.data, spec.seed, train=False)  # only the split it scores
     described = f"factory {factory}" if factory else spec.model.model_dump_json()
-    settings = _settings(spec, splits, resolve_device(device), described)
+    settings = _settings(spec, splits, resolve_device(device), described, tf32)
     x, y = _examples(splits, settings.n_examples)
     if factory is not None:
         net, settings = _factory_net(factory, tensors, checkpoint, settings, x, y)
@@ -309,6 +311,8 @@ def settings_line(record: CheckpointEval) -> str:
             "" if s.square_queries == STANDARD_SQUARE_QUERIES else " (non-standard)")
     notes = [f"n={s.n_examples}", f"eps={s.eps:.4g}", f"seed {s.seed}", square,
              f"PGD-{s.steps} step {s.step_size:.4g}", f"device {s.device}"]
+    if s.tf32:
+        notes.append("TF32 attacks (not the pinned fp32)")
     if record.preflight and record.preflight.randomized:
         notes.append("randomized model: AutoAttack's 'rand' version")
     return "settings: " + ", ".join(notes)
@@ -366,7 +370,8 @@ def _diagnose_spec(dataset: str, root: str | None, arch: str, width: int, normal
     }, source="diagnose options")
 
 
-def _settings(spec: ExperimentSpec, splits: Splits, device: str, model: str) -> EvalSettings:
+def _settings(spec: ExperimentSpec, splits: Splits, device: str, model: str,
+              tf32: bool = False) -> EvalSettings:
     available = len(splits.test.labels)
     n = spec.evaluation.n_examples or available
     if n > available:
@@ -378,7 +383,7 @@ def _settings(spec: ExperimentSpec, splits: Splits, device: str, model: str) -> 
                         batch_size=eval_batch_size(splits.shape, device, e.batch_size),
                         seed=e.seed, square_queries=e.square_queries,
                         device=device, landscape=spec.landscape(), model=model,
-                        n_classes=splits.num_classes, versions=versions())
+                        n_classes=splits.num_classes, versions=versions(), tf32=tf32)
 
 
 def versions() -> dict[str, str]:

@@ -65,10 +65,13 @@ def records_for(evals: EvalFile | None, file: str | None = None) -> list[Checkpo
 
 def made_with(record: CheckpointEval, evaluation) -> bool:
     """Whether `record` was made with `evaluation`'s (an `EvaluationSpec`) test images
-    (`n_examples` None: any) and Square budget: a record of another budget, such as a
-    1,000-query probe added to a run later, is never the run's own evaluation."""
+    (`n_examples` None: any), Square budget and the pinned fp32 numerics: a record of another
+    budget, such as a 1,000-query probe added to a run later, or one made with ``--tf32``
+    (TF32 kernels, another rounding), is never the run's own evaluation, so claims,
+    `run-claim` and `verify` judge only the pinned fp32 one."""
     return (evaluation.n_examples in (None, record.settings.n_examples)
-            and record.settings.square_queries == evaluation.square_queries)
+            and record.settings.square_queries == evaluation.square_queries
+            and not record.settings.tf32)
 
 
 def write_eval(path: Path, evals: EvalFile, device: str) -> None:

@@ -1,7 +1,8 @@
 """Final evaluation of a checkpoint (Sec. 3.2, Table 1) and the gradient-masking verdict.
 
 Every attack is L∞ at the run's ε on the first `n_examples` test images, with the model in
-eval mode and fp32. Attack names → the paper's Table 1 column they fill:
+eval mode and fp32 (TF32 kernels only with `EvalSettings.tf32`, a record of its own that
+claims never use). Attack names → the paper's Table 1 column they fill:
 
 * ``pgd10`` → PGD-10: our `attacks.pgd` (α, steps, random start from `spec.validation`),
   with per-example FOSC (Eq. 2) and SGCS (Eq. 3); the attack that selects checkpoints.
@@ -100,7 +101,8 @@ def evaluate_model(
 
     `x` ``[N, ...]`` in [0, 1] and `y` ``[N]`` are the evaluated examples (on the CPU);
     `identity` is (checkpoint name, file SHA-256, policies). The model is put in eval mode
-    and fp32. Each attack's adversarial examples are re-checked independently (and saved to
+    and fp32, and runs under `numerics.evaluation` (TF32 only with `settings.tf32`). Each
+    attack's adversarial examples are re-checked independently (and saved to
     `adversarial_dir` when given). `save` gets the record after each finished step, so a
     killed evaluation resumes at attack granularity. (pyautoattack's own ``state_path``
     resume is not used: in 0.2.0 a restored state leaves ``y_adv`` unbound.)
@@ -122,7 +124,8 @@ def evaluate_model(
         record.seconds = round(spent + time.perf_counter() - started, 3)
         save(record)
 
-    with numerics.evaluation() as flags, out_of_memory_hint(settings.batch_size):
+    with (numerics.evaluation(tf32=settings.tf32) as flags,
+          out_of_memory_hint(settings.batch_size)):
         record.backend = flags
         _run_steps(model, x, y, settings, attacks, record, commit, report,
                    landscape_dir, adversarial_dir)

@@ -103,7 +103,8 @@ class EvalSettings(_Model):
     """Everything that changes an attack's numbers: part of the resume key.
 
     The fields after ``landscape`` default to None only so that records written before they
-    existed still read; every new record fills them.
+    existed still read; every new record fills them. ``tf32`` defaults to False, the pinned
+    fp32 every record was made with before it existed.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -126,6 +127,9 @@ class EvalSettings(_Model):
     # diagnose --factory: `preflight.fingerprint` of the built model (factory file, repr,
     # logits, input gradient), since "factory mod:fn" stays the same when its code changes
     model_fingerprint: str | None = None
+    # `--tf32`: TF32 matmuls and cuDNN convolutions during the attacks (Ampere+ GPUs), for
+    # speed; another rounding, so another record, never a run's own (`evalfile.made_with`)
+    tf32: bool = False
 
 
 class CheckpointEval(_Model):
@@ -163,8 +167,10 @@ class EvalFile(_Model):
 
 
 def settings_key(sha256: str, settings: EvalSettings) -> str:
-    # An unset fingerprint is left out, so records without one (runs, our architectures,
-    # every record written before it existed) keep their keys and still resume.
-    unset = {"model_fingerprint"} if settings.model_fingerprint is None else None
+    # An unset fingerprint and the pinned fp32 (tf32 False) are left out, so records without
+    # them (runs, our architectures, every record written before they existed) keep their
+    # keys and still resume.
+    unset = {name for name, default in (("model_fingerprint", None), ("tf32", False))
+             if getattr(settings, name) is default}
     text = settings.model_dump_json(exclude=unset)
     return hashlib.sha256(f"{sha256}|{text}".encode()).hexdigest()[:16]
