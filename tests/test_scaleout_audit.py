@@ -305,6 +305,20 @@ class Sleeper:
             time.sleep(60)
 
 
+class SlowToStop(Sleeper):
+    """A run that takes 2 s to reach its lock's release after Ctrl-C, as one inside a long
+    CUDA kernel or a compile does, or any run on a loaded machine: submitit's controller
+    SIGKILLs its run 1 s after passing SIGINT on, which left such a lock stale."""
+
+    def __call__(self) -> None:
+        with runlock.hold(self.run_dir):
+            try:
+                time.sleep(60)
+            except KeyboardInterrupt:
+                time.sleep(2)
+                raise
+
+
 class Terminated(Exception):  # noqa: N818 - what the test's own SIGTERM handler raises
     pass
 
@@ -317,13 +331,15 @@ def _signal_once_held(run_dir: Path, signum: int) -> None:
         os.kill(os.getpid(), signum)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize(("signum", "kind"), [(signal.SIGINT, Sleeper),
+                                             (signal.SIGTERM, Sleeper),
+                                             (signal.SIGTERM, SlowToStop)])
 def test_a_signal_to_the_launcher_stops_its_local_runs_and_frees_their_locks(tmp_path,
-                                                                             signum):
+                                                                             signum, kind):
     def terminated(*_):
         raise Terminated
 
-    job = Sleeper(tmp_path / "run")
+    job = kind(tmp_path / "run")
     local = executors.Local(executors.LocalConfig(jobs=1), tmp_path / "_submitit", 0.05)
     previous = signal.signal(signal.SIGTERM, terminated)  # the default would end pytest
     cloudpickle.register_pickle_by_value(sys.modules[__name__])

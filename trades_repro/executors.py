@@ -25,6 +25,7 @@ import os
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -38,7 +39,7 @@ from typing import Protocol
 import submitit
 from pydantic import ValidationError
 
-from trades_repro import store
+from trades_repro import runlock, store
 from trades_repro.errors import BadInput
 from trades_repro.executor_config import (  # noqa: F401 (re-exported: run-claim's API)
     ExecutorConfig,
@@ -136,7 +137,7 @@ class Local:
             try:
                 return self._run(work, slots, active, report)
             except BaseException:
-                _cancel([handle for handle, _, _ in active.values()])
+                _cancel([(handle, job) for handle, job, _ in active.values()])
                 raise
 
     def _run(self, work: list[RunJob], slots: list[str | None], active: Active,
@@ -243,14 +244,35 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
 
-def _cancel(handles: list[submitit.Job]) -> None:
-    """Ctrl-C each job: submitit's controller passes SIGINT to the run, which releases its
-    lock and ends (a run killed mid-epoch resumes next time); wait a little for them."""
-    for handle in handles:
-        handle.cancel(check=False)
+def _cancel(started: list[tuple[submitit.Job, RunJob]]) -> None:
+    """Stop each started run, and wait a little for them. The run itself gets SIGINT first
+    (its pid from its lock, when the lock names this job on this host), so it releases its
+    lock and ends in its own time, up to `CANCEL_WAIT_S`; only then is submitit's controller
+    cancelled, which passes SIGINT on and SIGKILLs a run still alive 1 s later: on a loaded
+    machine that left the lock stale (taken over by the next launch, but not released)."""
     deadline = time.monotonic() + CANCEL_WAIT_S
-    while not all(handle.done() for handle in handles) and time.monotonic() < deadline:
+    running = [job.run_dir for handle, job in started if _interrupt_run(handle, job.run_dir)]
+    while any(runlock.read(d) is not None for d in running) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for handle, _ in started:
+        handle.cancel(check=False)
+    while not all(handle.done() for handle, _ in started) and time.monotonic() < deadline:
         time.sleep(0.1)
+
+
+def _interrupt_run(handle: submitit.Job, run_dir: Path) -> bool:
+    """SIGINT to the process holding `run_dir`'s lock when it is `handle`'s run on this host
+    and alive; whether it was sent."""
+    holder = runlock.read(run_dir)
+    if (holder is None or holder.job_id != str(handle.job_id)
+            or holder.host != socket.gethostname()
+            or not runlock.is_alive(holder.pid, holder.pid_start)):
+        return False
+    try:
+        os.kill(holder.pid, signal.SIGINT)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------- construction

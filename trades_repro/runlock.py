@@ -165,7 +165,7 @@ def stale_reason(holder: Holder, run_dir: Path, me: Holder | None = None,
     if _requeued(holder, me):
         return f"job {holder.job_id} was requeued (old process {holder.host} pid {holder.pid})"
     if holder.host == me.host:
-        return None if _alive(holder.pid, holder.pid_start) else \
+        return None if is_alive(holder.pid, holder.pid_start) else \
             f"process {holder.pid} on {holder.host} is gone"
     state = slurm_state(holder.job_id, slurm) if holder.on_slurm() else None
     if state is not None:
@@ -336,7 +336,8 @@ def _pid_start(pid: int) -> str | None:
         return None
 
 
-def _alive(pid: int, start: str | None) -> bool:
+def is_alive(pid: int, start: str | None) -> bool:
+    """Whether `pid` is the live process that started at `start` (not a reused pid)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
