@@ -599,7 +599,7 @@ def test_gpu_session_attacks_one_model_in_fp32_then_tf32(tmp_path):
     fp32, tf32 = ((tmp_path / "out" / f"{s}.log").read_text().split()
                   for s in ("autoattack", "autoattack_tf32"))
     for args in (fp32, tf32):
-        assert " ".join(args[args.index("--n"):][:4]) == "--n 1000 --batch-sizes 1000"
+        assert " ".join(args[args.index("--n"):][:4]) == "--n 500 --batch-sizes 500"
     assert "--tf32" in tf32 and "--tf32" not in fp32
     runs = {args[args.index("--runs-dir") + 1] for args in (fp32, tf32)}
     assert len(runs) == 1  # the second finds the first's model trained
