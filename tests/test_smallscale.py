@@ -445,6 +445,38 @@ def test_study_probe_evaluates_square_alone_on_the_done_runs_of_its_shard(tmp_pa
                                           "policies": ("best_pgd10",)})]
 
 
+def test_study_probe_skips_and_counts_the_runs_probed_before(tmp_path, monkeypatch):
+    """'probed N run(s)' counted runs whose Square-1000 record was there already (nothing
+    ran for them); they are skipped and counted apart. A record at another budget, or made
+    with --tf32, is not that probe."""
+    import trades_repro.diagnose as diagnose
+
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(f"base: {ROOT / 'spec' / 'digits.yaml'}\nseeds: 4\n"
+                     "set: {evaluation.attacks: [pgd10, square]}\n")
+    specs = ss.sweep_specs([sweep])
+    runs = [write_run(tmp_path / "runs", spec) for spec in specs]
+    add_probe(runs[0], 1000, square=0.42)  # probed before
+    add_probe(runs[1], 2000, square=0.42)  # another budget: still to probe
+    add_probe(runs[2], 1000, square=0.42)
+    evals = json.loads((runs[2] / "eval.json").read_text())
+    evals["checkpoints"]["probe1000"]["settings"]["tf32"] = True  # not the pinned numerics
+    (runs[2] / "eval.json").write_text(json.dumps(evals))
+    calls = []
+    monkeypatch.setattr(diagnose, "evaluate_run", lambda run_dir, **kw: calls.append(
+        run_dir.name))
+    result = runner.invoke(app, ["study", "probe", str(sweep), "--runs-dir",
+                                 str(tmp_path / "runs")])
+    assert result.exit_code == 0, result.output
+    assert calls == [s.digest() for s in specs[1:]]
+    assert "probed 3 run(s) with Square at 1000 queries; 1 probed before, skipped" in \
+        result.output
+    only_before = runner.invoke(app, ["study", "probe", str(sweep), "--runs-dir",
+                                      str(tmp_path / "runs"), "--shard", "0/4"])
+    assert only_before.exit_code == 0, only_before.output  # nothing new, but not "nothing"
+    assert "probed 0 run(s) with Square at 1000 queries; 1 probed before" in only_before.output
+
+
 def test_study_sweep_dry_run_counts_each_files_runs_by_state_and_runs_nothing(tmp_path):
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text(f"base: {ROOT / 'spec' / 'digits.yaml'}\nseeds: 3\n"

@@ -105,12 +105,13 @@ def study_probe(
     if not runs_dir.is_dir():  # a mistyped folder probed nothing and exited 0
         raise BadInput(f"--runs-dir {runs_dir}: not a folder")
     _set_threads(None, None)
-    n = probe_square(sweeps, runs_dir, queries=square_queries, shard=_shard(shard),
-                     report=_progress(False))
-    if n == 0:
+    n, before = probe_square(sweeps, runs_dir, queries=square_queries, shard=_shard(shard),
+                             report=_progress(False))
+    if n == before == 0:
         raise Inconclusive(f"no finished, evaluated run of the sweeps in {runs_dir}: nothing "
                            "probed")
-    typer.echo(f"probed {n} run(s) with Square at {square_queries} queries")
+    typer.echo(f"probed {n} run(s) with Square at {square_queries} queries"
+               + (f"; {before} probed before, skipped" if before else ""))
 
 
 @study_app.command("report")

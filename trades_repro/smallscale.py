@@ -171,28 +171,44 @@ def progress(files: list[Path], runs_dir: Path) -> list[tuple[Path, dict[str, in
 
 def probe_square(files: list[Path], runs_dir: Path, *, queries: int = PROBE_QUERIES,
                  shard: tuple[int, int] = (0, 1),
-                 report: Report = lambda line: None) -> int:
+                 report: Report = lambda line: None) -> tuple[int, int]:
     """Square alone at `queries` on every finished, evaluated run of the sweeps (shard `k`
     of `n`), as a record of its own beside the run's Square-5000 one; returns how many runs
-    were probed (already probed ones are skipped inside `evaluate_run`)."""
+    were probed now, and how many had been probed before (skipped)."""
     from trades_repro.diagnose import evaluate_run
     from trades_repro.evalfile import EvalFileBusy
     from trades_repro.runclaim import run_state
 
     k, n = shard
-    probed = 0
+    probed = already = 0
     for i, spec in enumerate(sweep_specs(files)):
         if i % n != k or run_state(spec, runs_dir, policies_of(spec)) != "done":
             continue
+        run_dir = store.run_dir_for(spec, runs_dir)
+        if _probed(run_dir, queries, policies_of(spec)):
+            already += 1
+            continue
         report(f"Square-{queries}: {cell_label(spec)} seed {spec.seed}")
         try:
-            evaluate_run(store.run_dir_for(spec, runs_dir), attacks=("square",),
-                         square_queries=queries, policies=policies_of(spec))
+            evaluate_run(run_dir, attacks=("square",), square_queries=queries,
+                         policies=policies_of(spec))
         except EvalFileBusy as busy:  # a second probe at once shares the work, as sweeps do
             report(f"  being evaluated by {busy.holder}; left to it")
             continue
         probed += 1
-    return probed
+    return probed, already
+
+
+def _probed(run_dir: Path, queries: int, policies: tuple[str, ...]) -> bool:
+    """Whether each policy's checkpoint has a finished Square record at `queries` (in the
+    pinned fp32 numerics) already."""
+    from trades_repro.evalfile import read_eval
+
+    evals = read_eval(run_dir / store.EVAL_FILE)
+    records = [] if evals is None else list(evals.checkpoints.values())
+    return all(any(p in r.policies and "square" in r.attacks and not r.settings.tf32
+                   and r.settings.square_queries == queries for r in records)
+               for p in policies)
 
 
 def cell_label(spec: ExperimentSpec) -> str:
