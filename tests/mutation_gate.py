@@ -65,6 +65,17 @@ def _nodes(path: str, *names: str) -> tuple[str, ...]:
     return tuple(f"tests/{path}::{name}" for name in names)
 
 
+# test_eval_tf32.py but its check of the committed evidence, which mutmut's copy lacks
+TF32_TESTS = _nodes("test_eval_tf32.py",
+                    "test_tf32_false_keeps_the_key_of_settings_written_without_the_field",
+                    "test_tf32_true_gives_another_key",
+                    "test_evaluate_model_sets_tf32_inside_only_when_asked_and_restores",
+                    "test_the_checklist_follows_the_settings_tf32",
+                    "test_made_with_refuses_a_tf32_record",
+                    "test_verify_takes_the_fp32_record_even_where_the_tf32_one_has_more",
+                    "test_evaluate_tf32_writes_a_record_of_its_own_that_run_claim_ignores",
+                    "test_diagnose_tf32_and_without_make_two_records",
+                    "test_the_library_entry_points_default_to_the_pinned_fp32")
 POLICY_TESTS = _nodes("test_engine.py", "test_policies_on_a_crafted_series",
                       "test_policies_pick_the_first_maximum_among_eligible_epochs",
                       "test_fosc_ok_is_at_most_the_threshold")
@@ -107,7 +118,8 @@ FULL = (
         *_nodes("test_engine.py", "test_each_variant_trains_two_epochs_with_full_records",
                 "test_lr_schedules"))),
     Group("evaluate", _src("evaluate"), (
-        "tests/test_mut_evaluate.py", "tests/test_verdict.py", "tests/test_defaults_pinned.py")),
+        "tests/test_mut_evaluate.py", "tests/test_verdict.py", "tests/test_defaults_pinned.py",
+        *TF32_TESTS)),
     Group("verdict", _src("verdict"), (
         "tests/test_verdict.py", "tests/test_mut_evaluate.py",
         *_nodes("test_evaluate.py", "test_primary_rule_flags_a_gap_of_eight_points_or_more",
@@ -115,7 +127,7 @@ FULL = (
                 "test_verdict_line_says_what_happened"))),
     Group("diagnose", _src("diagnose"), (
         "tests/test_mut_diagnose.py", "tests/test_defaults_pinned.py", "tests/test_exit_codes.py",
-        "tests/test_corrupt_files.py", "tests/test_diagnose_inputs.py")),
+        "tests/test_corrupt_files.py", "tests/test_diagnose_inputs.py", *TF32_TESTS)),
     Group("spec", _src("spec", "sweep"), (
         "tests/test_spec.py", "tests/test_sweep.py", "tests/test_cli.py",
         "tests/test_defaults_pinned.py", "tests/test_input_validation.py")),

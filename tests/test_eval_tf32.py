@@ -20,6 +20,7 @@ from test_evaluate import _data, _Linear, _settings
 from typer.testing import CliRunner
 
 from trades_repro import checklist, numerics, store
+from trades_repro import diagnose as dg
 from trades_repro import evaluate as ev
 from trades_repro.cli import app
 from trades_repro.evalfile import made_with, read_eval, write_eval
@@ -229,3 +230,28 @@ def test_diagnose_tf32_and_without_make_two_records(tmp_path, monkeypatch, resto
     assert len(records) == 2
     assert sorted(r.settings.tf32 for r in records.values()) == [False, True]
     assert all(_backend_tf32(r) == (r.settings.tf32,) * 2 for r in records.values())
+    lines = {r.settings.tf32: dg.settings_line(r) for r in records.values()}
+    assert lines[True].endswith(", TF32 attacks (not the pinned fp32)")
+    assert "TF32" not in lines[False]
+
+
+def test_the_library_entry_points_default_to_the_pinned_fp32(tmp_path, restore_flags):
+    """run-claim's jobs and the study's probes call `evaluate_run` without `tf32`: a TF32
+    default would make every run's evaluation a record its claims never use."""
+    run = train(parse_spec(TINY_RUN), tmp_path / "runs", progress=False).run_dir
+    (record,) = dg.evaluate_run(run)
+    assert not record.settings.tf32 and _backend_tf32(record) == (False, False)
+    (tmp_path / "tf32_default_nets.py").write_text(
+        "from torch import nn\n\n\ndef linear():\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(64, 10))\n")
+    weights = tmp_path / "linear.safetensors"
+    save_file(prototype_linear().state_dict(), weights)
+    import sys
+
+    sys.path.insert(0, str(tmp_path))
+    try:
+        record = dg.diagnose(weights, dataset="digits", factory="tf32_default_nets:linear",
+                             eps=0.1, n_examples=10, attacks=("pgd10",))
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert not record.settings.tf32 and _backend_tf32(record) == (False, False)

@@ -371,7 +371,7 @@ def _diagnose_spec(dataset: str, root: str | None, arch: str, width: int, normal
 
 
 def _settings(spec: ExperimentSpec, splits: Splits, device: str, model: str,
-              tf32: bool = False) -> EvalSettings:
+              tf32: bool) -> EvalSettings:
     available = len(splits.test.labels)
     n = spec.evaluation.n_examples or available
     if n > available:
