@@ -124,10 +124,29 @@ def test_hold_releases_on_error_and_beats(tmp_path, monkeypatch):
     with pytest.raises(KeyError), runlock.hold(tmp_path):
         lock = tmp_path / runlock.LOCK_FILE
         before = lock.stat().st_mtime_ns
-        time.sleep(0.3)
+        deadline = time.monotonic() + 10  # a beat, however late a loaded machine runs it
+        while lock.stat().st_mtime_ns == before and time.monotonic() < deadline:
+            time.sleep(0.02)
         assert lock.stat().st_mtime_ns > before
         raise KeyError("boom")
     assert not (tmp_path / runlock.LOCK_FILE).exists()
+
+
+def test_a_ctrl_c_while_the_heartbeat_starts_still_releases_the_lock(tmp_path, monkeypatch):
+    """The lock exists as soon as it is taken; the release used to be guarded only after the
+    heartbeat thread had started, which waits for that thread to be scheduled. A Ctrl-C in
+    that wait (a launcher stopping a run just started, on a loaded machine) left the lock
+    held by a dead process."""
+    def interrupted(self):
+        assert runlock.read(tmp_path) is not None  # taken already
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runlock.threading.Thread, "start", interrupted)
+    with pytest.raises(KeyboardInterrupt), runlock.hold(tmp_path):
+        pytest.fail("the block must not run")
+    assert runlock.read(tmp_path) is None
+    log = (tmp_path / runlock.LOG_FILE).read_text()
+    assert "acquired by" in log and "released by" in log
 
 
 def test_train_refuses_a_run_another_process_holds(tmp_path):

@@ -183,11 +183,11 @@ def _requeued(holder: Holder, me: Holder) -> bool:
             and holder.pid != me.pid)
 
 
-def acquire(run_dir: Path) -> Holder:
-    """Take the run's lock, or a stale or unreadable one over; `RunBusy` when a live process
-    holds it (or an unreadable lock is too fresh to judge)."""
+def acquire(run_dir: Path, me: Holder | None = None) -> Holder:
+    """Take the run's lock as `me` (default: this process now), or a stale or unreadable one
+    over; `RunBusy` when a live process holds it (or an unreadable lock is too fresh)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    me = Holder.me(epochs_done(run_dir))
+    me = me or Holder.me(epochs_done(run_dir))
     for _ in range(5):
         if _link(run_dir / LOCK_FILE, me):
             log(run_dir, "acquired", me)
@@ -236,11 +236,11 @@ def hold(run_dir: Path) -> Iterator[Holder]:
     created are removed again when only its own log is in them.
     """
     created = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
-    me = acquire(run_dir)
+    me = Holder.me(epochs_done(run_dir))  # the token first: the finally below may need it
     stop = threading.Event()
-    beat = threading.Thread(target=_heartbeat, args=(run_dir, me, stop), daemon=True)
-    beat.start()
-    try:
+    try:  # a Ctrl-C from the moment the lock exists (e.g. in beat.start) still releases it
+        acquire(run_dir, me)
+        threading.Thread(target=_heartbeat, args=(run_dir, me, stop), daemon=True).start()
         yield me
     finally:
         stop.set()
