@@ -101,7 +101,11 @@ DATA=.gpu/fashion-mnist  # from gpu_pack.py; this machine's copy otherwise
 SUMMARY="$OUT/$NAME.txt"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 GPU_SMOKE_OUT="$WORK"
-START=$SECONDS
+# Whole seconds really elapsed since $1 (µs from now_us): $SECONDS counts clock-second
+# boundaries crossed, so 10 ms across one read as 1 s and took a 1 s box to 0.
+now_us() { echo "${EPOCHREALTIME/[.,]/}"; }
+since() { echo $((($(now_us) - $1) / 1000000)); }
+START=$(now_us)
 
 {
   date -u +%Y-%m-%dT%H:%M:%SZ
@@ -116,11 +120,12 @@ box_for() {  # box_for INDEX: the step's box, with what earlier steps left unuse
   for ((j = i + 1; j < ${#STEPS[@]}; j++)); do
     later=$((later + BOX[${STEPS[j]}] + GRACE))
   done
-  echo $((SESSION_S - (SECONDS - START) - later - GRACE))
+  echo $((SESSION_S - $(since "$START") - later - GRACE))
 }
 
 step() {  # step NAME BOX COMMAND...: run COMMAND time-boxed, its output to $OUT/NAME.log
-  local name=$1 box=$2 start=$SECONDS code
+  local name=$1 box=$2 start code
+  start=$(now_us)
   shift 2
   if [ "$box" -lt 1 ]; then
     echo "$name: skipped, no time left (box $box s)" | tee -a "$SUMMARY"
@@ -129,7 +134,7 @@ step() {  # step NAME BOX COMMAND...: run COMMAND time-boxed, its output to $OUT
   timeout -k "$GRACE" "$box" "$@" >"$OUT/$name.log" 2>&1
   code=$?
   [ $code = 124 ] || [ $code = 137 ] && echo "(stopped by its ${box} s time box)" >>"$OUT/$name.log"
-  echo "$name: exit $code after $((SECONDS - start)) s (box ${box} s)" | tee -a "$SUMMARY"
+  echo "$name: exit $code after $(since "$start") s (box ${box} s)" | tee -a "$SUMMARY"
 }
 
 pack() {  # every record and log so far, as one archive beside the summary
@@ -185,7 +190,7 @@ for i in "${!STEPS[@]}"; do
   pack  # after every step, so a call stopped at its limit still returns the ones before
 done
 
-echo "total $((SECONDS - START)) s of ${SESSION_S} s" | tee -a "$SUMMARY"
+echo "total $(since "$START") s of ${SESSION_S} s" | tee -a "$SUMMARY"
 pack && rm -rf "$WORK"
 [ "$OWN_RUNS" = 1 ] && rm -rf "$RUNS"
 echo "results: $SUMMARY, $OUT/<step>.log and $OUT/$NAME.tgz"

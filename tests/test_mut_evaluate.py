@@ -507,11 +507,11 @@ def test_paired_verdicts_see_clean_correctness_and_fired_checks():
     assert v2.outcome == "inconclusive" and "zero_gradients" in v2.note
 
 
-def test_results_count_robust_flags_and_round_their_time():
-    for _ in range(5):  # a time whose 4th decimal is 0 would hide a rounding to 4 places
-        started = ev.time.perf_counter() - 1.23456
-        result = ev._result("square", torch.tensor([1.0, 0.0, 2.0]), started, params={"q": 5})
-        assert result.seconds == round(result.seconds, 3) and 1.234 <= result.seconds < 1.3
+def test_results_count_robust_flags_and_round_their_time(monkeypatch):
+    # a fixed clock: 1.23456 s spent, whatever the scheduler does between the two readings
+    monkeypatch.setattr(ev, "time", SimpleNamespace(perf_counter=lambda: 101.23456))
+    result = ev._result("square", torch.tensor([1.0, 0.0, 2.0]), 100.0, params={"q": 5})
+    assert result.seconds == 1.235  # to the ms: not 1.2346 (4 places), not 1.23456
     assert (result.name, result.paper_column, result.robust) == ("square", "Square", "101")
     assert (result.n_robust, result.n_examples) == (2, 3)
     assert result.accuracy == pytest.approx(2 / 3, rel=1e-7)  # a float32 mean
