@@ -185,7 +185,7 @@ def probe_square(files: list[Path], runs_dir: Path, *, queries: int = PROBE_QUER
         if i % n != k or run_state(spec, runs_dir, policies_of(spec)) != "done":
             continue
         run_dir = store.run_dir_for(spec, runs_dir)
-        if _probed(run_dir, queries, policies_of(spec)):
+        if _probed(run_dir, spec, queries):
             already += 1
             continue
         report(f"Square-{queries}: {cell_label(spec)} seed {spec.seed}")
@@ -199,16 +199,18 @@ def probe_square(files: list[Path], runs_dir: Path, *, queries: int = PROBE_QUER
     return probed, already
 
 
-def _probed(run_dir: Path, queries: int, policies: tuple[str, ...]) -> bool:
-    """Whether each policy's checkpoint has a finished Square record at `queries` (in the
-    pinned fp32 numerics) already."""
-    from trades_repro.evalfile import read_eval
+def _probed(run_dir: Path, spec: ExperimentSpec, queries: int) -> bool:
+    """Whether each study policy's checkpoint has a finished Square record at `queries`
+    made as `evaluate_run` would make it now (`evalfile.made_with`: the spec's images, the
+    pinned fp32)."""
+    from trades_repro.evalfile import made_with, read_eval
 
     evals = read_eval(run_dir / store.EVAL_FILE)
     records = [] if evals is None else list(evals.checkpoints.values())
-    return all(any(p in r.policies and "square" in r.attacks and not r.settings.tf32
-                   and r.settings.square_queries == queries for r in records)
-               for p in policies)
+    probe = spec.evaluation.model_copy(update={"square_queries": queries})
+    return all(any(p in r.policies and "square" in r.attacks and made_with(r, probe)
+                   for r in records)
+               for p in policies_of(spec))
 
 
 def cell_label(spec: ExperimentSpec) -> str:
