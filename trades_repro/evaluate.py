@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from trades_repro import numerics
-from trades_repro.attacks import pgd
+from trades_repro.attacks import frozen_weights, pgd
 from trades_repro.errors import BadInput
 from trades_repro.evalbatch import out_of_memory_hint
 from trades_repro.landscape import landscape_result
@@ -337,7 +337,9 @@ def _autoattack(name: str) -> Runner:
         _fit_targets(adversary, name, model, x[:1].to(s.device))
         if name != "autoattack":
             adversary.attacks_to_run = [name]  # as its run_standard_evaluation_individual
-        with capture_checks(name) as flags, torch.autocast(s.device, enabled=False):
+        # frozen: FAB's backward() would also compute (and keep) every weight's gradient
+        with (capture_checks(name) as flags, torch.autocast(s.device, enabled=False),
+              frozen_weights(model)):
             x_adv, y_adv = adversary.run_standard_evaluation(x, y, batch_size=s.batch_size)
         params = {**_aa_params(adversary, name), "version": version}
         return _result(name, y_adv.cpu() == y.cpu(), started, flags=unique(flags),
