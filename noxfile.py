@@ -68,7 +68,8 @@ def mutation_quick(session: nox.Session) -> None:
     session.run("python", "tests/mutation_gate.py", *session.posargs)
 
 
-BENCHMARKS = ("bench_train_paths.py", "bench_monitor.py", "bench_autoattack.py")
+BENCHMARKS = ("bench_train_paths.py", "bench_monitor.py", "bench_autoattack.py",
+              "bench_aa_cost.py")
 
 
 @nox.session(python=False)

@@ -99,9 +99,14 @@ CLI_HELPERS = (*(f"trades_repro.cli.x__{name}__*" for name in (
     "exit_on_verdicts")),
     *(f"trades_repro.cli_claims.x__{name}__*" for name in ("tier", "exit_for")))
 
+# AutoAttack runs on frozen weights (attacks.frozen_weights, used by evaluate's runners)
+FROZEN_AA_TEST = _nodes("test_evaluate.py",
+                        "test_autoattack_runs_on_frozen_weights_with_the_unfrozen_results")
+
 FULL = (
     Group("core_math", _src("metrics", "losses", "policies"), MATH_TESTS),
-    Group("attacks", _src("attacks"), ("tests/test_attacks.py", "tests/test_mut_attacks.py")),
+    Group("attacks", _src("attacks"), ("tests/test_attacks.py", "tests/test_mut_attacks.py",
+                                       *FROZEN_AA_TEST)),
     Group("steps", _src("steps"), (
         "tests/test_mut_steps.py",
         *_nodes("test_engine.py", "test_monitoring_a_step_does_not_change_it",
@@ -119,7 +124,7 @@ FULL = (
                 "test_lr_schedules"))),
     Group("evaluate", _src("evaluate"), (
         "tests/test_mut_evaluate.py", "tests/test_verdict.py", "tests/test_defaults_pinned.py",
-        *TF32_TESTS)),
+        *TF32_TESTS, *FROZEN_AA_TEST)),
     Group("verdict", _src("verdict"), (
         "tests/test_verdict.py", "tests/test_mut_evaluate.py",
         *_nodes("test_evaluate.py", "test_primary_rule_flags_a_gap_of_eight_points_or_more",

@@ -361,6 +361,95 @@ def test_autoattack_keeps_each_cascade_stage_and_echoes_it(capsys):
                                              for h in logger.handlers)
 
 
+
+aacost = _load("bench_aa_cost")
+
+
+def test_pass_counter_tells_input_only_backwards_from_weight_backwards():
+    torch.manual_seed(0)
+    counter = aacost.PassCounter(torch.nn.Sequential(torch.nn.Flatten(),
+                                                     torch.nn.Linear(16, 10)))
+    x = torch.rand(5, 1, 4, 4, requires_grad=True)
+    with torch.no_grad():
+        counter(x)  # a no-grad forward (Square): no backward to count
+    torch.autograd.grad(counter(x).sum(), [x])  # APGD: the input's gradient only
+    counter(x).sum().backward()  # FAB: every leaf's gradient
+    with aacost.frozen_weights(counter):
+        counter(x[:3]).sum().backward()  # FAB on frozen weights
+    assert counter.snapshot() == {"forward": 18, "backward": 13, "weight_backward": 5}
+    assert aacost.forward_equivalents(counter.snapshot()) == 36
+
+
+def test_aa_cost_splits_the_passes_at_pyautoattacks_lines_and_reads_gpu_rates(tmp_path):
+    logger = logging.getLogger(aacost.AUTOATTACK_LOGGER)
+    counts = {"forward": 0}
+    stages: list[dict] = []
+    handler = aacost._CountingStages(stages, lambda: dict(counts))
+    logger.addHandler(handler)
+    level, logger.level = logger.level, logging.DEBUG
+    try:
+        counts["forward"] = 10
+        logger.debug("initial accuracy: 80.00%")
+        counts.update(forward=410, backward=400)
+        logger.debug("robust accuracy after APGD-CE: 50.00% (total time 2.0 s)")
+        counts["forward"] = 5410
+        logger.debug("robust accuracy after SQUARE: 40.00% (total time 7.0 s)")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    rows = aacost._per_stage(stages, 10, seconds=7.5)
+    assert [(r["attack"], r["entering"], r["robust_after"], r["forward_equivalents"])
+            for r in rows] == [("clean", 10, 8, 10), ("apgd-ce", 8, 5, 800),
+                               ("square", 5, 4, 5000)]
+    assert rows[2]["per_entering_image"] == 1000 and rows[1]["share"] == 800 / 5810
+    assert [r["seconds"] for r in rows] == pytest.approx([0.5, 2.0, 5.0])
+
+    def record(name, workloads):
+        (tmp_path / name).write_text(json.dumps({"device_name": "GPU X",
+                                                 "workloads": workloads}))
+
+    speed = {"median": 100.0}
+    record("train_paths-cuda-20260101T000000Z.json",
+           [{"batch": 256, "images_per_s": {"exact": speed, "tf32": {"median": 300.0}}}])
+    record("train_paths-cuda-20260202T000000Z.json",  # newer: its fp32 wins, no tf32 in it
+           [{"batch": 256, "images_per_s": {"exact": {"median": 200.0}}},
+            {"batch": 32, "images_per_s": {"tf32": {"median": 1.0}}}])
+    record("train_paths-cpu-20270101T000000Z.json",
+           [{"batch": 256, "images_per_s": {"exact": {"median": 1.0}}}])
+    rates = aacost.gpu_rates(tmp_path)
+    assert {p: (r["forward_equivalents_per_s"], r["record"][17:25])
+            for p, r in rates.items()} == {"fp32": (200.0 * 27, "20260202"),
+                                           "tf32": (300.0 * 27, "20260101")}
+    guess = aacost.estimate(10_000.0, 0.2, rates, flops_per_pass=1e9, peak_tflops=50.0)
+    assert guess["forward_equivalents_floor"] == 2e7
+    assert guess["seconds"] == {"fp32": pytest.approx(2e7 / 5400),
+                                "tf32": pytest.approx(2e7 / 8100)}
+    assert guess["fp32_seconds_at_peak"] == pytest.approx(2e7 * 1e9 / 50e12)
+    assert guess["training_fp32_share_of_peak"] == {"fp32": pytest.approx(5400 * 1e9 / 50e12)}
+    # the paper's CIFAR-100 ResNet-18: about 1.1 GFLOP per forward (0.56 G multiply-adds)
+    assert aacost.cifar100_forward_flops() == pytest.approx(1.11e9, rel=0.01)
+    assert aacost.gpu_rates(tmp_path / "none") == {}
+
+
+@pytest.mark.slow
+def test_aa_cost_quick_counts_standard_passes_and_finds_frozen_weights_identical(tmp_path):
+    """The whole script at --quick (a digits model trained for it, ~25 s): a robust image
+    costs the standard cascade's full course, whatever the model."""
+    record = aacost.main(["--quick", "--out-dir", str(tmp_path)])
+    (path,) = tmp_path.glob("aa_cost-cpu-*.json")
+    assert json.loads(path.read_text())["gpu_estimate_10000"] == record["gpu_estimate_10000"]
+    robust = record["robust_images"]
+    assert robust["still_robust"] >= robust["n"] // 2
+    per_stage = {s["attack"]: s for s in robust["stages"]}
+    # APGD 100 iterations (forward + input gradient), 9 targets for APGD-T and FAB-T,
+    # Square 5,000 queries: one forward each (plus its initial one)
+    assert per_stage["apgd-ce"]["per_entering_image"] == pytest.approx(200, abs=10)
+    assert per_stage["apgd-t"]["per_entering_image"] == pytest.approx(1800, rel=0.1)
+    assert per_stage["square"]["per_entering_image"] == pytest.approx(5000, abs=10)
+    assert all(s.get("weight_backward", 0) == 0 for s in robust["stages"])  # frozen
+    assert record["frozen_vs_plain"]["x_adv_equal"]
+    assert record["fab_t_resnet18_frozen_vs_plain"]["x_adv_equal"]
+
 def test_an_unexpected_error_in_the_gate_is_exit_4_not_a_failed_knob(tmp_path, monkeypatch,
                                                                        capsys):
     monkeypatch.setattr(gate, "figures_of", lambda spec, runs_dir: FP32)
