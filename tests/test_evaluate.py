@@ -267,7 +267,7 @@ def test_adversarial_examples_are_rechecked_independently_and_saved(tmp_path):
 @pytest.mark.parametrize("name", ["fab-t", "autoattack"])
 def test_autoattack_runs_on_frozen_weights_with_the_unfrozen_results(name):
     """FAB calls ``backward()``, which on weights requiring gradients also computes theirs:
-    slower (1.34x for FAB-T on a CPU ResNet-18) and left behind in ``.grad``. The runner
+    slower (1.29x for FAB-T on a CPU ResNet-18) and left behind in ``.grad``. The runner
     freezes them for the attack; the adversarial examples must not change, and the weights
     must require gradients again afterwards."""
     from pyautoattack import AutoAttack

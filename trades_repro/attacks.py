@@ -217,10 +217,10 @@ def frozen_weights(model: nn.Module) -> Iterator[None]:
     An attack needs only its input's gradient, but autograd computes the gradient of every
     leaf that requires one whenever a caller uses ``backward()`` instead of
     ``torch.autograd.grad(..., [x])``: AutoAttack's FAB does, at each of its iterations
-    (FAB-T on ResNet-18 1.34x as fast frozen on a CPU, x_adv bit-identical, and the model's
-    ``.grad`` left untouched: benchmarks/bench_aa_cost.py). A torch.compile'd model's backward (AOTAutograd) likewise
-    computes every input gradient it can (TPGD-10 on ResNet-18, batch 32, with the aot_eager
-    backend: 6.0 s -> 4.3 s, x_adv bit-identical).
+    (FAB-T on ResNet-18 1.29x as fast frozen on a CPU, x_adv bit-identical, and the model's
+    ``.grad`` left untouched: benchmarks/bench_aa_cost.py). A torch.compile'd model's
+    backward (AOTAutograd) likewise computes every input gradient it can (TPGD-10 on
+    ResNet-18, batch 32, with the aot_eager backend: 6.0 s -> 4.3 s, x_adv bit-identical).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     try:
