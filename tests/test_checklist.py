@@ -133,3 +133,35 @@ def test_every_attack_item_of_the_checklist_attacks():
         assert rows[item].numbers["strong_accuracy"] < clean, item
     for item in ("pgd100x5", "fgsm"):
         assert rows[item].numbers["strong_accuracy"] <= rows[item].numbers["weak_accuracy"], item
+
+
+def test_restarts_and_the_sweep_attack_only_images_that_can_still_count():
+    """An image counts as robust only if it is right clean and survives every restart, so
+    PGD-100x5 attacks each restart only the images still robust, and the eps sweep only the
+    images right clean, reusing PGD-10 at eps itself: the numbers of attacking every image
+    every time, with fewer images through the model."""
+    from trades_repro import checklist as cl
+
+    x, y = digits_test(N)
+    s, net = _settings(batch_size=16), prototype_linear()
+    clean = cl._predicted(net, x, s) == y
+    base = cl._robust(net, cl._pgd(net, x, y, s, s.eps, s.steps), y, clean, s)
+
+    everything = Watched(net)  # the former way: the 5N images, all attacked
+    reps = (cl.RESTARTS,) + (1,) * (x.dim() - 1)
+    x_adv = cl._pgd(everything, x.repeat(reps), y.repeat(cl.RESTARTS), s, s.eps,
+                    cl.LONG_STEPS, step_size=s.eps / 40)
+    every = cl._robust(net, x_adv, y.repeat(cl.RESTARTS), clean.repeat(cl.RESTARTS), s)
+    expected = cl._compare("pgd100x5", "PGD-100x5", base, every.view(cl.RESTARTS, -1).all(0))
+    pruned = Watched(net)
+    assert cl._restarts(pruned, x, y, s, clean, base).numbers == expected.numbers
+    assert sum(pruned.batches) < 0.8 * sum(everything.batches)
+
+    radii = sorted({min(1.0, f * s.eps) for f in cl.EPS_FACTORS})
+    accs = [cl._robust(net, cl._pgd(net, x, y, s, r, s.steps), y, clean, s).float().mean()
+            .item() for r in radii]
+    swept = Watched(net)
+    row = cl._sweep(swept, x, y, s, clean, None, None, base)
+    assert row.numbers == {"eps": radii, "accuracy": accs}
+    # the images right clean, at every radius but eps, and PGD-10's forwards per image
+    assert sum(swept.batches) == int(clean.sum()) * (len(radii) - 1) * (s.steps + 1)

@@ -3,7 +3,7 @@
 Each item compares two ways of attacking the same examples and says ``pass`` or ``warn``
 with its numbers and its cost in seconds:
 
-* ``pgd100x5``: PGD-10 vs PGD-100 with 5 restarts (the 5N images attacked in batches);
+* ``pgd100x5``: PGD-10 vs PGD-100 with 5 restarts (each on the images still robust);
 * ``margin_loss``: APGD on CE vs APGD on the DLR margin loss (pyautoattack, 100 iterations);
 * ``fgsm``: FGSM (one step of ε) vs PGD-10 — one step beating ten is a red flag;
 * ``eps_sweep``: PGD-10 accuracy as ε grows (×½ … ×16, capped at 1) must fall towards 0;
@@ -69,7 +69,7 @@ def _items(model: nn.Module, x: Tensor, y: Tensor, s: EvalSettings,
     items = [lambda: _restarts(model, x, y, s, clean, base),
              lambda: _margin_loss(model, x, y, s, clean),
              lambda: _fgsm(model, x, y, s, clean, base),
-             lambda: _sweep(model, x, y, s, clean, folder, record),
+             lambda: _sweep(model, x, y, s, clean, folder, record, base),
              lambda: _noise(model, x, y, s, clean, base),
              lambda: _square_only(record)]
     rows = []
@@ -83,13 +83,16 @@ def _items(model: nn.Module, x: Tensor, y: Tensor, s: EvalSettings,
 
 
 def _pgd(model: nn.Module, x: Tensor, y: Tensor, s: EvalSettings, eps: float, steps: int,
-         step_size: float | None = None, random_start: bool = True) -> Tensor:
+         step_size: float | None = None, random_start: bool = True,
+         noise: Tensor | None = None) -> Tensor:
     """PGD on `x` in batches of `s.batch_size`, its random starts drawn for all of `x` at
-    once (as one call of `pgd` would draw them) and sliced: the batch changes no result."""
-    generator = torch.Generator(device=s.device).manual_seed(s.seed)
+    once (as one call of `pgd` would draw them) and sliced: the batch changes no result.
+    `noise` (shaped like `x`) gives the starts' U[0, 1) draws instead."""
     alpha = step_size if step_size is not None else eps * s.step_size / s.eps  # PGD-10's α/ε
-    noise = (torch.rand(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-             if random_start else None)
+    if random_start and noise is None:
+        noise = _starts(x.shape, s, x.dtype)
+    elif not random_start:
+        noise = None
     out = []
     for start in range(0, len(y), s.batch_size):
         part = slice(start, start + s.batch_size)
@@ -124,14 +127,28 @@ def _compare(item: str, stronger: str, weak: Tensor, strong: Tensor) -> Checklis
                                f"{numbers['weak_accuracy']:.3f} (b={b}, c={c}, p={p:.2g})")
 
 
+def _starts(shape: tuple[int, ...], s: EvalSettings, dtype: torch.dtype) -> Tensor:
+    """PGD's random-start draws for a set of `shape`, from the settings' seed."""
+    generator = torch.Generator(device=s.device).manual_seed(s.seed)
+    return torch.rand(shape, generator=generator, dtype=dtype, device=s.device)
+
+
 def _restarts(model, x, y, s, clean, base) -> ChecklistRow:
-    """PGD-100 × 5 restarts on the 5N images of `x` repeated (attacked in batches; the
-    starts drawn for all 5N at once); robust only if every restart fails."""
-    reps = (RESTARTS,) + (1,) * (x.dim() - 1)
-    x_adv = _pgd(model, x.repeat(reps), y.repeat(RESTARTS), s, s.eps, LONG_STEPS,
-                 step_size=s.eps / 40)  # 100 steps of ε/40 cross the box 2.5 times, as PGD-10's
-    hits = _robust(model, x_adv, y.repeat(RESTARTS), clean.repeat(RESTARTS), s)
-    return _compare("pgd100x5", "PGD-100x5", base, hits.view(RESTARTS, -1).all(0))
+    """PGD-100 × 5 restarts; robust only if every restart fails. The starts are drawn for
+    the 5N images of `x` repeated, at once, as one 5N batch would draw them; restart r
+    attacks (in batches) only the images still robust, right clean and unbroken by the
+    restarts before it: the others' flag is 0 whatever it would find."""
+    n = len(y)
+    noise = _starts((RESTARTS * n, *x.shape[1:]), s, x.dtype)
+    robust = clean.clone()
+    for restart in range(RESTARTS):
+        todo = robust.nonzero().squeeze(1)
+        if not len(todo):
+            break
+        x_adv = _pgd(model, x[todo], y[todo], s, s.eps, LONG_STEPS, step_size=s.eps / 40,
+                     noise=noise[restart * n + todo])  # 100 steps of ε/40: 2.5 box widths
+        robust[todo] = _predicted(model, x_adv, s) == y[todo]
+    return _compare("pgd100x5", "PGD-100x5", base, robust)
 
 
 def _margin_loss(model, x, y, s, clean) -> ChecklistRow:
@@ -163,10 +180,24 @@ def _noise(model, x, y, s, clean, base) -> ChecklistRow:
     return _compare("noise", "uniform noise", base, hits.view(NOISE_DRAWS, -1).all(0))
 
 
-def _sweep(model, x, y, s, clean, folder, record) -> ChecklistRow:
+def _sweep(model, x, y, s, clean, folder, record, base) -> ChecklistRow:
+    """PGD-10 at each radius, on the images right clean only (the others count 0 anyway),
+    with the starts the whole set would draw; at ε itself, `base` is that very PGD-10."""
     radii = sorted({min(1.0, f * s.eps) for f in EPS_FACTORS})
-    accs = [_robust(model, _pgd(model, x, y, s, r, s.steps), y, clean, s).float().mean().item()
-            for r in radii]
+    todo = clean.nonzero().squeeze(1)
+    noise = _starts(x.shape, s, x.dtype)[todo]
+
+    def robust(r: float) -> Tensor:
+        if r == s.eps:
+            return base
+        hits = torch.zeros_like(clean)
+        if not len(todo):
+            return hits
+        x_adv = _pgd(model, x[todo], y[todo], s, r, s.steps, noise=noise)
+        hits[todo] = _predicted(model, x_adv, s) == y[todo]
+        return hits
+
+    accs = [robust(r).float().mean().item() for r in radii]
     rises = max((b - a for a, b in zip(accs, accs[1:], strict=False)), default=0.0)
     ok = accs[-1] <= SWEEP_LIMIT and rises <= SWEEP_SLACK
     detail = (f"PGD-10 accuracy {accs[0]:.3f} at eps {radii[0]:.3g} -> {accs[-1]:.3f} at "
