@@ -444,3 +444,32 @@ def test_progress_lines_and_verification_cells_print_brackets_verbatim(capsys):
     print_tables(console, [judged], {})
     text = console.export_text()
     assert "[bold]8[/bold]" in text and "[no weights]" in text
+
+
+@pytest.mark.parametrize(("option", "threads"), [([], 1), (["--threads", "2"], 2)])
+def test_train_on_a_cpu_takes_one_thread_unless_told(tmp_path, monkeypatch, option, threads):
+    """`train` ran with torch's default thread count while run-claim, demo and study take
+    one: on a CPU the same digest then gave other numbers (metrics.jsonl differed from its
+    first line), and a run `train` finished was later judged by run-claim as its own."""
+    import torch
+
+    from trades_repro import train as training
+
+    seen = []
+
+    class Done:
+        skipped, records, run_dir = True, [], tmp_path / "runs" / "x"
+
+    monkeypatch.setattr(training, "train",
+                        lambda *a, **k: seen.append(torch.get_num_threads()) or Done())
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("data: {dataset: digits}\nmodel: {arch: small_cnn}\ndevice: cpu\n")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        result = runner.invoke(app, ["train", str(spec), "--runs-dir",
+                                     str(tmp_path / "runs"), *option])
+    finally:
+        torch.set_num_threads(before)
+    assert result.exit_code == 0, result.output
+    assert seen == [threads]

@@ -217,6 +217,10 @@ def train(
     runs_dir: Annotated[Path, typer.Option(help="Folder that holds run folders.")] = Path("runs"),
     quiet: Annotated[bool, typer.Option(help="No progress bar (for scripts).")] = False,
     eval_batch: EvalBatchOption = None,
+    threads: Annotated[int | None, typer.Option(
+        min=1, help="CPU threads for torch (default: 1 on CPU, as run-claim, demo and study "
+        "train). Another count rounds differently on a CPU, so the run's numbers would "
+        "differ from those of the same digest trained by run-claim.")] = None,
 ) -> None:
     """Train TRADES as the spec says; writes runs/<digest>/ (a finished run is skipped)."""
     from trades_repro import runlock, store
@@ -224,6 +228,7 @@ def train(
 
     _folder_option("--runs-dir", runs_dir)
     spec = load_spec(spec_file)
+    _set_threads(threads, spec.device)
     with runlock.hold(store.run_dir_for(spec, runs_dir)):  # RunBusy (exit 2) if held
         result = run_training(spec, runs_dir, progress=not quiet, eval_batch=eval_batch)
     console = Console(stderr=quiet)
