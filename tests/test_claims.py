@@ -289,8 +289,12 @@ def test_duplicate_ids_and_unresolvable_arms_exit_2(tmp_path):
 
 
 def test_verify_on_empty_evidence_reports_not_run_and_exits_3(tmp_path):
-    """No evidence is 'cannot decide' (3), not 'every claim held' (0)."""
+    """No evidence is 'cannot decide' (3), not 'every claim held' (0); a --runs-dir that
+    does not exist is a typo (2), not an empty folder."""
     report, junit = tmp_path / "report.md", tmp_path / "junit.xml"
+    missing = runner.invoke(app, ["verify", "--runs-dir", str(tmp_path / "emtpy")])
+    assert_one_line_error(missing, f"--runs-dir {tmp_path / 'emtpy'}: no such folder")
+    (tmp_path / "empty").mkdir()
     result = runner.invoke(app, ["verify", "--runs-dir", str(tmp_path / "empty"), "--report",
                                  str(report), "--junit", str(junit)])
     assert result.exit_code == 3, result.output

@@ -214,8 +214,9 @@ def test_a_runs_dir_where_nothing_may_be_written_is_refused_before_training(
                                  str(tmp_path / "report.md")])
     assert_one_line_error(report, f"--report {tmp_path / 'report.md'}: {tmp_path} is not "
                           "writable")
+    (tmp_path / "evidence").mkdir()
     reading = runner.invoke(app, ["verify", "--claims-dir", CLAIMS, "--runs-dir",
-                                  str(tmp_path / "runs")])
+                                  str(tmp_path / "evidence")])
     assert reading.exit_code == 3  # reading commands need no write permission
 
 
@@ -232,6 +233,7 @@ def test_an_existing_output_file_may_be_written_over(tmp_path):
     """A report from an earlier run is replaced, not refused as 'not a folder'."""
     report = tmp_path / "report.md"
     report.write_text("an earlier report")
+    (tmp_path / "runs").mkdir()
     result = runner.invoke(app, ["verify", "instant.*", "--claims-dir", CLAIMS, "--runs-dir",
                                  str(tmp_path / "runs"), "--tier", "instant",
                                  "--report", str(report)])

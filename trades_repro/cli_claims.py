@@ -112,11 +112,20 @@ def verify(
     _folder_option("--runs-dir", runs_dir, writes=False)
     _file_option("--report", report)
     _file_option("--junit", junit)
-    judgements, titles = _judge(patterns, _tier(tier), runs_dir, claims_dir, allow_partial)
+    judgements, titles = _judge(patterns, _tier(tier), runs_dir, claims_dir, allow_partial,
+                                must_exist=True)  # a typo would read as "no evidence" (3)
     if not judgements:  # nothing judged is not "every claim held"
         raise Inconclusive(f"no claim in {claims_dir} has the '{tier}' tier: nothing judged")
     _report(judgements, titles, tier, runs_dir, report, junit)
     _exit_for(judgements)
+
+
+def _runs_to_read(runs_dir: Path) -> None:
+    """Exit 2 (one line) unless `runs_dir` is an existing folder: a command that only reads
+    runs would take a mistyped one for an empty one."""
+    _folder_option("--runs-dir", runs_dir, writes=False)
+    if not runs_dir.is_dir():
+        raise BadInput(f"--runs-dir {runs_dir}: no such folder")
 
 
 def _exit_for(judgements, run_failed: bool = False, elsewhere=()) -> None:
@@ -151,10 +160,12 @@ def _who(runs) -> str:
     return shown + ("; …" if len(runs) > 3 else "")
 
 
-def _judge(patterns, tier, runs_dir, claims_dir, allow_partial):
+def _judge(patterns, tier, runs_dir, claims_dir, allow_partial, must_exist=False):
     from trades_repro.verify import Context, Evidence, judge_all
 
-    catalogue, entries = _selected(claims_dir, patterns, tier)
+    catalogue, entries = _selected(claims_dir, patterns, tier)  # typos in patterns first
+    if must_exist:
+        _runs_to_read(runs_dir)
     context = Context(catalogue, Evidence(runs_dir), tier, allow_partial)
     return judge_all(entries, context), catalogue.titles
 
@@ -360,9 +371,7 @@ def status(
     from trades_repro import status as statuslib
 
     catalogue, entries = _selected(claims_dir, patterns, tier and _tier(tier))  # typos first
-    _folder_option("--runs-dir", runs_dir, writes=False)
-    if not runs_dir.is_dir():  # a typo would read as "nothing started"
-        raise BadInput(f"--runs-dir {runs_dir}: no such folder")
+    _runs_to_read(runs_dir)  # a typo would read as "nothing started"
     rows = statuslib.collect(catalogue, entries, runs_dir, tier)
     if as_json:
         typer.echo(json.dumps([r.to_dict() for r in rows], indent=2))
