@@ -255,6 +255,21 @@ def test_a_non_finite_loss_names_the_epoch_and_the_kept_checkpoint(tmp_path, mon
     assert calls == [1, 2] and len(store.read_metrics(run_dir)) == 1
 
 
+
+def test_a_non_finite_loss_in_epoch_1_says_no_checkpoint_exists(tmp_path, monkeypatch):
+    """It named `last.pt`, which a run failing in its first epoch never wrote."""
+    spec = _spec()
+
+    def failing(session, epoch):
+        raise NonFiniteLoss("non-finite training loss")
+
+    monkeypatch.setattr(trainlib, "train_epoch", failing)
+    with pytest.raises(TrainingError) as caught:
+        trainlib.train(spec, tmp_path, progress=False)
+    assert str(caught.value) == (f"{spec.name}: non-finite training loss in epoch 1; no "
+                                 "checkpoint: no epoch had finished")
+    assert not (tmp_path / spec.digest() / store.LAST_FILE).exists()
+
 def test_any_other_error_marks_the_run_failed_and_propagates(tmp_path, monkeypatch):
     spec = _spec()
 

@@ -56,8 +56,10 @@ def train(spec: ExperimentSpec, runs_dir: Path, *, progress: bool = True,
                 record = run_epoch(session, epoch)
                 update(record)
     except NonFiniteLoss as err:
-        message = f"{spec.name}: {err} in epoch {session.state.epoch + 1}; last good " \
-                  f"checkpoint kept in {run_dir / store.LAST_FILE}"
+        last = run_dir / store.LAST_FILE
+        kept = (f"last good checkpoint kept in {last}" if last.is_file() else
+                "no checkpoint: no epoch had finished")
+        message = f"{spec.name}: {err} in epoch {session.state.epoch + 1}; {kept}"
         session.finish(started, status="failed", error=message)
         raise TrainingError(message) from None
     except (KeyboardInterrupt, SystemExit) as err:  # stopped, not failed: it resumes
