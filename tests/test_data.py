@@ -470,3 +470,19 @@ def test_to_float_scales_uint8_and_passes_floats():
     floats = torch.rand(3, dtype=torch.float64)
     assert data.to_float(floats).dtype == torch.float32
     assert torch.equal(data.to_float(floats), floats.float())
+
+
+def test_a_root_without_fashion_mnist_points_to_debians_copy(tmp_path, monkeypatch):
+    """With data.root set, Debian's folder is not searched; the message said to install
+    the package even where it was installed."""
+    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", tmp_path / "debian")
+    spec = DataSpec(dataset="fashion_mnist", root=str(tmp_path / "nowhere"))
+    with pytest.raises(DataError, match="apt-get install") as absent:
+        data.load_splits(spec, 0)
+    assert "unset data.root" not in str(absent.value)
+    _write_fashion(tmp_path / "debian", gz=True, n_test=3)
+    with pytest.raises(DataError) as there:
+        data.load_splits(spec, 0)
+    message = str(there.value)
+    assert "\n" not in message and "nowhere" in message
+    assert f"Debian's package has it in {tmp_path / 'debian'}: unset data.root" in message

@@ -300,13 +300,22 @@ def find_fashion_mnist(spec: DataSpec) -> Path:
     found; raises `DataError` (one line saying how to get them) otherwise."""
     candidates = _fashion_candidates(spec)
     for folder in candidates:
-        if all(_idx_path(folder, stem) is not None for stem in FASHION_MNIST_FILES):
+        if _has_fashion_mnist(folder):
             return folder
     if spec.download:
         _fetch(lambda: FashionMNIST(str(_root(spec)), download=True), "Fashion-MNIST", _root(spec))
         return _root(spec) / "FashionMNIST" / "raw"
     looked = ", ".join(f"'{folder}'" for folder in candidates)
-    raise _fashion_error(f"not found (looked in {looked} for {FASHION_MNIST_FILES[0]}[.gz] etc.)")
+    problem = f"not found (looked in {looked} for {FASHION_MNIST_FILES[0]}[.gz] etc.)"
+    if spec.root is not None and _has_fashion_mnist(DEBIAN_FASHION_MNIST):
+        raise DataError(f"data.root: Fashion-MNIST {problem}; Debian's package has it in "
+                        f"{DEBIAN_FASHION_MNIST}: unset data.root (diagnose: leave out "
+                        "--data-root) to read it there")
+    raise _fashion_error(problem)
+
+
+def _has_fashion_mnist(folder: Path) -> bool:
+    return all(_idx_path(folder, stem) is not None for stem in FASHION_MNIST_FILES)
 
 
 def _fashion_error(problem: str) -> DataError:
