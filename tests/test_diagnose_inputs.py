@@ -180,6 +180,15 @@ def test_a_raw_pickle_checkpoint_fails_in_one_line_without_torchs_warning(tmp_pa
     assert_one_line_error(result, "raw.pkl", "not a checkpoint")
 
 
+
+def test_a_folder_given_as_the_checkpoint_is_named_a_folder(tmp_path):
+    """It said 'checkpoint file not found' for a folder that plainly exists."""
+    result = runner.invoke(app, ["diagnose", str(tmp_path), "--dataset", "digits",
+                                 "--model", "small_cnn", "--quiet"])
+    assert_one_line_error(result, f"{tmp_path}: a folder, not a checkpoint file")
+    with pytest.raises(CheckpointError, match="checkpoint file not found"):
+        load_state_dict(tmp_path / "absent.pt")
+
 # ------------------------------------------------------------- (5) too few examples
 
 

@@ -65,6 +65,9 @@ def load_state_dict(path: Path) -> dict[str, Tensor]:
     every key (``nn.DataParallel``) is stripped.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: a folder, not a checkpoint file (a run folder's "
+                              "weights are its best.safetensors or last.pt)")
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
     raw = _read_safetensors(path) if _is_safetensors(path) else _read_torch(path)
