@@ -147,7 +147,8 @@ def counted_cascade(net: nn.Module, x: Tensor, y: Tensor, eps: float, batch_size
     stages: list[dict] = []
     logger = logging.getLogger(AUTOATTACK_LOGGER)
     handler = _CountingStages(stages, counter.snapshot)
-    level, logger.level = logger.level, logging.DEBUG
+    level = logger.level
+    logger.setLevel(logging.DEBUG)  # setLevel clears the logger's cache
     logger.addHandler(handler)
     try:
         y_adv, seconds = _cascade(counter, x, y, eps, batch_size, device, frozen=True)[1:]

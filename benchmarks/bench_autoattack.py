@@ -160,7 +160,8 @@ def _stages() -> Iterator[list[dict]]:
     logger = logging.getLogger(AUTOATTACK_LOGGER)
     stages: list[dict] = []
     handler = _StageHandler(stages)
-    level, logger.level = logger.level, logging.DEBUG
+    level = logger.level
+    logger.setLevel(logging.DEBUG)  # not `.level =`: that keeps a cached 'debug is off'
     logger.addHandler(handler)
     try:
         yield stages

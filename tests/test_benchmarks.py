@@ -346,6 +346,9 @@ def test_autoattack_record_holds_every_batch_size_measured(tmp_path, monkeypatch
 def test_autoattack_keeps_each_cascade_stage_and_echoes_it(capsys):
     logger = logging.getLogger(autoattack.AUTOATTACK_LOGGER)
     level = logger.level
+    # a debug line while debug is off caches "off" in the logger: setting `.level` directly
+    # kept that cache, and the stages were lost whenever pyautoattack had logged before
+    logger.debug("robust accuracy after NOTHING: 0.00% (total time 0.0 s)")
     with autoattack._stages() as stages:
         logger.debug("using standard version including apgd-ce, square.")
         logger.debug("robust accuracy after APGD-CE: 54.40% (total time 12.5 s)")
@@ -386,7 +389,8 @@ def test_aa_cost_splits_the_passes_at_pyautoattacks_lines_and_reads_gpu_rates(tm
     stages: list[dict] = []
     handler = aacost._CountingStages(stages, lambda: dict(counts))
     logger.addHandler(handler)
-    level, logger.level = logger.level, logging.DEBUG
+    level = logger.level
+    logger.setLevel(logging.DEBUG)
     try:
         counts["forward"] = 10
         logger.debug("initial accuracy: 80.00%")
