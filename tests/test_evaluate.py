@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 
 import pytest
@@ -289,3 +290,26 @@ def test_autoattack_runs_on_frozen_weights_with_the_unfrozen_results(name):
     reference, _ = adversary.run_standard_evaluation(x, y, batch_size=settings.batch_size)
     assert any(p.grad is not None for p in plain.parameters())  # what freezing avoids
     assert torch.equal(x_adv, reference)
+
+
+def test_autoattack_reports_each_batch_and_each_cascade_stage_as_progress():
+    """AutoAttack on 10,000 CIFAR images runs for most of an hour on a GPU and said nothing
+    until its end: its own per-batch lines (and the cascade's per-attack ones) now reach
+    `report`, and the step says when it begins."""
+    x, y = _data()
+    lines: list[str] = []
+    ev.evaluate_model(_Linear(), x, y, _settings(), ("apgd-ce", "autoattack"),
+                      identity=("m.safetensors", "a" * 64, []), report=lines.append)
+    started = lines.index("apgd-ce: attacking 12 images ...")
+    # 10 of 12 right clean, in batches of 5
+    assert re.fullmatch(r"apgd-ce: batch 1/2 done, \d+ of 5 broken \(\d+ s\)", lines[started + 1])
+    assert re.fullmatch(r"apgd-ce: batch 2/2 done, \d+ of 5 broken \(\d+ s\)", lines[started + 2])
+    assert lines[started + 3].startswith("apgd-ce: ")
+    cascade = [line for line in lines if line.startswith("autoattack: ")]
+    assert cascade[0] == "autoattack: attacking 12 images ..."
+    assert any(re.fullmatch(r"autoattack: apgd-ce batch 1/2 done, \d+ of 5 broken \(\d+ s\)",
+                            line) for line in cascade)
+    assert any(re.fullmatch(r"autoattack: [\d.]{6} left after apgd-ce \(\d+ s\)", line)
+               for line in cascade)
+    logger = logging.getLogger(ev.AUTOATTACK_LOGGER)
+    assert logger.level == logging.NOTSET and not logger.handlers  # all put back

@@ -226,15 +226,20 @@ def test_every_count_of_a_full_evaluation_is_the_brute_force_count(monkeypatch):
         lines[0] == "pre-flight: 4 classes, logits, 6/8 correct; AutoAttack checks: zero_gradients"
     )
     assert lines[1] == "clean: 0.7500 (0.0 s)"
-    assert lines[2:7] == [
+    assert lines[2:12] == [
+        "pgd10: attacking 8 images ...",
         "pgd10: 0.6250 (2.0 s)",
+        "square: attacking 8 images ...",
         "square: 0.3750 (2.0 s)",
+        "apgd-ce: attacking 8 images ...",
         "apgd-ce: 0.3750 (2.0 s)",
+        "apgd-t: attacking 8 images ...",
         "apgd-t: 0.3750 (2.0 s)",
+        "fab-t: attacking 8 images ...",
         "fab-t: 0.6250 (2.0 s)",
-    ]
-    assert lines[7].startswith("autoattack: 0.1250 (") and len(lines) == 9
-    assert lines[8] == "landscape roughness: 1.250"
+    ]  # the composed cascade attacks nothing
+    assert lines[12].startswith("autoattack: 0.1250 (") and len(lines) == 14
+    assert lines[13] == "landscape roughness: 1.250"
     # saved after the pre-flight, the clean pass, each attack, and at the end
     assert len(saved) == 9 and saved[-1] == record
     assert saved[0].preflight is not None and saved[0].clean is None
@@ -828,7 +833,7 @@ def test_autoattack_runners_set_up_pyautoattack_and_count_its_result(
     assert made.ran == {
         "batch_size": 3,
         "autocast": False,
-        "verbose": False,
+        "verbose": True,  # its debug lines are our progress (autoattack_progress)
         "attacks": attacks,
         "queries": 50,
     }

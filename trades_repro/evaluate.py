@@ -41,6 +41,7 @@ from trades_repro.landscape import landscape_result
 from trades_repro.metrics import attack_sgcs, correct, fosc
 from trades_repro.preflight import (  # noqa: F401 - re-exported for the tests and callers
     AUTOATTACK_LOGGER,
+    autoattack_progress,
     capture_checks,
     preflight,
     unique,
@@ -154,7 +155,10 @@ def _run_steps(model: nn.Module, x: Tensor, y: Tensor, settings: EvalSettings,
         if step == "autoattack" and composable(record, examples, randomized):
             result, x_adv = compose_cascade(record, examples, x)
         else:
-            result, x_adv = runner(model, x, y, settings, randomized)
+            if step != "clean":  # an attack can take most of an hour on a GPU: say it began
+                report(f"{step}: attacking {len(y)} images ...")
+            with autoattack_progress(step, report):
+                result, x_adv = runner(model, x, y, settings, randomized)
         if step != "clean":
             examples[step] = x_adv
             record.adversarial[step] = recheck(
@@ -332,7 +336,7 @@ def _autoattack(name: str) -> Runner:
         # for its cascade and APGD-CE; the other single attacks keep standard settings.
         version = "rand" if randomized and name in ("autoattack", "apgd-ce") else "standard"
         adversary = AutoAttack(model, device=s.device, eps=s.eps, seed=s.seed, version=version)
-        adversary.verbose = False
+        adversary.verbose = True  # its debug lines: progress (`autoattack_progress`)
         adversary.square.n_queries = s.square_queries  # standard sets 5000; the spec decides
         _fit_targets(adversary, name, model, x[:1].to(s.device))
         if name != "autoattack":

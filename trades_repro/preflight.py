@@ -23,7 +23,7 @@ import logging
 import re
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -237,6 +237,47 @@ def capture_checks(attack: str) -> Iterator[list[Flag]]:
     finally:
         logger.removeHandler(handler)
         logger.propagate = propagate
+
+
+
+# pyautoattack's verbose lines (autoattack.py): one per batch of each attack, one per stage
+_BATCH_DONE = re.compile(r"^(\S+) - (\d+)/(\d+) - (\d+) out of (\d+) successfully perturbed")
+_STAGE_DONE = re.compile(r"^robust accuracy after (\S+): ([\d.]+)%")
+
+
+@contextmanager
+def autoattack_progress(step: str, report: Callable[[str], None]) -> Iterator[None]:
+    """pyautoattack's own progress (its verbose debug log: each batch of each attack, and in
+    the cascade each attack's end) passed to `report`, a line each with the seconds since
+    the step began. AutoAttack on 10,000 CIFAR images runs for most of an hour on one GPU,
+    and was silent until its end."""
+    logger = logging.getLogger(AUTOATTACK_LOGGER)
+    handler = _ProgressHandler(step, report)
+    level = logger.level
+    logger.setLevel(logging.DEBUG)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+class _ProgressHandler(logging.Handler):
+    def __init__(self, step: str, report: Callable[[str], None]) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.step, self.report, self.started = step, report, time.perf_counter()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        line, seconds = record.getMessage(), time.perf_counter() - self.started
+        if found := _BATCH_DONE.match(line):
+            attack, done, batches, broken, of = found.groups()
+            stage = "" if attack == self.step else f"{attack} "  # the cascade names its stage
+            self.report(f"{self.step}: {stage}batch {done}/{batches} done, {broken} of {of} "
+                        f"broken ({seconds:.0f} s)")
+        elif self.step == "autoattack" and (found := _STAGE_DONE.match(line)):
+            self.report(f"autoattack: {float(found[2]) / 100:.4f} left after "
+                        f"{found[1].lower()} ({seconds:.0f} s)")
 
 
 class _FlagHandler(logging.Handler):
