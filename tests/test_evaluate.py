@@ -313,3 +313,9 @@ def test_autoattack_reports_each_batch_and_each_cascade_stage_as_progress():
                for line in cascade)
     logger = logging.getLogger(ev.AUTOATTACK_LOGGER)
     assert logger.level == logging.NOTSET and not logger.handlers  # all put back
+    one: list[str] = []  # a single batch: its line would only repeat the attack's own
+    ev.evaluate_model(_Linear(), x, y, _settings(batch_size=500), ("apgd-ce",),
+                      identity=("m.safetensors", "a" * 64, []), report=one.append)
+    begins = one.index("apgd-ce: attacking 12 images ...")
+    assert re.fullmatch(r"apgd-ce: [\d.]{6} \([\d.]+ s\)", one[begins + 1])
+    assert not any("batch" in line for line in one)

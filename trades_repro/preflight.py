@@ -270,7 +270,7 @@ class _ProgressHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         line, seconds = record.getMessage(), time.perf_counter() - self.started
-        if found := _BATCH_DONE.match(line):
+        if (found := _BATCH_DONE.match(line)) and found[3] != "1":  # one batch: the end
             attack, done, batches, broken, of = found.groups()
             stage = "" if attack == self.step else f"{attack} "  # the cascade names its stage
             self.report(f"{self.step}: {stage}batch {done}/{batches} done, {broken} of {of} "
