@@ -102,6 +102,9 @@ CLI_HELPERS = (*(f"trades_repro.cli.x__{name}__*" for name in (
 # AutoAttack runs on frozen weights (attacks.frozen_weights, used by evaluate's runners)
 FROZEN_AA_TEST = _nodes("test_evaluate.py",
                         "test_autoattack_runs_on_frozen_weights_with_the_unfrozen_results")
+# real pyautoattack's progress lines reach the reporter (the fakes of test_mut_evaluate log none)
+AA_PROGRESS_TEST = _nodes("test_evaluate.py",
+                          "test_autoattack_reports_each_batch_and_each_cascade_stage_as_progress")
 
 FULL = (
     Group("core_math", _src("metrics", "losses", "policies"), MATH_TESTS),
@@ -124,7 +127,7 @@ FULL = (
                 "test_lr_schedules"))),
     Group("evaluate", _src("evaluate"), (
         "tests/test_mut_evaluate.py", "tests/test_verdict.py", "tests/test_defaults_pinned.py",
-        *TF32_TESTS, *FROZEN_AA_TEST)),
+        *TF32_TESTS, *FROZEN_AA_TEST, *AA_PROGRESS_TEST)),
     Group("verdict", _src("verdict"), (
         "tests/test_verdict.py", "tests/test_mut_evaluate.py",
         *_nodes("test_evaluate.py", "test_primary_rule_flags_a_gap_of_eight_points_or_more",
