@@ -162,6 +162,22 @@ FULL = (
                 "test_a_file_where_a_run_folder_belongs_is_named_not_a_crash"),
         *_nodes("test_executors.py", "test_a_run_held_elsewhere_is_left_to_its_holder"),
         *_nodes("test_run_claim.py", "test_an_unexpected_error_in_a_run_exits_4_not_1"))),
+    # The gradient-masking checklist (`diagnose --checklist`), but its slow CLI test
+    Group("checklist", _src("checklist"), (
+        "tests/test_mut_checklist.py",
+        *_nodes("test_checklist.py",
+                "test_the_checklist_runs_in_evaluation_batches_under_the_evaluation_numerics",
+                "test_the_checklist_running_out_of_gpu_memory_names_the_eval_batch_option",
+                "test_a_regular_model_passes_every_item_it_can_check",
+                "test_saturated_logits_fail_the_margin_loss_and_eps_sweep_items",
+                "test_every_attack_item_of_the_checklist_attacks",
+                "test_restarts_and_the_sweep_attack_only_images_that_can_still_count"),
+        *_nodes("test_eval_tf32.py", "test_the_checklist_follows_the_settings_tf32"))),
+    Group("landscape", _src("landscape"), ("tests/test_landscape.py",
+                                           "tests/test_mut_landscape.py")),
+    Group("preflight", _src("preflight"), (
+        "tests/test_preflight.py", "tests/test_mut_preflight.py", "tests/test_diagnose_inputs.py",
+        *AA_PROGRESS_TEST)),
 )
 
 SUITES = {"quick": (QUICK, DOCS / "mutation_quick.json"),
