@@ -400,3 +400,33 @@ def test_the_sweep_plot_draws_accuracy_against_log_eps_with_eps_marked(monkeypat
     assert list(data.get_ydata()) == [0.8, 0.5, 0.0]
     assert list(eps_line.get_xdata()) == [0.1, 0.1]
     assert (eps_line.get_color(), eps_line.get_linestyle()) == ("grey", ":")
+
+
+def test_the_sweep_judges_exact_fractions_at_its_limits():
+    """5 of 50 is the 10 % limit and a one-image rise of 50 is the 2-point slack: both pass.
+    Judged on float32 means, 5/50 was 0.10000000149 (warn, with the detail reading 0.100),
+    and a rise of 13 -> 14 warned while 20 -> 21 passed."""
+    assert _sweep([40, 30, 20, 10, 8, 5]).status == "pass"
+    assert _sweep([40, 30, 20, 10, 8, 6]).status == "warn"
+    assert _sweep([40, 30, 13, 14, 5, 0]).status == "pass"
+    assert _sweep([40, 30, 20, 21, 5, 0]).status == "pass"
+    row = _sweep([40, 30, 13, 15, 5, 0])  # two images: 4 points
+    assert row.status == "warn" and row.detail.endswith("; rises by 0.040")
+    assert _sweep([40, 30, 20, 10, 8, 5]).numbers["accuracy"][-1] == 0.1
+
+
+def test_the_checklists_pgd10_is_the_records_own(monkeypatch):
+    """Its PGD-10 (the base every item compares with, and the sweep at each radius) takes
+    the settings' random start and their α itself: it always started at random, and used
+    ε·(α/ε), an ulp off α."""
+    x, y = digits_test(N)
+    s = _settings().model_copy(update={"random_start": False, "step_size": 0.1 / 3})
+    calls = _spy(monkeypatch)
+    run_checklist(prototype_linear(), x, y, s)
+    base, *rest = calls
+    assert base["step_size"] == s.step_size and not base["random_start"]
+    assert base["noise"] is None
+    sweep = [c for c in rest if c["steps"] == s.steps]
+    assert sweep and all(not c["random_start"] and c["noise"] is None for c in sweep)
+    restarts = [c for c in rest if c["steps"] == cl.LONG_STEPS]
+    assert restarts and all(c["random_start"] for c in restarts)  # random by definition
