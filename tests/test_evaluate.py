@@ -298,8 +298,10 @@ def test_autoattack_reports_each_batch_and_each_cascade_stage_as_progress():
     `report`, and the step says when it begins."""
     x, y = _data()
     lines: list[str] = []
-    ev.evaluate_model(_Linear(), x, y, _settings(), ("apgd-ce", "autoattack"),
-                      identity=("m.safetensors", "a" * 64, []), report=lines.append)
+    record = ev.evaluate_model(_Linear(), x, y, _settings(), ("apgd-ce", "autoattack"),
+                               identity=("m.safetensors", "a" * 64, []), report=lines.append)
+    seconds = [int(s) for s in re.findall(r"\((\d+) s\)$", "\n".join(lines), re.MULTILINE)]
+    assert seconds and all(0 <= s < 300 for s in seconds)  # since the step began
     started = lines.index("apgd-ce: attacking 12 images ...")
     # 10 of 12 right clean, in batches of 5
     assert re.fullmatch(r"apgd-ce: batch 1/2 done, \d+ of 5 broken \(\d+ s\)", lines[started + 1])
@@ -311,6 +313,8 @@ def test_autoattack_reports_each_batch_and_each_cascade_stage_as_progress():
                             line) for line in cascade)
     assert any(re.fullmatch(r"autoattack: [\d.]{6} left after apgd-ce \(\d+ s\)", line)
                for line in cascade)
+    last = [line for line in cascade if " left after " in line][-1]  # the cascade's result
+    assert last.startswith(f"autoattack: {record.attacks['autoattack'].accuracy:.4f} left")
     logger = logging.getLogger(ev.AUTOATTACK_LOGGER)
     assert logger.level == logging.NOTSET and not logger.handlers  # all put back
     one: list[str] = []  # a single batch: its line would only repeat the attack's own

@@ -420,7 +420,8 @@ def test_the_checklists_pgd10_is_the_records_own(monkeypatch):
     the settings' random start and their α itself: it always started at random, and used
     ε·(α/ε), an ulp off α."""
     x, y = digits_test(N)
-    s = _settings().model_copy(update={"random_start": False, "step_size": 0.1 / 3})
+    s = _settings().model_copy(update={"random_start": False})
+    assert s.eps * s.step_size / s.eps != s.step_size  # 0.025000000000000005 at eps 0.1
     calls = _spy(monkeypatch)
     run_checklist(prototype_linear(), x, y, s)
     base, *rest = calls
