@@ -54,15 +54,8 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from bench_autoattack import (
-    DEFAULT_EPOCHS,
-    WORKLOADS,
-    _StageHandler,
-    progress,
-    workload,
-    workload_spec,
-)
-from common import DIVERGED, RESULTS, Diverged, exit_code, header, provenance, write_record
+from bench_autoattack import DEFAULT_EPOCHS, WORKLOADS, _StageHandler, attacked, progress
+from common import DIVERGED, RESULTS, exit_code, header, provenance, write_record
 from rich.console import Console
 from rich.table import Table
 from torch import Tensor, nn
@@ -289,15 +282,10 @@ def estimate(per_robust_image: float, robust: float, rates: dict[str, dict],
 
 def main(argv: list[str] | None = None) -> dict | int:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
     console = Console(width=110)
-    spec = workload_spec(args.workload, args.device, args.epochs, quick=args.quick,
-                         root=args.data_root)
-    try:
-        net, x, y, eps = workload(spec, args.n, args.device, args.runs_dir)
-    except Diverged as err:
-        print(f"bench_aa_cost.py: {err}", file=sys.stderr)
+    if (found := attacked(args, "bench_aa_cost.py")) is None:
         return DIVERGED
+    net, x, y, eps = found
     record = provenance(torch.device(args.device), {
         "threads": args.threads, "n": args.n, "eps": eps, "batch_size": args.batch_size,
         "rounds": args.rounds, "train_epochs": args.epochs, "workload": args.workload,

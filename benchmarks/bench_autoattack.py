@@ -174,17 +174,25 @@ def progress(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def main(argv: list[str] | None = None) -> dict | int:
-    args = parse_args(argv)
+def attacked(args: argparse.Namespace, script: str) -> tuple | None:
+    """`--threads` set, then the workload's model and test images (`workload`); None after
+    one line on stderr when its first steps diverge."""
     torch.set_num_threads(args.threads)
-    console = Console(width=110)
     spec = workload_spec(args.workload, args.device, args.epochs, quick=args.quick,
                          root=args.data_root)
     try:
-        net, x, y, eps = workload(spec, args.n, args.device, args.runs_dir)
+        return workload(spec, args.n, args.device, args.runs_dir)
     except Diverged as err:
-        print(f"bench_autoattack.py: {err}", file=sys.stderr)
+        print(f"{script}: {err}", file=sys.stderr)
+        return None
+
+
+def main(argv: list[str] | None = None) -> dict | int:
+    args = parse_args(argv)
+    console = Console(width=110)
+    if (found := attacked(args, "bench_autoattack.py")) is None:
         return DIVERGED
+    net, x, y, eps = found
     record = provenance(torch.device(args.device), {
         "threads": args.threads, "n": args.n, "eps": eps, "train_epochs": args.epochs,
         "workload": args.workload, "tf32": args.tf32})
