@@ -435,6 +435,17 @@ def test_aa_cost_splits_the_passes_at_pyautoattacks_lines_and_reads_gpu_rates(tm
     assert aacost.gpu_rates(tmp_path / "none") == {}
 
 
+
+@pytest.mark.parametrize("bad", [["--n", "0"], ["--batch-size", "-1"], ["--rounds", "0"],
+                                 ["--robust", "0"], ["--robust", "1.5"],
+                                 ["--peak-tflops", "0"], ["--robust", "half"]])
+def test_aa_cost_refuses_nonsense_options_in_one_line(bad, capsys):
+    with pytest.raises(SystemExit) as stop:
+        aacost.parse_args(bad)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert bad[0] in err and "Traceback" not in err
+
 @pytest.mark.slow
 def test_aa_cost_quick_counts_standard_passes_and_finds_frozen_weights_identical(tmp_path):
     """The whole script at --quick (a digits model trained for it, ~25 s): a robust image

@@ -220,13 +220,17 @@ def test_a_runs_dir_where_nothing_may_be_written_is_refused_before_training(
     assert reading.exit_code == 3  # reading commands need no write permission
 
 
-@pytest.mark.parametrize("value", ["0", "-2"])
-def test_threads_below_one_is_refused_not_turned_into_one(tmp_path, value):
+@pytest.mark.parametrize("value", ["0", "-2", "two"])
+@pytest.mark.parametrize("command", [
+    ["diagnose", "{tmp}/w.pt", "--dataset", "digits", "--model", "small_cnn"],
+    ["train", str(SPEC_DIR / "digits.yaml"), "--runs-dir", "{tmp}/runs"]])
+def test_threads_below_one_is_refused_not_turned_into_one(tmp_path, value, command):
     """`--threads 0` ran silently on one thread."""
-    result = runner.invoke(app, ["diagnose", str(tmp_path / "w.pt"), "--dataset", "digits",
-                                 "--model", "small_cnn", "--threads", value])
+    args = [a.format(tmp=tmp_path) for a in command]
+    result = runner.invoke(app, [*args, "--threads", value])
     assert result.exit_code == 2
     assert "--threads" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "runs").exists()
 
 
 def test_an_existing_output_file_may_be_written_over(tmp_path):
